@@ -1,0 +1,40 @@
+# I-FAS trainer: `make train` runs the demo end to end on CPU, `make test` runs the test suite.
+# Both create the virtualenv and install the pinned dependencies on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel by default; on a GPU machine e.g. TORCH_SPEC="torch==2.13.0 --index-url <CUDA index>".
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DATA ?= data/demo
+DEMO_SAMPLES ?= 1000
+NUM_RANKS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install demo-data train test bench clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DEMO_DATA)/domain_d/manifest.json: $(BIN)/.installed
+	$(BIN)/ifas-shards synth --out $(DEMO_DATA) --samples-per-domain $(DEMO_SAMPLES) --seed 0
+
+demo-data: $(DEMO_DATA)/domain_d/manifest.json
+
+train: install demo-data
+	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 deepspeed --num_gpus $(NUM_RANKS) launch/train.sh --config launch/configs/demo.yaml $(ARGS)
+
+test: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m kernels.bench
+
+clean:
+	rm -rf runs/demo $(DEMO_DATA)

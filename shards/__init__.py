@@ -1,0 +1,1 @@
+"""Everything that turns raw face data into WebDataset shards (schema, writer, synthetic data)."""

@@ -1,0 +1,39 @@
+"""The sample schema every shard in this project follows (DESIGN.md section 3).
+
+A sample is two tar members sharing a key: ``<key>.jpg`` (the face crop) and ``<key>.json``
+(the metadata below). Keys are unique inside a shard set and stable across rebuilds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+LABELS = ("live", "spoof")
+ATTACKS = ("none", "print", "replay", "mask", "other")
+CAPTION_SOURCES = ("spoof_aware", "general", "template", "none")
+REQUIRED_FIELDS = ("label", "attack", "dataset", "subject", "video", "caption", "caption_source")
+
+QUESTION = "Is this photo of a real person?"
+
+
+class SchemaError(ValueError):
+    """A sample's metadata does not follow the shard schema."""
+
+
+def validate_meta(meta: dict[str, Any], key: str = "?") -> dict[str, Any]:
+    """Check one sample's metadata; return it unchanged or raise SchemaError naming the field."""
+    missing = [f for f in REQUIRED_FIELDS if f not in meta]
+    if missing:
+        raise SchemaError(f"sample {key}: missing field(s) {missing}")
+    if meta["label"] not in LABELS:
+        raise SchemaError(f"sample {key}: label {meta['label']!r} is not one of {LABELS}")
+    if meta["attack"] not in ATTACKS:
+        raise SchemaError(f"sample {key}: attack {meta['attack']!r} is not one of {ATTACKS}")
+    if (meta["label"] == "live") != (meta["attack"] == "none"):
+        raise SchemaError(f"sample {key}: label {meta['label']!r} contradicts attack {meta['attack']!r}")
+    if meta["caption_source"] not in CAPTION_SOURCES:
+        raise SchemaError(f"sample {key}: caption_source {meta['caption_source']!r} is not one of {CAPTION_SOURCES}")
+    return meta
+
+
+def is_live(meta: dict[str, Any]) -> bool:
+    return meta["label"] == "live"

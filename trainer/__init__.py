@@ -1,0 +1,1 @@
+"""I-FAS trainer: config, model, prompt/labels, L-LM loss, data stream, DeepSpeed loop, evaluation."""

@@ -1,0 +1,246 @@
+"""Typed run configuration: dataclasses loaded from YAML, with ``section.key=value`` overrides.
+
+Every run (train, eval, predict) is described by one ``RunConfig``. Loading refuses unknown
+keys and values of the wrong type with a one-line error naming the key, so a typo stops the
+run before any rank starts work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODULE_GROUPS = ("vision", "projector", "gac", "llm")
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message names the key or file and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Where the weights come from (first that is set wins): a LLaVA-architecture HF checkpoint
+    # directory; or a vision-encoder directory plus an LLM directory; or a named offline preset.
+    llava_path: str | None = None
+    vision_path: str | None = None
+    llm_path: str | None = None
+    preset: str = "tiny"
+    # Tokenizer directory; None = the LLM's/LLaVA's own, or for the tiny preset a BPE built from
+    # the training captions (saved under train.output_dir/tokenizer).
+    tokenizer_path: str | None = None
+    vision_feature_layer: int = -2  # patch features for the projector, as in LLaVA
+    pooling: str = "auto"  # GAC per-layer pooling: cls | mean | auto (cls if the encoder has one)
+    gac: bool = True
+    gac_prefix_queries: int = 4
+    gac_heads: int = 4
+    attn_implementation: str = "sdpa"  # flash_attention_2 on GPU when flash-attn is installed
+    fused_kernels: str = "auto"  # auto: fused Triton ops on CUDA, torch reference path on CPU
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = field(default_factory=list)  # shard-set dirs, globs or brace URLs
+    eval_shards: list[str] = field(default_factory=list)
+    max_length: int = 128  # tokens per sample, image tokens included; captions are truncated
+    shuffle_buffer: int = 512
+    num_workers: int = 1
+    answer_style: str = "caption"  # caption: "Yes. <caption>"; judgment: "Yes" only
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.7  # weight of the judgment part of the lopsided LM loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    # Per-module learning-rate multipliers and freezing (modules: vision, projector, gac, llm).
+    lr_scale: dict[str, float] = field(default_factory=lambda: {g: 1.0 for g in MODULE_GROUPS})
+    freeze: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    max_steps: int = 200
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    deepspeed_config: str = "launch/ds_zero3.json"
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+    resume: bool = True  # continue from output_dir/checkpoints/latest when present
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    max_samples: int = 0  # 0 = every sample of the eval shards
+    at_end: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert ``value`` against the type hint ``hint``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {hint}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
+            value = [value]  # a single shard path is a list of one
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + name!r} must be a section (mapping), got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.max_steps=10", "data.train_shards=[a,b]"]`` into a nested dict (YAML values)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw != "" else None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from a YAML file (optional) plus ``key=value`` overrides, then validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see launch/configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that need no files (file checks happen in the data/model code)."""
+    if not 0.0 <= cfg.loss.alpha <= 1.0:
+        raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
+    for name in list(cfg.optim.lr_scale) + cfg.optim.freeze:
+        if name not in MODULE_GROUPS:
+            raise ConfigError(f"unknown module group {name!r} in optim.lr_scale/optim.freeze; use {MODULE_GROUPS}")
+    if set(cfg.optim.freeze) >= set(MODULE_GROUPS):
+        raise ConfigError("optim.freeze freezes every module: nothing would train")
+    if cfg.model.pooling not in ("auto", "cls", "mean"):
+        raise ConfigError(f"model.pooling must be auto, cls or mean, got {cfg.model.pooling!r}")
+    if cfg.model.fused_kernels not in ("auto", "on", "off"):
+        raise ConfigError(f"model.fused_kernels must be auto, on or off, got {cfg.model.fused_kernels!r}")
+    if cfg.train.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
+    if cfg.data.answer_style not in ("caption", "judgment"):
+        raise ConfigError(f"data.answer_style must be caption or judgment, got {cfg.data.answer_style!r}")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
+        raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.llava_path)")

@@ -1,0 +1,82 @@
+"""Lopsided LM loss (L-LM) of I-FAS in plain torch: the reference every fused kernel must match.
+
+    L = alpha * L_judgment + (1 - alpha) * L_interpretation
+
+Each part is a mean token cross entropy over its own tokens. "Mean" is over the *global* batch
+(all ranks, all gradient-accumulation micro-steps): the caller passes the global token counts,
+so the gradient does not depend on how the batch was split. Written as per-token weights
+``w_t = alpha / N_judgment`` (judgment tokens) and ``(1 - alpha) / N_interpretation``
+(interpretation tokens), the loss is ``sum_t w_t * CE_t``; the fused kernel takes exactly those
+weights.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# Token groups, aligned with the targets: which part of the answer a supervised token belongs to.
+UNSUPERVISED, JUDGMENT, INTERPRETATION = 0, 1, 2
+
+
+class LossParts(NamedTuple):
+    """The weighted loss and its two parts (total == judgment + interpretation)."""
+
+    total: torch.Tensor
+    judgment: torch.Tensor
+    interpretation: torch.Tensor
+
+
+def group_counts(groups: torch.Tensor) -> tuple[int, int]:
+    """Number of judgment and interpretation tokens in ``groups``."""
+    return int((groups == JUDGMENT).sum()), int((groups == INTERPRETATION).sum())
+
+
+def lopsided_token_weights(
+    groups: torch.Tensor, alpha: float, n_judgment: float, n_interpretation: float
+) -> torch.Tensor:
+    """Per-token fp32 weights of the L-LM loss; 0 for unsupervised tokens or an empty group."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    w_judgment = alpha / n_judgment if n_judgment > 0 else 0.0
+    w_interp = (1.0 - alpha) / n_interpretation if n_interpretation > 0 else 0.0
+    weights = torch.zeros(groups.shape, dtype=torch.float32, device=groups.device)
+    weights = torch.where(groups == JUDGMENT, torch.full_like(weights, w_judgment), weights)
+    weights = torch.where(groups == INTERPRETATION, torch.full_like(weights, w_interp), weights)
+    return weights
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor
+) -> LossParts:
+    """``sum_t weights_t * CE(logits_t, targets_t)`` split by group; fp32 math whatever the dtype.
+
+    logits: [T, V]; targets: [T] (IGNORE_INDEX where unsupervised); weights, groups: [T].
+    """
+    ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    weighted = ce * weights
+    judgment = weighted[groups == JUDGMENT].sum()
+    interpretation = weighted[groups == INTERPRETATION].sum()
+    return LossParts(judgment + interpretation, judgment, interpretation)
+
+
+def lopsided_lm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor,
+    alpha: float = 0.7,
+    n_judgment: float | None = None,
+    n_interpretation: float | None = None,
+) -> LossParts:
+    """The reference L-LM loss on flattened, already shifted positions.
+
+    logits [T, V], targets [T], groups [T]. ``n_judgment``/``n_interpretation`` are the token
+    counts of the global batch; by default the counts of this call (a single-process batch).
+    """
+    local_j, local_i = group_counts(groups)
+    n_j = local_j if n_judgment is None else n_judgment
+    n_i = local_i if n_interpretation is None else n_interpretation
+    weights = lopsided_token_weights(groups, alpha, n_j, n_i)
+    return weighted_cross_entropy(logits, targets, weights, groups)

@@ -1,0 +1,315 @@
+"""The DeepSpeed ZeRO-3 training loop (console script ``ifas-train``; ``launch/train.sh``).
+
+    deepspeed --num_gpus 2 launch/train.sh --config launch/configs/demo.yaml train.max_steps=100
+
+One step = ``train.grad_accum`` micro-batches per rank. Before the step, the judgment and
+interpretation token counts of the whole global batch are summed over ranks, so the lopsided
+loss is normalised globally and its gradient does not depend on the split of the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import ConfigError, RunConfig, load_config
+from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
+from trainer.dist import WorldInfo, all_reduce_sum, device, init_distributed
+from trainer.loss import INTERPRETATION, JUDGMENT
+from trainer.model import IFASModel, ModelLoadError, build_model
+from trainer.prompt import PromptBuilder
+from trainer.tokenizer import TokenizerError, build_demo_tokenizer, load_tokenizer
+
+log = logging.getLogger("ifas.train")
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_CONFIG_DIR = "model_config"  # ifas_config.json + tokenizer: what export needs beside the weights
+USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", force=True)
+
+
+# ----- inputs, checked before any rank starts work -----
+
+def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
+    """Captions of the training shards (json members only), for the demo tokenizer."""
+    import webdataset as wds
+
+    captions = []
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
+                        select_files=lambda name: name.endswith(".json"), handler=wds.warn_and_continue)
+    for raw in ds:
+        try:
+            captions.append(json.loads(raw["json"]).get("caption", ""))
+        except (KeyError, ValueError):
+            continue
+        if len(captions) >= limit:
+            break
+    return captions
+
+
+def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
+    """The run's tokenizer: given path, checkpoint's own, the saved demo one, or a fresh demo BPE."""
+    saved = Path(cfg.train.output_dir) / MODEL_CONFIG_DIR
+    if cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path:
+        return load_tokenizer(cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path)
+    if (saved / "tokenizer.json").is_file():
+        return load_tokenizer(saved)  # resuming: the exact tokenizer the weights were trained with
+    return build_demo_tokenizer(read_captions(train_urls))
+
+
+def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """Resolve shard sets and check the DeepSpeed config; raises a user error naming the problem.
+    (The tokenizer is checked by prepare_tokenizer, also before any rank starts work.)"""
+    train_urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
+    eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
+    ds_path = Path(cfg.train.deepspeed_config)
+    if not ds_path.is_file():
+        raise ConfigError(f"train.deepspeed_config {ds_path} does not exist; use launch/ds_zero3.json or a copy of it")
+    try:
+        json.loads(ds_path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"train.deepspeed_config {ds_path} is not valid JSON: {exc}") from exc
+    return train_urls, eval_urls
+
+
+# ----- DeepSpeed pieces -----
+
+def deepspeed_config(cfg: RunConfig, on_cuda: bool) -> dict[str, Any]:
+    """The JSON config with everything the run config owns filled in (one source of truth)."""
+    ds = json.loads(Path(cfg.train.deepspeed_config).read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds.pop("train_batch_size", None)
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt["params"].update(lr=cfg.optim.lr, betas=list(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    if not on_cuda:
+        opt["params"]["torch_adam"] = True  # FusedAdam would JIT-compile C++ on CPU (DESIGN.md 4)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if on_cuda else "fp32")
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds.pop("fp16", None)
+    return ds
+
+
+def param_groups(model: IFASModel, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Per-module groups with their lr multiplier; frozen modules get requires_grad=False.
+    Biases and norm weights (1-D) take no weight decay."""
+    groups = []
+    for name, module in model.module_groups().items():
+        frozen = name in cfg.optim.freeze
+        decay, no_decay = [], []
+        for p in module.parameters():
+            p.requires_grad_(not frozen)
+            if not frozen:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        lr = cfg.optim.lr * cfg.optim.lr_scale.get(name, 1.0)
+        for params, wd, suffix in ((decay, cfg.optim.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": name + suffix})
+    return groups
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio))
+
+
+def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Tensor]:
+    names = ("input_ids", "attention_mask", "pixel_values", "score_positions", "labels", "label_groups")
+    return {n: batch[n].to(dev, non_blocking=True) for n in names}
+
+
+# ----- checkpoints -----
+
+def latest_step(ckpt_dir: Path) -> int | None:
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    return int(latest.read_text().strip().split("_")[-1])
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, cfg: RunConfig, consumed_batches: int, keep_last: int,
+                    info: WorldInfo) -> None:
+    """DeepSpeed checkpoint tagged by step, with step, config and data-stream state as client state."""
+    tag = f"step_{step:08d}"
+    client = {"step": step, "config": cfg.to_dict(), "data": {"consumed_batches": consumed_batches,
+                                                              "world_size": info.world_size,
+                                                              "num_workers": cfg.data.num_workers}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+    if info.is_main and keep_last > 0:
+        tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in tags[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", ckpt_dir / tag)
+
+
+# ----- the loop -----
+
+def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer) -> dict[str, Any]:
+    import deepspeed
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    info = init_distributed()
+    setup_logging(info.rank)
+    dev = device()
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    out_dir = Path(cfg.train.output_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    model_dir = out_dir / MODEL_CONFIG_DIR
+
+    model, tokenizer = build_model(cfg.model, tokenizer)
+    if info.is_main:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "ifas_config.json").write_text(json.dumps(model.config_dict(), indent=2))
+        tokenizer.save_pretrained(str(model_dir))
+        (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    dist.barrier()
+    tokenizer = load_tokenizer(model_dir)  # every rank uses exactly the tokenizer rank 0 saved
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, %d image tokens per sample", n_params / 1e6, model.num_image_tokens)
+
+    groups = param_groups(model, cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=groups, config=deepspeed_config(cfg, dev.type == "cuda"),
+        lr_scheduler=lambda opt: make_scheduler(opt, cfg))
+
+    start_step, consumed = 0, 0
+    if cfg.train.resume and latest_step(ckpt_dir) is not None:
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start_step, consumed = client["step"], client["data"]["consumed_batches"]
+        if client["data"]["world_size"] != info.world_size or client["data"]["num_workers"] != cfg.data.num_workers:
+            raise ConfigError(
+                f"checkpoint in {ckpt_dir} was written with world size {client['data']['world_size']} and "
+                f"{client['data']['num_workers']} loader workers; resume with the same, or start a new output_dir")
+        log.info("resumed from step %d", start_step)
+
+    arch = model.arch
+    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style)
+    transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
+    stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
+                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=consumed,
+                         num_workers=cfg.data.num_workers)
+    batches = iter(make_loader(stream, tokenizer.pad_token_id))
+
+    writer = None
+    if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    gas, world = cfg.train.grad_accum, info.world_size
+    history: list[dict[str, Any]] = []
+    window = torch.zeros(5, dtype=torch.float64)  # loss, judgment, interpretation, samples, tokens
+    window_time, window_wait = 0.0, 0.0
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not info.is_main, desc="train", unit="step")
+    engine.train()
+    for step in range(start_step, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(gas)]
+        t_data = time.perf_counter()
+        counts = torch.zeros(2, dtype=torch.float64)
+        for mb in micro:
+            counts += torch.tensor([(mb["label_groups"] == JUDGMENT).sum(), (mb["label_groups"] == INTERPRETATION).sum()])
+        n_judgment, n_interp = all_reduce_sum(counts).tolist()  # one small collective per step
+        step_parts = torch.zeros(3, dtype=torch.float64)
+        for mb in micro:
+            out = engine(**model_inputs(mb, dev), alpha=cfg.loss.alpha, n_judgment=n_judgment,
+                         n_interpretation=n_interp)
+            # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a
+            # global mean, so scale back up to make the update exactly its gradient.
+            engine.backward(out.loss.total * (world * gas))
+            engine.step()
+            step_parts += torch.stack([p.detach().double().cpu() for p in out.loss])
+        consumed += gas
+        window[:3] += step_parts
+        window[3] += gas * cfg.train.micro_batch_size
+        window[4] += sum(float(mb["attention_mask"].sum()) for mb in micro)
+        window_time += time.perf_counter() - t0
+        window_wait += t_data - t0
+        done = step + 1
+        bar.update(1)
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+            totals = all_reduce_sum(window.clone())
+            n_steps = done - (history[-1]["step"] if history else start_step)
+            rec = {"step": done, "loss": totals[0].item() / n_steps, "loss_judgment": totals[1].item() / n_steps,
+                   "loss_interpretation": totals[2].item() / n_steps,
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": totals[3].item() / window_time,
+                   "tokens_per_s": totals[4].item() / window_time, "data_wait_frac": window_wait / window_time}
+            history.append(rec)
+            if writer is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, done)
+                for g in optimizer.param_groups:
+                    writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], done)
+                writer.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", judg=f"{rec['loss_judgment']:.3f}")
+            window.zero_()
+            window_time = window_wait = 0.0
+        if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
+            save_checkpoint(engine, ckpt_dir, done, cfg, consumed, cfg.train.keep_last, info)
+    bar.close()
+
+    result: dict[str, Any] = {"history": history}
+    if eval_urls and cfg.eval.at_end:
+        from trainer.evaluate import evaluate_engine, report
+
+        metrics = evaluate_engine(engine, eval_urls, builder, transform, info, cfg.eval, tokenizer.pad_token_id)
+        result["eval"] = metrics
+        if info.is_main:
+            report({"held-out": metrics}, out_dir, writer, cfg.train.max_steps)
+    if writer is not None:
+        writer.close()
+    if info.is_main:
+        (out_dir / "train_result.json").write_text(json.dumps(
+            {"history": history, "eval": result["eval"].as_dict() if "eval" in result else None}, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ifas-train", description="Train I-FAS with DeepSpeed ZeRO-3.")
+    parser.add_argument("--config", help="run config YAML (see launch/configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--check", action="store_true", help="validate config and inputs, then exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=50")
+    args = parser.parse_args(argv)
+    setup_logging(int(__import__("os").environ.get("RANK", 0)))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train_urls, eval_urls = check_inputs(cfg)
+        tokenizer = prepare_tokenizer(cfg, train_urls)
+        if args.check:
+            log.info("config and inputs are valid")
+            return 0
+        train(cfg, train_urls, eval_urls, tokenizer)
+    except USER_ERRORS as exc:
+        print(f"ifas-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
