@@ -73,7 +73,10 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
-    max_steps: int = 200
+    max_steps: int = 200  # the schedule's length
+    # Stop (with a checkpoint) after this step, 0 = run to max_steps: splits one run into pieces
+    # that fit an allocation; the resumed pieces continue the same schedule.
+    stop_at_step: int = 0
     micro_batch_size: int = 8  # per rank
     grad_accum: int = 1
     deepspeed_config: str = "launch/ds_zero3.json"
@@ -143,6 +146,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -83,19 +83,24 @@ def gather_to_main(arrays: list[np.ndarray], info: WorldInfo) -> list[np.ndarray
 
 
 def evaluate_engine(engine, urls: list[str], builder: PromptBuilder, transform: ImageTransform, info: WorldInfo,
-                    cfg: EvalConfig, pad_id: int) -> FASMetrics:
+                    cfg: EvalConfig, pad_id: int) -> tuple[FASMetrics, dict[str, float]]:
+    """Metrics over all ranks' scores, plus the score of every sample by key."""
     engine.eval()
-    scores, live, _ = collect_scores(engine, urls, builder, transform, info, cfg.batch_size, pad_id, cfg.max_samples)
+    scores, live, keys = collect_scores(engine, urls, builder, transform, info, cfg.batch_size, pad_id,
+                                        cfg.max_samples)
     engine.train()
-    scores, live = gather_to_main([scores, live], info)
-    return fas_metrics(scores, live)
+    scores, live, keys = gather_to_main([scores, live, np.asarray(keys, dtype=object)], info)
+    return fas_metrics(scores, live), dict(zip(keys.tolist(), scores.tolist()))
 
 
-def report(results: dict[str, FASMetrics], out_dir: Path, writer=None, step: int = 0) -> str:
-    """Print the table, write eval_metrics.json/.md, log scalars to TensorBoard."""
+def report(results: dict[str, FASMetrics], out_dir: Path, writer=None, step: int = 0,
+           scores: dict[str, dict[str, float]] | None = None) -> str:
+    """Print the table, write eval_metrics.json/.md (+ per-sample eval_scores.json), log to TensorBoard."""
     table = format_table(results)
     print(table, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if scores is not None:
+        (out_dir / "eval_scores.json").write_text(json.dumps(scores, indent=1))
     (out_dir / "eval_metrics.json").write_text(json.dumps({k: m.as_dict() for k, m in results.items()}, indent=2))
     (out_dir / "eval_metrics.md").write_text(table + "\n")
     if writer is not None:
@@ -123,16 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         builder = PromptBuilder(tokenizer, model.num_image_tokens, max_length=PROMPT_ONLY_MAX_LENGTH)
         transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
         info = WorldInfo(0, 0, 1)  # one process; distributed evaluation runs inside training
-        results = {}
+        results, per_sample = {}, {}
         for spec in args.shards:
+            name = Path(spec).name or spec
             urls = resolve_shards([spec], "shards")
-            scores, live, _ = collect_scores(model, urls, builder, transform, info, args.batch_size,
-                                             tokenizer.pad_token_id, args.max_samples)
-            results[Path(spec).name or spec] = fas_metrics(scores, live)
+            scores, live, keys = collect_scores(model, urls, builder, transform, info, args.batch_size,
+                                                tokenizer.pad_token_id, args.max_samples)
+            results[name] = fas_metrics(scores, live)
+            per_sample[name] = dict(zip(keys, scores.tolist()))
     except (ModelLoadError, ShardSetError, ValueError) as exc:
         print(f"ifas-eval: error: {exc}", file=sys.stderr)
         return 2
-    report(results, Path(args.out or args.model))
+    report(results, Path(args.out or args.model), scores=per_sample)
     return 0
 
 

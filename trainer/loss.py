@@ -35,17 +35,21 @@ def group_counts(groups: torch.Tensor) -> tuple[int, int]:
 
 
 def lopsided_token_weights(
-    groups: torch.Tensor, alpha: float, n_judgment: float, n_interpretation: float
+    groups: torch.Tensor, alpha: float, n_judgment: float | torch.Tensor, n_interpretation: float | torch.Tensor
 ) -> torch.Tensor:
-    """Per-token fp32 weights of the L-LM loss; 0 for unsupervised tokens or an empty group."""
+    """Per-token fp32 weights of the L-LM loss (0 for unsupervised tokens).
+
+    The counts may be tensors (e.g. all-reduced on the device): nothing here syncs with the host.
+    A count of 0 means the group has no tokens, so its weight is never used; clamping to 1 only
+    avoids a division by zero.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    w_judgment = alpha / n_judgment if n_judgment > 0 else 0.0
-    w_interp = (1.0 - alpha) / n_interpretation if n_interpretation > 0 else 0.0
-    weights = torch.zeros(groups.shape, dtype=torch.float32, device=groups.device)
-    weights = torch.where(groups == JUDGMENT, torch.full_like(weights, w_judgment), weights)
-    weights = torch.where(groups == INTERPRETATION, torch.full_like(weights, w_interp), weights)
-    return weights
+    n_j = torch.as_tensor(n_judgment, dtype=torch.float32, device=groups.device).clamp(min=1.0)
+    n_i = torch.as_tensor(n_interpretation, dtype=torch.float32, device=groups.device).clamp(min=1.0)
+    zero = torch.zeros((), dtype=torch.float32, device=groups.device)
+    weights = torch.where(groups == JUDGMENT, alpha / n_j, zero)
+    return torch.where(groups == INTERPRETATION, (1.0 - alpha) / n_i, weights)
 
 
 def weighted_cross_entropy(

@@ -140,6 +140,26 @@ def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Te
     return {n: batch[n].to(dev, non_blocking=True) for n in names}
 
 
+def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float, world: int
+               ) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
+    summed over them (this rank's share of the global-batch loss, detached, fp64 on CPU)."""
+    groups = [mb["label_groups"] for mb in micro_batches]
+    counts = torch.stack([sum((g == JUDGMENT).sum() for g in groups), sum((g == INTERPRETATION).sum() for g in groups)])
+    # One small collective per step, kept on the device (no host sync inside the step).
+    n_judgment, n_interp = all_reduce_sum(counts.to(dev, torch.float64))
+    scale = world * len(micro_batches)
+    parts = torch.zeros(3, dtype=torch.float64, device=dev)
+    for mb in micro_batches:
+        out = engine(**model_inputs(mb, dev), alpha=alpha, n_judgment=n_judgment, n_interpretation=n_interp)
+        # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a global
+        # mean, so scale back up to make the update exactly its gradient.
+        engine.backward(out.loss.total * scale)
+        engine.step()
+        parts += torch.stack(list(out.loss)).detach().double()
+    return parts
+
+
 # ----- checkpoints -----
 
 def latest_step(ckpt_dir: Path) -> int | None:
@@ -191,7 +211,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     log.info("model: %.2fM parameters, %d image tokens per sample", n_params / 1e6, model.num_image_tokens)
 
     groups = param_groups(model, cfg)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=deepspeed_config(cfg, dev.type == "cuda"),
         lr_scheduler=lambda opt: make_scheduler(opt, cfg))
 
@@ -221,41 +241,34 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         writer = SummaryWriter(str(out_dir / "tb"))
     gas, world = cfg.train.grad_accum, info.world_size
     history: list[dict[str, Any]] = []
-    window = torch.zeros(5, dtype=torch.float64)  # loss, judgment, interpretation, samples, tokens
+    window = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, judgment, interpretation, samples, tokens
     window_time, window_wait = 0.0, 0.0
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not info.is_main, desc="train", unit="step")
     engine.train()
-    for step in range(start_step, cfg.train.max_steps):
+    last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
+    for step in range(start_step, last_step):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(gas)]
         t_data = time.perf_counter()
-        counts = torch.zeros(2, dtype=torch.float64)
-        for mb in micro:
-            counts += torch.tensor([(mb["label_groups"] == JUDGMENT).sum(), (mb["label_groups"] == INTERPRETATION).sum()])
-        n_judgment, n_interp = all_reduce_sum(counts).tolist()  # one small collective per step
-        step_parts = torch.zeros(3, dtype=torch.float64)
-        for mb in micro:
-            out = engine(**model_inputs(mb, dev), alpha=cfg.loss.alpha, n_judgment=n_judgment,
-                         n_interpretation=n_interp)
-            # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a
-            # global mean, so scale back up to make the update exactly its gradient.
-            engine.backward(out.loss.total * (world * gas))
-            engine.step()
-            step_parts += torch.stack([p.detach().double().cpu() for p in out.loss])
+        lr_used = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
+        step_parts = train_step(engine, micro, dev, cfg.loss.alpha, world)
         consumed += gas
         window[:3] += step_parts
         window[3] += gas * cfg.train.micro_batch_size
-        window[4] += sum(float(mb["attention_mask"].sum()) for mb in micro)
+        window[4] += sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
         window_time += time.perf_counter() - t0
         window_wait += t_data - t0
         done = step + 1
         bar.update(1)
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
-            totals = all_reduce_sum(window.clone())
+        if done % cfg.train.log_every == 0 or done == last_step:
+            totals = all_reduce_sum(window.clone()).cpu()
             n_steps = done - (history[-1]["step"] if history else start_step)
-            rec = {"step": done, "loss": totals[0].item() / n_steps, "loss_judgment": totals[1].item() / n_steps,
-                   "loss_interpretation": totals[2].item() / n_steps,
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            alpha = cfg.loss.alpha
+            # The parts are logged unweighted (mean token CE of each), so runs with other alphas compare.
+            rec = {"step": done, "loss": totals[0].item() / n_steps,
+                   "loss_judgment": totals[1].item() / n_steps / alpha if alpha > 0 else 0.0,
+                   "loss_interpretation": totals[2].item() / n_steps / (1 - alpha) if alpha < 1 else 0.0,
+                   "lr": lr_used[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": totals[3].item() / window_time,
                    "tokens_per_s": totals[4].item() / window_time, "data_wait_frac": window_wait / window_time}
             history.append(rec)
@@ -263,24 +276,25 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                 for k, v in rec.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, done)
-                for g in optimizer.param_groups:
-                    writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], done)
+                for g, lr in zip(optimizer.param_groups, lr_used):
+                    writer.add_scalar(f"lr/{g.get('name', 'group')}", lr, done)
                 writer.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", judg=f"{rec['loss_judgment']:.3f}")
             window.zero_()
             window_time = window_wait = 0.0
-        if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
+        if done % cfg.train.save_every == 0 or done == last_step:
             save_checkpoint(engine, ckpt_dir, done, cfg, consumed, cfg.train.keep_last, info)
     bar.close()
 
     result: dict[str, Any] = {"history": history}
-    if eval_urls and cfg.eval.at_end:
+    if eval_urls and cfg.eval.at_end and last_step == cfg.train.max_steps:
         from trainer.evaluate import evaluate_engine, report
 
-        metrics = evaluate_engine(engine, eval_urls, builder, transform, info, cfg.eval, tokenizer.pad_token_id)
+        metrics, scores = evaluate_engine(engine, eval_urls, builder, transform, info, cfg.eval,
+                                          tokenizer.pad_token_id)
         result["eval"] = metrics
         if info.is_main:
-            report({"held-out": metrics}, out_dir, writer, cfg.train.max_steps)
+            report({"held-out": metrics}, out_dir, writer, cfg.train.max_steps, scores={"held-out": scores})
     if writer is not None:
         writer.close()
     if info.is_main:

@@ -1,0 +1,43 @@
+import pytest
+
+from trainer.config import ConfigError, load_config, parse_overrides
+
+
+def test_yaml_plus_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 7\n  micro_batch_size: 3\ndata:\n  train_shards: [a]\n")
+    cfg = load_config(path, ["train.max_steps=11", "data.train_shards=[x,y]", "optim.lr=5e-4", "loss.alpha=0.5"])
+    assert cfg.train.max_steps == 11 and cfg.train.micro_batch_size == 3
+    assert cfg.data.train_shards == ["x", "y"]
+    assert cfg.optim.lr == pytest.approx(5e-4) and cfg.loss.alpha == 0.5
+
+
+def test_single_path_becomes_list():
+    assert load_config(None, ["data.train_shards=some/dir"]).data.train_shards == ["some/dir"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_step=5", "unknown config key 'train.max_step'"),
+        ("trian.max_steps=5", "unknown config key 'trian'"),
+        ("train.max_steps=many", "'train.max_steps': expected an integer"),
+        ("loss.alpha=1.5", "loss.alpha must be in [0, 1]"),
+        ("optim.freeze=[brain]", "unknown module group 'brain'"),
+        ("train.max_steps", "not of the form"),
+    ],
+)
+def test_bad_config_names_the_key(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["a.b.c=1", "a.d=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": [1, 2]}}
