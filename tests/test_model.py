@@ -167,3 +167,46 @@ def test_demo_tokenizer_has_single_token_judgments():
     tok = build_demo_tokenizer(["a photo of a face"] * 10)
     assert len(tok.encode("Yes", add_special_tokens=False)) == 1
     assert len(tok.encode("No", add_special_tokens=False)) == 1
+
+
+def test_projector_merges_square_neighbourhoods():
+    from trainer.model import Projector
+
+    proj = Projector(vision_dim=1, text_dim=4, merge=2)
+    proj.act = torch.nn.Identity()
+    with torch.no_grad():
+        for lin in (proj.linear_1, proj.linear_2):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+    grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid of patch indices, row-major
+    out = proj(grid)
+    assert out.shape == (1, 4, 4)
+    assert out[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_merged_tiny_model_uses_fewer_image_tokens(demo_tokenizer):
+    model, tok = build_model(ModelConfig(preset="tiny", projector_merge=2), demo_tokenizer)
+    assert model.num_image_tokens == 16 + model.gac.num_tokens
+    out = forward(model, make_batch(model, tok, 2))
+    assert torch.isfinite(out.loss.total)
+
+
+def test_fused_loss_matches_reference(tiny):
+    model, tok = tiny
+    model.train()
+    batch = make_batch(model, tok, 3)
+
+    def run(fused):
+        model.use_fused_loss(fused)
+        model.zero_grad()
+        out = forward(model, batch, n_judgment=5, n_interpretation=40)
+        out.loss.total.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return out.loss, grads
+
+    ref_loss, ref_grad = run(False)
+    fused_loss, fused_grad = run(True)
+    model.use_fused_loss(False)
+    for a, b in zip(fused_loss, ref_loss):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    torch.testing.assert_close(fused_grad, ref_grad, atol=1e-6, rtol=1e-4)

@@ -69,6 +69,18 @@ def test_resume_matches_unbroken_run(unbroken, small_shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_fused_loss_under_zero3_matches_reference(unbroken, small_shards, tmp_path):
+    """The fused LM-head loss reads lm_head.weight, a ZeRO-3 shard outside its module's forward."""
+    out, _ = unbroken
+    run_train(small_shards, tmp_path, "train.max_steps=6", "train.save_every=6", "model.fused_kernels=true",
+              "eval.at_end=false")
+    expected = history(out)
+    for step, loss in history(tmp_path).items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_export_loads_and_gives_the_same_scores(unbroken, small_shards):
     from trainer.data import ImageTransform, ShardStream, make_loader, resolve_shards
     from trainer.evaluate import PROMPT_ONLY_MAX_LENGTH

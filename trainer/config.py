@@ -34,12 +34,15 @@ class ModelConfig:
     # the training captions (saved under train.output_dir/tokenizer).
     tokenizer_path: str | None = None
     vision_feature_layer: int = -2  # patch features for the projector, as in LLaVA
+    projector_merge: int = 1  # k > 1: one image token per k x k patches (fewer LLM tokens)
     pooling: str = "auto"  # GAC per-layer pooling: cls | mean | auto (cls if the encoder has one)
     gac: bool = True
     gac_prefix_queries: int = 4
     gac_heads: int = 4
     attn_implementation: str = "sdpa"  # flash_attention_2 on GPU when flash-attn is installed
-    fused_kernels: str = "auto"  # auto: fused Triton ops on CUDA, torch reference path on CPU
+    # Loss through the fused LM-head cross entropy (kernels/): auto = on CUDA only; true; false.
+    # (The GAC pooling always goes through the kernels dispatcher: Triton on CUDA, torch on CPU.)
+    fused_kernels: bool | str = "auto"
 
 
 @dataclass
@@ -241,8 +244,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.freeze freezes every module: nothing would train")
     if cfg.model.pooling not in ("auto", "cls", "mean"):
         raise ConfigError(f"model.pooling must be auto, cls or mean, got {cfg.model.pooling!r}")
-    if cfg.model.fused_kernels not in ("auto", "on", "off"):
-        raise ConfigError(f"model.fused_kernels must be auto, on or off, got {cfg.model.fused_kernels!r}")
+    if cfg.model.fused_kernels not in ("auto", True, False):
+        raise ConfigError(f"model.fused_kernels must be auto, true or false, got {cfg.model.fused_kernels!r}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.data.answer_style not in ("caption", "judgment"):

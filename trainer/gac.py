@@ -8,6 +8,8 @@ and an MLP follows; the result is projected to the LLM width. Shallow layers car
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -41,8 +43,8 @@ class GloballyAwareConnector(nn.Module):
     def num_tokens(self) -> int:
         return self.prefix_queries.shape[0] + self.num_layers
 
-    def forward(self, layer_states: torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
-        """layer_states [L, B, N, Dv] (all tapped layers), patch_features [B, Np, Dv] -> [B, P+L, Dt]."""
+    def forward(self, layer_states: Sequence[torch.Tensor] | torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
+        """layer_states: L tensors [B, N, Dv] (or one [L, B, N, Dv]), patch_features [B, Np, Dv] -> [B, P+L, Dt]."""
         pooled = kernels.multi_layer_pool_layernorm(
             layer_states, self.pool_norm_weight, self.pool_norm_bias, mode=self.pooling
         )  # [B, L, Dv]

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 
 from trainer.config import ModelConfig
 from trainer.gac import GloballyAwareConnector
-from trainer.loss import IGNORE_INDEX, LossParts, lopsided_lm_loss
+from trainer.loss import IGNORE_INDEX, LossParts, group_counts, lopsided_lm_loss, lopsided_token_weights
 from trainer.tokenizer import IMAGE_TOKEN, ensure_image_token, judgment_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class ArchConfig:
     yes_token_id: int
     no_token_id: int
     vision_feature_layer: int = -2
+    projector_merge: int = 1  # k: each image token merges k x k neighbouring patches
     pooling: str = "cls"
     has_class_token: bool = True
     gac: bool = True
@@ -88,15 +89,26 @@ def _has_class_token(vision_config: PretrainedConfig) -> bool:
 
 
 class Projector(nn.Module):
-    """LLaVA's two-layer MLP projector (same parameter names, so LLaVA weights load directly)."""
+    """LLaVA's two-layer MLP projector (same parameter names, so LLaVA weights load directly).
 
-    def __init__(self, vision_dim: int, text_dim: int) -> None:
+    With ``merge`` k > 1, each k x k block of neighbouring patches is concatenated into one token
+    first (as InternVL/Qwen2-VL do), so the LLM reads k^2 times fewer image tokens.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.merge = merge
+        self.linear_1 = nn.Linear(vision_dim * merge * merge, text_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_dim, text_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, Dv] patch features on a square grid -> [B, N / k^2, Dt]."""
+        k = self.merge
+        if k > 1:
+            b, n, d = x.shape
+            g = int(round(n ** 0.5))
+            x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
         return self.linear_2(self.act(self.linear_1(x)))
 
 
@@ -113,15 +125,28 @@ class IFASModel(nn.Module):
         self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation)
         self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation)
         vdim, tdim = vision_config.hidden_size, text_config.hidden_size
-        self.projector = Projector(vdim, tdim)
+        self.projector = Projector(vdim, tdim, arch.projector_merge)
         self.gac = (
             GloballyAwareConnector(vdim, vision_config.num_hidden_layers, tdim, arch.gac_prefix_queries,
                                    arch.gac_heads, arch.pooling)
             if arch.gac else None
         )
         grid = vision_config.image_size // vision_config.patch_size
-        self.num_patch_tokens = grid * grid
+        if grid % arch.projector_merge:
+            raise ModelLoadError(f"model.projector_merge={arch.projector_merge} does not divide the {grid}x{grid} patch grid")
+        self.num_patch_tokens = (grid // arch.projector_merge) ** 2
         self.num_image_tokens = self.num_patch_tokens + (self.gac.num_tokens if self.gac is not None else 0)
+        self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
+
+    def use_fused_loss(self, enabled: bool) -> None:
+        """Compute the loss with the fused linear cross entropy (kernels/) instead of logits + CE.
+        Call once the LM head is final (after any vocabulary resize) and before deepspeed.initialize."""
+        if not enabled:
+            self.head_loss = None
+            return
+        from kernels import FusedLMHeadLoss
+
+        self.head_loss = FusedLMHeadLoss(self.llm.get_output_embeddings(), ignore_index=IGNORE_INDEX)
 
     # ----- module groups (freezing, per-group learning rates) -----
     def module_groups(self) -> dict[str, nn.Module]:
@@ -140,8 +165,7 @@ class IFASModel(nn.Module):
             patches = patches[:, 1:]
         tokens = self.projector(patches)
         if self.gac is not None:
-            layer_states = torch.stack(states[1:], dim=0)  # [L, B, N, Dv]
-            tokens = torch.cat([tokens, self.gac(layer_states, patches)], dim=1)
+            tokens = torch.cat([tokens, self.gac(states[1:], patches)], dim=1)  # every layer's output
         return tokens
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -175,22 +199,26 @@ class IFASModel(nn.Module):
         """
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        lm_head = self.llm.get_output_embeddings()
         batch = torch.arange(hidden.shape[0], device=hidden.device)
-        rows = [hidden[batch, score_positions]]
-        if labels is not None:
-            targets = labels[:, 1:].reshape(-1)
-            groups = label_groups[:, 1:].reshape(-1)
-            supervised = targets != IGNORE_INDEX  # only answer positions reach the LM head
-            rows.append(hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised])
-        logits = self.llm.get_output_embeddings()(torch.cat(rows, dim=0))
-        judgment_logits = logits[: hidden.shape[0], [self.arch.yes_token_id, self.arch.no_token_id]].float()
+        judgment_logits = lm_head(hidden[batch, score_positions])[:, [self.arch.yes_token_id, self.arch.no_token_id]]
+        judgment_logits = judgment_logits.float()
         scores = torch.softmax(judgment_logits, dim=-1)[:, 0]
         if labels is None:
-            zero = logits.sum() * 0.0
+            zero = judgment_logits.sum() * 0.0
             return IFASOutput(LossParts(zero, zero, zero), scores, judgment_logits)
-        loss = lopsided_lm_loss(
-            logits[hidden.shape[0]:], targets[supervised], groups[supervised], alpha, n_judgment, n_interpretation
-        )
+        targets = labels[:, 1:].reshape(-1)
+        groups = label_groups[:, 1:].reshape(-1)
+        supervised = targets != IGNORE_INDEX  # only answer positions reach the LM head
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
+        targets, groups = targets[supervised], groups[supervised]
+        if self.head_loss is not None:
+            local_j, local_i = group_counts(groups)
+            weights = lopsided_token_weights(groups, alpha, local_j if n_judgment is None else n_judgment,
+                                             local_i if n_interpretation is None else n_interpretation)
+            loss = LossParts(*self.head_loss(h, targets, weights, groups))
+        else:
+            loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)
         return IFASOutput(loss, scores, judgment_logits)
 
     @torch.no_grad()
@@ -272,7 +300,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
     For the tiny preset the caller passes the (demo) tokenizer; for checkpoints it is read from
     ``cfg.tokenizer_path`` or the checkpoint directory.
     """
-    arch_kw = dict(vision_feature_layer=cfg.vision_feature_layer, gac=cfg.gac,
+    arch_kw = dict(vision_feature_layer=cfg.vision_feature_layer, projector_merge=cfg.projector_merge, gac=cfg.gac,
                    gac_prefix_queries=cfg.gac_prefix_queries, gac_heads=cfg.gac_heads)
     pretrained: dict[str, nn.Module] = {}
     if cfg.llava_path:
@@ -283,6 +311,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
         llava = LlavaForConditionalGeneration.from_pretrained(str(root), dtype=torch.float32)
         vision_config, text_config = llava.config.vision_config, llava.config.text_config
         arch_kw["vision_feature_layer"] = llava.config.vision_feature_layer
+        if cfg.projector_merge != 1:
+            raise ModelLoadError("model.projector_merge must be 1 with model.llava_path: LLaVA's projector reads single patches")
         image_info = _image_processing(root, vision_config.image_size)
         pretrained = {"vision": llava.model.vision_tower, "projector": llava.model.multi_modal_projector,
                       "llm.model": llava.model.language_model, "llm.lm_head": llava.lm_head}

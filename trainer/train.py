@@ -200,6 +200,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     model_dir = out_dir / MODEL_CONFIG_DIR
 
     model, tokenizer = build_model(cfg.model, tokenizer)
+    model.use_fused_loss(cfg.model.fused_kernels is True or (cfg.model.fused_kernels == "auto" and dev.type == "cuda"))
     if info.is_main:
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "ifas_config.json").write_text(json.dumps(model.config_dict(), indent=2))
