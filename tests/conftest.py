@@ -1,6 +1,8 @@
 """Shared fixtures: small synthetic shard sets and the demo tokenizer, built once per session."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import socket
 import sys
@@ -36,3 +38,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def interpreted_triton_module(name: str, **overrides):
+    """Re-import ``kernels.<name>`` under TRITON_INTERPRET=1 (the @triton.jit definitions are
+    re-run, so the kernels execute on CPU tensors), with module constants overridden (e.g. tiny
+    block sizes, so small test shapes still take several blocks and a masked tail). Restores the
+    environment and the compiled module afterwards."""
+    old_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.reload(importlib.import_module(f"kernels.{name}"))
+    saved = {key: getattr(module, key) for key in overrides}
+    for key, value in overrides.items():
+        setattr(module, key, value)
+    try:
+        yield module
+    finally:
+        for key, value in saved.items():
+            setattr(module, key, value)
+        if old_env is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old_env
+        importlib.reload(module)

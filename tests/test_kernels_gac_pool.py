@@ -5,7 +5,6 @@ interpreter (TRITON_INTERPRET=1, small shapes).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import kernels
+from conftest import interpreted_triton_module
 
 pytestmark = pytest.mark.timeout(120)
 # fp32 summation orders differ; the low-variance layer (rstd ~30) amplifies rounding to ~1e-5.
@@ -24,22 +24,9 @@ FP32_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 @pytest.fixture(scope="module")
 def interpreted_triton():
-    """The Triton module re-imported under TRITON_INTERPRET=1, with a tiny token tile so that the
-    token loop of the mean mode runs several times with a masked tail."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from kernels import gac_pool_triton
-
-    module = importlib.reload(gac_pool_triton)  # re-run the @triton.jit definitions
-    old_tile = module.MAX_TILE
-    module.MAX_TILE = 64
-    yield module
-    module.MAX_TILE = old_tile
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    importlib.reload(module)
+    """The Triton module in the CPU interpreter, with a tiny token tile (the token loop of the mean mode runs with a tail)."""
+    with interpreted_triton_module("gac_pool_triton", MAX_TILE=64) as module:
+        yield module
 
 
 @pytest.fixture(params=["torch", "triton"])

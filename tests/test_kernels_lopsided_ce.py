@@ -5,7 +5,6 @@ Both backends run here: the torch chunked path, and the Triton kernels in the CP
 """
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from conftest import interpreted_triton_module
 from kernels import lopsided_ce
 from trainer.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, lopsided_token_weights, weighted_cross_entropy
 
@@ -25,22 +25,9 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def interpreted_triton():
-    """The Triton module re-imported under TRITON_INTERPRET=1, with a tiny vocabulary block so
-    that small vocabularies still take several blocks and a masked tail."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    from kernels import lopsided_ce_triton
-
-    module = importlib.reload(lopsided_ce_triton)  # re-run the @triton.jit definitions
-    old_block = module.MAX_BLOCK_V
-    module.MAX_BLOCK_V = 16
-    yield module
-    module.MAX_BLOCK_V = old_block
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    importlib.reload(module)
+    """The Triton module in the CPU interpreter, with a tiny vocabulary block (several blocks and a masked tail)."""
+    with interpreted_triton_module("lopsided_ce_triton", MAX_BLOCK_V=16) as module:
+        yield module
 
 
 @pytest.fixture(params=["torch", "triton"])

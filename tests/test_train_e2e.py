@@ -79,18 +79,23 @@ def test_fused_loss_under_zero3_matches_reference(unbroken, small_shards, tmp_pa
         assert loss == pytest.approx(expected[step], rel=1e-5), step
 
 
+@pytest.fixture(scope="module")
+def exported(unbroken):
+    from trainer.export import export_run
+
+    return export_run(unbroken[0])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_export_loads_and_gives_the_same_scores(unbroken, small_shards):
+def test_export_loads_and_gives_the_same_scores(unbroken, exported, small_shards):
     from trainer.data import ImageTransform, ShardStream, make_loader, resolve_shards
     from trainer.evaluate import PROMPT_ONLY_MAX_LENGTH
-    from trainer.export import export_run
     from trainer.model import IFASModel
     from trainer.prompt import PromptBuilder
 
     out, _ = unbroken
-    model_dir = export_run(out)
-    model, tok = IFASModel.from_pretrained(model_dir)
+    model, tok = IFASModel.from_pretrained(exported)
     model.eval()
     expected = json.loads((out / "eval_scores.json").read_text())["held-out"]
     builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
@@ -165,3 +170,28 @@ def test_empty_shard_set_and_bad_tokenizer_are_refused(tmp_path, capsys, demo_to
     code = main(["--check", f"data.train_shards=[{shards}]", f"model.tokenizer_path={tmp_path / 'tok'}"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ifas-train: error:")]
     assert code == 2 and len(err) == 1 and "'Yes' as" in err[0] and "single tokens" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_predict_prints_judgment_score_and_explanation(exported, small_shards, tmp_path, capsys):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from trainer.predict import main
+
+    paths = []
+    for i, sample in enumerate(wds.WebDataset(str(small_shards["domain_d"] / "shard-000000.tar"), shardshuffle=False)):
+        if i == 3:
+            break
+        paths.append(tmp_path / f"face{i}.png")
+        Image.open(io.BytesIO(sample["jpg"])).save(paths[-1])
+    assert main(["--model", str(exported), "--jsonl", "--max-new-tokens", "8", *map(str, paths)]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [ln["path"] for ln in lines] == [str(p) for p in paths]
+    for ln in lines:
+        assert 0.0 <= ln["score"] <= 1.0 and ln["judgment"] == ("Yes" if ln["score"] >= 0.5 else "No")
+        assert isinstance(ln["explanation"], str)
+    assert main(["--model", str(exported), str(tmp_path / "missing.jpg")]) == 2
