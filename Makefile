@@ -23,7 +23,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 install: $(BIN)/.installed
 
 $(DEMO_DATA)/domain_d/manifest.json: $(BIN)/.installed
-	$(BIN)/ifas-shards synth --out $(DEMO_DATA) --samples-per-domain $(DEMO_SAMPLES) --seed 0
+	$(BIN)/ifas-shards synth --out $(DEMO_DATA) --samples-per-domain $(DEMO_SAMPLES) --seed 0 --workers 2
 
 demo-data: $(DEMO_DATA)/domain_d/manifest.json
 
