@@ -1,11 +1,14 @@
 """The streaming pipeline: shard resolution errors, rank/worker splitting, determinism, resume."""
 import itertools
+import json
 
 import pytest
 import torch
 import webdataset as wds
 
-from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
+from trainer import data
+
+from trainer.data import ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
 from trainer.loss import IGNORE_INDEX
 from trainer.prompt import PromptBuilder
 
@@ -17,9 +20,9 @@ def builder(demo_tokenizer):
     return PromptBuilder(demo_tokenizer, N_IMAGE_TOKENS, 96)
 
 
-def stream(urls, builder, rank=0, world=1, workers=0, skip=0, batch=4, train=True, seed=0):
+def stream(urls, builder, rank=0, world=1, workers=0, resume=None, batch=4, train=True, seed=0):
     s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=rank, world_size=world,
-                    batch_size=batch, seed=seed, shuffle_buffer=8, train=train, skip_batches=skip,
+                    batch_size=batch, seed=seed, shuffle_buffer=8, train=train, resume=resume,
                     num_workers=workers)
     return make_loader(s, builder.tokenizer.pad_token_id)
 
@@ -64,12 +67,21 @@ def test_training_stream_is_deterministic_and_seeded(small_shards, builder):
     assert keys_of(stream(urls, builder, seed=1), 5) != keys_of(stream(urls, builder), 5)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_by_skipping_consumed_batches(small_shards, builder, workers):
+@pytest.mark.parametrize("workers, consumed", [(0, 4), (2, 4), (2, 5), (3, 7)])
+def test_resume_continues_exactly(small_shards, builder, workers, consumed, monkeypatch):
     urls = resolve_shards([str(d) for d in small_shards.values()])
-    unbroken = keys_of(stream(urls, builder, workers=workers), 7)
-    resumed = keys_of(stream(urls, builder, workers=workers, skip=4), 3)
-    assert resumed == unbroken[4:]
+    unbroken = keys_of(stream(urls, builder, workers=workers), consumed + 4)
+    state = StreamState()
+    for batch in itertools.islice(iter(stream(urls, builder, workers=workers)), consumed):
+        state.update(batch)
+    saved = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
+    decoded = []
+    real_decode = data.decode_sample
+    monkeypatch.setattr(data, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real_decode(raw))
+    resumed = keys_of(stream(urls, builder, workers=workers, resume=saved), 4)
+    assert resumed == unbroken[consumed:]
+    if workers == 0:  # (workers decode in other processes) nothing consumed before is decoded again
+        assert set(decoded).isdisjoint(itertools.chain(*unbroken[:consumed]))
 
 
 def test_ranks_split_shards_and_never_run_dry(small_shards, builder):

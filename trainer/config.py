@@ -58,6 +58,9 @@ class DataConfig:
 @dataclass
 class LossConfig:
     alpha: float = 0.7  # weight of the judgment part of the lopsided LM loss
+    # lopsided: L-LM (alpha above); plain: the L-LM ablation, every answer token weighted equally
+    # (mean CE over all supervised tokens; alpha is then unused).
+    mode: str = "lopsided"
 
 
 @dataclass
@@ -89,6 +92,8 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
+    max_bad_steps: int = 10  # non-finite loss/gradient steps in a row before the run saves and stops
+    log_sample_keys: bool = False  # append each step's sample keys to output_dir/sample_keys/rank<r>.jsonl
 
 
 @dataclass
@@ -96,6 +101,11 @@ class EvalConfig:
     batch_size: int = 32
     max_samples: int = 0  # 0 = every sample of the eval shards
     at_end: bool = True
+    every: int = 0  # evaluate the held-out shards every N training steps (0 = only at the end)
+    # Shard sets whose `dev_split` samples fix a decision threshold (EER threshold there) that is then
+    # applied to the held-out sets: the "threshold fixed on held-out training data" HTER. Empty = none.
+    dev_shards: list[str] = field(default_factory=list)
+    dev_split: str = "val"  # the samples' `split` metadata value to use ("" = every sample of dev_shards)
 
 
 @dataclass
@@ -237,6 +247,10 @@ def validate(cfg: RunConfig) -> None:
     """Value checks that need no files (file checks happen in the data/model code)."""
     if not 0.0 <= cfg.loss.alpha <= 1.0:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
+    if cfg.loss.mode not in ("lopsided", "plain"):
+        raise ConfigError(f"loss.mode must be lopsided or plain, got {cfg.loss.mode!r}")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 (0 = only at the end), got {cfg.eval.every}")
     for name in list(cfg.optim.lr_scale) + cfg.optim.freeze:
         if name not in MODULE_GROUPS:
             raise ConfigError(f"unknown module group {name!r} in optim.lr_scale/optim.freeze; use {MODULE_GROUPS}")

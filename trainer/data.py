@@ -5,9 +5,11 @@ The training stream is infinite and deterministic for a seed: every (rank, worke
 its own shards (or, with fewer shards than slots, every n-th sample), shuffles raw samples in
 a seeded buffer, and only then decodes. Training is counted in steps, so every rank takes the
 same number of steps whatever the shard counts (no collective ever waits on a rank that ran
-out of data). A stream's state is the number of batches consumed; restoring it replays the
-raw, undecoded stream up to that point, so a resumed run sees exactly the batches the
-unbroken run would have seen.
+out of data). A stream's state (StreamState: batches consumed, raw samples pulled per reader)
+is saved in every checkpoint; restoring it replays the raw, undecoded stream up to that point,
+so a resumed run sees exactly the batches the unbroken run would have seen. Bad samples
+(unreadable shard, corrupt tar, missing member, bad json, undecodable image) are skipped and
+counted once each, never fatal.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import glob
 import io
 import json
 import logging
+import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.schema import SchemaError, is_live, validate_meta
+from shards.schema import is_live, validate_meta
 from trainer.prompt import EncodedSample, PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -116,25 +119,32 @@ class ImageTransform:
 
 # ----- samples -----
 
-@dataclass
-class SkipCounter:
-    """Samples skipped per reason (corrupt member, bad image, bad json, unreadable shard)."""
+SKIP_REASONS = ("unreadable_shard", "corrupt_tar", "missing_member", "bad_json", "bad_image")
 
-    counts: Counter
 
-    def add(self, reason: str) -> None:
-        self.counts[reason] += 1
+class BadSample(ValueError):
+    """A sample that cannot be used; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def decode_sample(raw: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
-    """Decode one raw webdataset sample into (image, validated metadata); raise on bad input."""
-    key = raw.get("__key__", "?")
+    """Decode one raw webdataset sample into (image, validated metadata); raise BadSample."""
+    key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
     image_bytes = raw.get("jpg", raw.get("jpeg", raw.get("png")))
     if image_bytes is None or "json" not in raw:
-        raise SchemaError(f"sample {key} in {raw.get('__url__', '?')}: needs an image (.jpg) and a .json member")
-    meta = validate_meta(json.loads(raw["json"]), key)
-    image = Image.open(io.BytesIO(image_bytes))
-    image.load()
+        raise BadSample("missing_member", f"sample {key} in {url}: needs an image (.jpg) and a .json member")
+    try:
+        meta = validate_meta(json.loads(raw["json"]), key)
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError and SchemaError are ValueErrors
+        raise BadSample("bad_json", f"sample {key} in {url}: {exc}") from exc
+    try:
+        image = Image.open(io.BytesIO(image_bytes))
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage bytes
+        raise BadSample("bad_image", f"sample {key} in {url}: undecodable image ({exc})") from exc
     return image, meta
 
 
@@ -148,14 +158,14 @@ def _sample_tensors(enc: EncodedSample, pixels: torch.Tensor, meta: dict[str, An
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-pad token lists into tensors; keep keys/metadata as lists."""
+    from trainer.loss import IGNORE_INDEX, UNSUPERVISED
+
     length = max(len(s["input_ids"]) for s in samples)
 
     def pad(name: str, value: int) -> torch.Tensor:
         return torch.tensor([s[name] + [value] * (length - len(s[name])) for s in samples], dtype=torch.long)
 
-    from trainer.loss import IGNORE_INDEX, UNSUPERVISED
-
-    return {
+    batch = {
         "input_ids": pad("input_ids", pad_id),
         "attention_mask": torch.tensor([[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"]))
                                         for s in samples], dtype=torch.long),
@@ -167,63 +177,117 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "keys": [s["key"] for s in samples],
         "meta": [s["meta"] for s in samples],
     }
+    if "stream_pos" in samples[-1]:  # training streams: where the producing reader stands
+        batch["stream_pos"] = samples[-1]["stream_pos"]
+    return batch
 
 
-def _raw_samples(urls: list[str], skips: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) samples of ``urls`` in order; corrupt members/shards are counted, not fatal."""
+# ----- the stream -----
 
-    def handler(exc: Exception) -> bool:
-        skips.add("corrupt_tar")
-        log.warning("skipping unreadable tar data: %s", exc)
-        return True  # keep going
+@dataclass
+class StreamState:
+    """How far one rank's training stream got: batches consumed, and for every reader (DataLoader
+    worker) the raw samples it had pulled (after shuffling, before decoding) and the bad samples
+    it had skipped. Restoring it replays the raw stream up to there without decoding anything."""
 
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                        handler=handler)
-    yield from ds
+    consumed_batches: int = 0
+    raw_consumed: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def update(self, batch: dict[str, Any]) -> None:
+        reader, raw_pos, skipped = batch["stream_pos"]
+        self.consumed_batches += 1
+        self.raw_consumed[reader] = raw_pos
+        self.skipped[reader] = skipped
+
+    def skipped_total(self) -> Counter:
+        total: Counter = Counter()
+        for counts in self.skipped.values():
+            total.update(counts)
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_batches": self.consumed_batches, "raw_consumed": dict(self.raw_consumed),
+                "skipped": {k: dict(v) for k, v in self.skipped.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "StreamState":
+        # JSON/pickle round trips may turn int keys into strings.
+        return cls(int(state["consumed_batches"]), {int(k): int(v) for k, v in state["raw_consumed"].items()},
+                   {int(k): dict(v) for k, v in state.get("skipped", {}).items()})
+
+
+class _Reader:
+    """Raw samples of a list of shards for one reader slot, with bad ones counted.
+
+    Counting happens in the first pass only: in it every shard (or, with a sample-level split,
+    every sample) is read by exactly one slot, so the sums over ranks count each bad sample
+    once, however often later passes meet it again (the later shard orders differ).
+    """
+
+    def __init__(self, skipped: Counter, count_tar_errors: bool) -> None:
+        self.skipped = skipped
+        self.count_tar_errors = count_tar_errors
+        self.counting = True
+
+    def count(self, reason: str, message: str) -> None:
+        if self.counting:
+            self.skipped[reason] += 1
+            log.warning("skipping %s: %s", reason.replace("_", " "), message)
+
+    def raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        failed: set[str] = set()
+
+        def handler(exc: Exception) -> bool:
+            # webdataset reports one broken tar twice (reader, then expander): count it per shard.
+            shard = next((u for u in urls if u in str(exc)), str(exc))
+            if self.count_tar_errors and shard not in failed:
+                failed.add(shard)
+                unreadable = isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError)
+                self.count("unreadable_shard" if unreadable else "corrupt_tar", str(exc))
+            return True  # keep going with the next member / shard
+
+        yield from wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                  empty_check=False, handler=handler)
 
 
 class ShardStream(IterableDataset):
     """Samples of a shard set for one rank, split further across DataLoader workers.
 
-    train=True: infinite, reshuffled every pass, with ``skip_batches`` already-consumed batches
-    replayed without decoding. train=False: one ordered pass over this rank's share (sample i
-    goes to rank i % world_size) for evaluation.
+    train=True: infinite, reshuffled every pass, resuming from ``resume`` (a StreamState).
+    train=False: one ordered pass over this rank's share (sample i goes to rank i % world_size),
+    for evaluation.
     """
 
     def __init__(self, urls: list[str], builder: PromptBuilder, transform: ImageTransform, *, rank: int,
                  world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
-                 with_answers: bool = True, skip_batches: int = 0, num_workers: int = 0) -> None:
+                 with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0) -> None:
         super().__init__()
         self.urls, self.builder, self.transform = urls, builder, transform
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.shuffle_buffer, self.train = seed, shuffle_buffer, train
-        self.with_answers, self.skip_batches = with_answers, skip_batches
+        self.with_answers = with_answers
+        self.resume = resume or StreamState()
         self.num_workers = num_workers  # DataLoader workers; 0 = read in the training process
-        self.skips = SkipCounter(Counter())
 
-    def _slot(self) -> tuple[int, int]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        return self.rank * max(self.num_workers, 1) + worker, worker
-
-    def _slot_raw(self, slot: int, slots: int, epoch: int) -> Iterator[dict[str, Any]]:
+    def _slot_raw(self, reader: _Reader, slot: int, slots: int, epoch: int) -> Iterator[dict[str, Any]]:
         order = list(self.urls)
         if self.train:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
         if len(order) >= slots and self.train:
-            yield from _raw_samples(order[slot::slots], self.skips)
+            yield from reader.raw_samples(order[slot::slots])
         else:  # fewer shards than slots (or evaluation): every slots-th sample
-            for i, raw in enumerate(_raw_samples(order, self.skips)):
+            for i, raw in enumerate(reader.raw_samples(order)):
                 if i % slots == slot:
                     yield raw
 
-    def _shuffled(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+    def _shuffled(self, reader: _Reader, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         epoch = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch, slot, 1])
             buffer: list[dict[str, Any]] = []
             got_any = False
-            for raw in self._slot_raw(slot, slots, epoch):
+            for raw in self._slot_raw(reader, slot, slots, epoch):
                 got_any = True
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(raw)
@@ -236,29 +300,35 @@ class ShardStream(IterableDataset):
             if not got_any:
                 raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... yielded no samples")
             epoch += 1
+            reader.counting = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        slot, worker = self._slot()
+        info = get_worker_info()
         readers = max(self.num_workers, 1)
-        slots = self.world_size * readers
-        raws = self._shuffled(slot, slots) if self.train else self._slot_raw(slot, slots, 0)
-        # Batches are taken from workers round-robin, so this worker produced every
-        # readers-th of the consumed batches: skip exactly its share.
-        skip = self.skip_batches // readers + (1 if worker < self.skip_batches % readers else 0)
-        to_skip = skip * self.batch_size
-        for raw in raws:
+        # The DataLoader takes batches from its workers round-robin, starting with worker 0. To
+        # continue the exact batch order after a resume, worker w plays reader (w + consumed) % n.
+        reader_id = ((info.id if info is not None else 0) + self.resume.consumed_batches) % readers
+        slot, slots = self.rank * readers + reader_id, self.world_size * readers
+        sample_split = not self.train or len(self.urls) < slots
+        skipped = Counter(self.resume.skipped.get(reader_id, {}))
+        # With a sample-level split every slot reads every shard: only slot 0 counts tar errors.
+        reader = _Reader(skipped, count_tar_errors=not sample_split or slot == 0)
+        raws = self._shuffled(reader, slot, slots) if self.train else self._slot_raw(reader, slot, slots, 0)
+        to_skip = self.resume.raw_consumed.get(reader_id, 0)
+        for pos, raw in enumerate(raws, start=1):
+            if pos <= to_skip:
+                continue  # consumed before the checkpoint: replayed, never decoded
             try:
                 image, meta = decode_sample(raw)
-            except Exception as exc:  # noqa: BLE001 - any bad sample is skipped and counted
-                self.skips.add("bad_image" if not isinstance(exc, (SchemaError, ValueError)) else "bad_json")
-                log.warning("skipping sample %s: %s", raw.get("__key__", "?"), exc)
-                continue
-            if to_skip > 0:
-                to_skip -= 1
+            except BadSample as exc:
+                reader.count(exc.reason, str(exc))
                 continue
             enc = (self.builder.encode(is_live(meta), meta.get("caption", "")) if self.with_answers
                    else self.builder.encode_prompt())
-            yield _sample_tensors(enc, self.transform(image), meta, raw["__key__"])
+            sample = _sample_tensors(enc, self.transform(image), meta, raw["__key__"])
+            if self.train:
+                sample["stream_pos"] = (reader_id, pos, dict(skipped))
+            yield sample
 
 
 def make_loader(stream: ShardStream, pad_id: int) -> DataLoader:

@@ -12,7 +12,8 @@ import argparse
 import json
 import logging
 import math
-import shutil
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
+from trainer.checkpoint import Checkpointer, latest_tag
+from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
 from trainer.dist import WorldInfo, all_reduce_sum, device, init_distributed
 from trainer.loss import INTERPRETATION, JUDGMENT
 from trainer.model import IFASModel, ModelLoadError, build_model
@@ -31,6 +33,8 @@ from trainer.tokenizer import TokenizerError, build_demo_tokenizer, load_tokeniz
 log = logging.getLogger("ifas.train")
 
 CHECKPOINT_DIR = "checkpoints"
+PREEMPTED = "preempted"  # marker a signal-stopped run leaves for launch/slurm.sbatch (requeue)
+INJECT_NAN_ENV = "IFAS_INJECT_NAN_AT_STEPS"  # fault injection for tests: "3,4" poisons those steps' loss
 MODEL_CONFIG_DIR = "model_config"  # ifas_config.json + tokenizer: what export needs beside the weights
 USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError)
 
@@ -140,10 +144,11 @@ def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Te
     return {n: batch[n].to(dev, non_blocking=True) for n in names}
 
 
-def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float, world: int
-               ) -> torch.Tensor:
+def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float, world: int,
+               poison: bool = False) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
-    summed over them (this rank's share of the global-batch loss, detached, fp64 on CPU)."""
+    summed over them (this rank's share of the global-batch loss, detached, on the device).
+    ``poison`` makes the loss NaN (fault injection for tests, see INJECT_NAN_ENV)."""
     groups = [mb["label_groups"] for mb in micro_batches]
     counts = torch.stack([sum((g == JUDGMENT).sum() for g in groups), sum((g == INTERPRETATION).sum() for g in groups)])
     # One small collective per step, kept on the device (no host sync inside the step).
@@ -152,6 +157,8 @@ def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, a
     parts = torch.zeros(3, dtype=torch.float64, device=dev)
     for mb in micro_batches:
         out = engine(**model_inputs(mb, dev), alpha=alpha, n_judgment=n_judgment, n_interpretation=n_interp)
+        if poison:
+            out = out._replace(loss=type(out.loss)(*(p * float("nan") for p in out.loss)))
         # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a global
         # mean, so scale back up to make the update exactly its gradient.
         engine.backward(out.loss.total * scale)
@@ -160,28 +167,57 @@ def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, a
     return parts
 
 
-# ----- checkpoints -----
+# ----- checkpoints, stopping -----
 
 def latest_step(ckpt_dir: Path) -> int | None:
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    return int(latest.read_text().strip().split("_")[-1])
+    """Step of the latest complete checkpoint in ``ckpt_dir`` (None when there is none)."""
+    tag = latest_tag(ckpt_dir)
+    return None if tag is None else int(tag.split("_")[-1])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, cfg: RunConfig, consumed_batches: int, keep_last: int,
-                    info: WorldInfo) -> None:
-    """DeepSpeed checkpoint tagged by step, with step, config and data-stream state as client state."""
-    tag = f"step_{step:08d}"
-    client = {"step": step, "config": cfg.to_dict(), "data": {"consumed_batches": consumed_batches,
-                                                              "world_size": info.world_size,
-                                                              "num_workers": cfg.data.num_workers}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
-    if info.is_main and keep_last > 0:
-        tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    log.info("saved checkpoint %s", ckpt_dir / tag)
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption) ask the run to stop after the
+    current step. Ranks agree over a gloo group on the host, so checking costs no device sync."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.received: int | None = None
+        self.group = dist.new_group(backend="gloo")
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, group=self.group)
+        return flag.item() > 0
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite steps in a row) after saving."""
+
+
+def gather_stream_states(state: StreamState, info: WorldInfo) -> list[dict[str, Any]]:
+    """Every rank's stream state, in rank order (the same list on every rank)."""
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, state.state_dict())
+    return states
+
+
+def skipped_counts(state: StreamState, info: WorldInfo) -> dict[str, int]:
+    """Bad samples skipped so far, summed over ranks, per reason."""
+    local = state.skipped_total()
+    totals = all_reduce_sum(torch.tensor([float(local.get(r, 0)) for r in SKIP_REASONS], dtype=torch.float64))
+    return {r: int(v) for r, v in zip(SKIP_REASONS, totals.tolist())}
 
 
 # ----- the loop -----
@@ -196,8 +232,8 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     dev = device()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     out_dir = Path(cfg.train.output_dir)
-    ckpt_dir = out_dir / CHECKPOINT_DIR
     model_dir = out_dir / MODEL_CONFIG_DIR
+    stop_request = StopRequest()
 
     model, tokenizer = build_model(cfg.model, tokenizer)
     model.use_fused_loss(cfg.model.fused_kernels is True or (cfg.model.fused_kernels == "auto" and dev.type == "cuda"))
@@ -206,6 +242,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         (model_dir / "ifas_config.json").write_text(json.dumps(model.config_dict(), indent=2))
         tokenizer.save_pretrained(str(model_dir))
         (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out_dir / PREEMPTED).unlink(missing_ok=True)
     dist.barrier()
     tokenizer = load_tokenizer(model_dir)  # every rank uses exactly the tokenizer rank 0 saved
     n_params = sum(p.numel() for p in model.parameters())
@@ -216,14 +253,18 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         model=model, model_parameters=groups, config=deepspeed_config(cfg, dev.type == "cuda"),
         lr_scheduler=lambda opt: make_scheduler(opt, cfg))
 
-    start_step, consumed = 0, 0
-    if cfg.train.resume and latest_step(ckpt_dir) is not None:
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start_step, consumed = client["step"], client["data"]["consumed_batches"]
-        if client["data"]["world_size"] != info.world_size or client["data"]["num_workers"] != cfg.data.num_workers:
+    checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, cfg.train.keep_last, info.is_main)
+    start_step, stream_state = 0, StreamState()
+    client = checkpointer.load(engine) if cfg.train.resume else None
+    if client is not None:
+        saved = client["data"]
+        if saved["world_size"] != info.world_size or saved["num_workers"] != cfg.data.num_workers:
             raise ConfigError(
-                f"checkpoint in {ckpt_dir} was written with world size {client['data']['world_size']} and "
-                f"{client['data']['num_workers']} loader workers; resume with the same, or start a new output_dir")
+                f"the checkpoint in {checkpointer.dir} was written by {saved['world_size']} ranks with "
+                f"data.num_workers={saved['num_workers']}; resume with the same, or convert it for another world "
+                f"size with DeepSpeed's ds_to_universal.py and start a new train.output_dir from it")
+        start_step = client["step"]
+        stream_state = StreamState.from_state_dict(saved["streams"][info.rank])
         log.info("resumed from step %d", start_step)
 
     arch = model.arch
@@ -231,51 +272,92 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
                          batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, skip_batches=consumed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state,
                          num_workers=cfg.data.num_workers)
     batches = iter(make_loader(stream, tokenizer.pad_token_id))
+
+    def save(step: int) -> None:
+        client_state = {"step": step, "config": cfg.to_dict(),
+                        "data": {"world_size": info.world_size, "num_workers": cfg.data.num_workers,
+                                 "streams": gather_stream_states(stream_state, info)}}
+        checkpointer.save(engine, step, client_state)
 
     writer = None
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tb"))
+    keys_log = None
+    if cfg.train.log_sample_keys:
+        (out_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
+        keys_log = open(out_dir / "sample_keys" / f"rank{info.rank}.jsonl", "a")
+    nan_steps = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
     gas, world = cfg.train.grad_accum, info.world_size
     history: list[dict[str, Any]] = []
     window = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, judgment, interpretation, samples, tokens
-    window_time, window_wait = 0.0, 0.0
+    window_time, window_wait, window_steps = 0.0, 0.0, 0
+    skipped_steps, skipped_in_a_row = 0, 0
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not info.is_main, desc="train", unit="step")
     engine.train()
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
+    done = start_step
     for step in range(start_step, last_step):
+        if stop_request.any_rank():
+            log.warning("stop requested by a signal: saving a checkpoint at step %d and exiting", done)
+            save(done)
+            if info.is_main:
+                (out_dir / PREEMPTED).write_text(f"{done}\n")
+            return {"history": history, "preempted": True}
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(gas)]
         t_data = time.perf_counter()
         lr_used = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
-        step_parts = train_step(engine, micro, dev, cfg.loss.alpha, world)
-        consumed += gas
-        window[:3] += step_parts
-        window[3] += gas * cfg.train.micro_batch_size
-        window[4] += sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
+        step_parts = train_step(engine, micro, dev, cfg.loss.alpha, world, poison=(step + 1) in nan_steps)
+        for mb in micro:
+            stream_state.update(mb)
+        done = step + 1
+        # DeepSpeed skips an update whose gradient norm is not finite (the norm is all-reduced, so
+        # every rank agrees); the flag is already on the host.
+        if engine.optimizer.overflow:
+            skipped_steps += 1
+            skipped_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", done, skipped_in_a_row)
+            if skipped_in_a_row >= cfg.train.max_bad_steps:
+                save(done)
+                raise TrainingHalted(
+                    f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (up to step {done}); "
+                    f"saved a checkpoint. Lower optim.lr, check the data, or raise train.max_bad_steps")
+        else:
+            skipped_in_a_row = 0
+            window[:3] += step_parts
+            window[3] += gas * cfg.train.micro_batch_size
+            window[4] += sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
+            window_steps += 1
+        if keys_log is not None:
+            keys_log.write(json.dumps({"step": done, "keys": [k for mb in micro for k in mb["keys"]]}) + "\n")
+            keys_log.flush()
         window_time += time.perf_counter() - t0
         window_wait += t_data - t0
-        done = step + 1
         bar.update(1)
         if done % cfg.train.log_every == 0 or done == last_step:
             totals = all_reduce_sum(window.clone()).cpu()
-            n_steps = done - (history[-1]["step"] if history else start_step)
+            n = max(window_steps, 1)
             alpha = cfg.loss.alpha
             # The parts are logged unweighted (mean token CE of each), so runs with other alphas compare.
-            rec = {"step": done, "loss": totals[0].item() / n_steps,
-                   "loss_judgment": totals[1].item() / n_steps / alpha if alpha > 0 else 0.0,
-                   "loss_interpretation": totals[2].item() / n_steps / (1 - alpha) if alpha < 1 else 0.0,
+            rec = {"step": done, "loss": totals[0].item() / n,
+                   "loss_judgment": totals[1].item() / n / alpha if alpha > 0 else 0.0,
+                   "loss_interpretation": totals[2].item() / n / (1 - alpha) if alpha < 1 else 0.0,
                    "lr": lr_used[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": totals[3].item() / window_time,
-                   "tokens_per_s": totals[4].item() / window_time, "data_wait_frac": window_wait / window_time}
+                   "tokens_per_s": totals[4].item() / window_time, "data_wait_frac": window_wait / window_time,
+                   "skipped_steps": skipped_steps, "skipped_samples": skipped_counts(stream_state, info)}
             history.append(rec)
             if writer is not None:
                 for k, v in rec.items():
-                    if k != "step":
+                    if k == "skipped_samples":
+                        for reason, count in v.items():
+                            writer.add_scalar(f"data/skipped_{reason}", count, done)
+                    elif k != "step":
                         writer.add_scalar(f"train/{k}", v, done)
                 for g, lr in zip(optimizer.param_groups, lr_used):
                     writer.add_scalar(f"lr/{g.get('name', 'group')}", lr, done)
@@ -283,12 +365,15 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             bar.set_postfix(loss=f"{rec['loss']:.3f}", judg=f"{rec['loss_judgment']:.3f}")
             window.zero_()
             window_time = window_wait = 0.0
+            window_steps = 0
         if done % cfg.train.save_every == 0 or done == last_step:
-            save_checkpoint(engine, ckpt_dir, done, cfg, consumed, cfg.train.keep_last, info)
+            save(done)
     bar.close()
+    if keys_log is not None:
+        keys_log.close()
 
     result: dict[str, Any] = {"history": history}
-    if eval_urls and cfg.eval.at_end and last_step == cfg.train.max_steps:
+    if eval_urls and cfg.eval.at_end and done == cfg.train.max_steps:
         from trainer.evaluate import evaluate_engine, report
 
         metrics, scores = evaluate_engine(engine, eval_urls, builder, transform, info, cfg.eval,
@@ -323,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"ifas-train: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingHalted as exc:
+        print(f"ifas-train: stopped: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

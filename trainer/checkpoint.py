@@ -1,0 +1,86 @@
+"""Atomic, resumable DeepSpeed checkpoints.
+
+Layout under ``<output_dir>/checkpoints``: one directory per save, ``step_<N>``, written by
+DeepSpeed on every rank; once every rank has finished (a barrier), rank 0 drops a ``COMPLETE``
+marker into it and only then moves the ``latest`` pointer (write to a temp file + rename). A
+kill at any moment therefore leaves ``latest`` naming a complete checkpoint; half-written
+directories have no marker and are pruned at the next save. The last ``keep_last`` complete
+checkpoints are kept.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag ``latest`` points to, if that checkpoint is complete."""
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (Path(ckpt_dir) / tag / COMPLETE).is_file():
+        raise RuntimeError(f"{pointer} names {tag}, which is not a complete checkpoint; point it to an older "
+                           f"step_* directory that holds a {COMPLETE} file, or remove it to start over")
+    return tag
+
+
+class Checkpointer:
+    def __init__(self, ckpt_dir: str | Path, keep_last: int, is_main: bool) -> None:
+        self.dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.is_main = is_main
+
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
+        import torch.distributed as dist
+
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk before the checkpoint counts as written
+        if self.is_main:
+            _atomic_write(self.dir / tag / COMPLETE, f"{step}\n")
+            _atomic_write(self.dir / LATEST, tag)
+            self._prune(keep=tag)
+        dist.barrier()
+        log.info("saved checkpoint %s", self.dir / tag)
+        return self.dir / tag
+
+    def _prune(self, keep: str) -> None:
+        complete = sorted(p for p in self.dir.glob("step_*") if (p / COMPLETE).is_file())
+        stale = [p for p in self.dir.glob("step_*") if p.is_dir() and not (p / COMPLETE).is_file()]
+        if self.keep_last > 0:
+            stale += complete[:-self.keep_last]
+        for path in stale:
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load(self, engine) -> dict[str, Any] | None:
+        """Load the latest complete checkpoint into ``engine``; return its client state (None if none)."""
+        tag = latest_tag(self.dir)
+        if tag is None:
+            return None
+        path, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        return client
