@@ -1,0 +1,191 @@
+"""``ifas-shards``: generate synthetic shard sets, verify shard sets, print their statistics.
+
+    ifas-shards synth --out data/synth [--samples-per-domain 1000] [--seed 0] [--domains domain_a ...]
+    ifas-shards verify data/synth/domain_a data/synth/domain_b
+    ifas-shards stats data/synth/*
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from shards.schema import SchemaError, validate_meta
+from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest
+
+log = logging.getLogger("shards.cli")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_sample(sample: dict, url: str) -> tuple[str, dict | None, list[str]]:
+    """Decode one raw webdataset sample; return (key, meta or None, problems)."""
+    key = sample.get("__key__", "?")
+    problems = []
+    for ext in ("jpg", "json"):
+        if ext not in sample:
+            problems.append(f"{url}: sample {key} has no .{ext} member")
+    meta = None
+    if "json" in sample:
+        try:
+            meta = validate_meta(json.loads(sample["json"]), key)
+        except (UnicodeDecodeError, json.JSONDecodeError, SchemaError) as e:
+            problems.append(f"{url}: sample {key}: bad json ({e})")
+            meta = None
+    if "jpg" in sample:
+        try:
+            with Image.open(io.BytesIO(sample["jpg"])) as im:
+                im.load()
+        except Exception as e:  # PIL raises many types for corrupt data
+            problems.append(f"{url}: sample {key}: image does not decode ({e})")
+    return key, meta, problems
+
+
+def verify_shard_set(shard_dir: Path) -> tuple[list[str], dict]:
+    """Check a shard set against its manifest; return (problems, summary). Every problem names a file."""
+    import webdataset as wds
+
+    try:
+        manifest = read_manifest(shard_dir)
+    except (FileNotFoundError, ManifestError) as e:
+        return [str(e)], {}
+    problems: list[str] = []
+    keys: set[str] = set()
+    counts = {f: Counter() for f in COUNT_FIELDS}
+    listed = {s["file"] for s in manifest["shards"]}
+    for stray in sorted(shard_dir.glob("*.tmp")):
+        problems.append(f"{stray}: unfinished temporary file")
+    for tar in sorted(shard_dir.glob("*.tar")):
+        if tar.name not in listed:
+            problems.append(f"{tar}: tar file not listed in {shard_dir / MANIFEST_NAME}")
+    for entry in manifest["shards"]:
+        path = shard_dir / entry["file"]
+        log.info("verifying %s", path)
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+            continue
+        if path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        if _sha256(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+        n = 0
+        try:
+            for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+                key, meta, sample_problems = _check_sample(sample, str(path))
+                problems += sample_problems
+                n += 1
+                if key in keys:
+                    problems.append(f"{path}: duplicate key {key}")
+                keys.add(key)
+                for field, c in counts.items():
+                    if meta is not None and field in meta:
+                        c[str(meta[field])] += 1
+        except Exception as e:  # tarfile/webdataset raise various errors on truncated archives
+            problems.append(f"{path}: unreadable after {n} samples ({type(e).__name__}: {e})")
+        if n != entry["num_samples"]:
+            problems.append(f"{path}: {n} samples read, manifest says {entry['num_samples']}")
+    for field, expected in manifest["counts"].items():
+        if field in counts and dict(counts[field]) != expected:
+            found = dict(sorted(counts[field].items()))
+            problems.append(f"{shard_dir / MANIFEST_NAME}: counts[{field!r}] {expected} but shards hold {found}")
+    summary = {"name": manifest["name"], "num_samples": len(keys), "shards": len(manifest["shards"])}
+    return problems, summary
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    failed = 0
+    for d in args.dirs:
+        problems, summary = verify_shard_set(Path(d))
+        if problems:
+            failed += 1
+            print(f"FAIL {d}")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            print(f"OK   {d}: {summary['name']}, {summary['num_samples']} samples in {summary['shards']} shards")
+    return 1 if failed else 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    total: dict[str, Counter] = {}
+    rc = 0
+    for d in args.dirs:
+        try:
+            m = read_manifest(d)
+        except (FileNotFoundError, ManifestError) as e:
+            print(f"FAIL {e}")
+            rc = 1
+            continue
+        print(f"{d}: {m['name']}, {m['num_samples']} samples in {len(m['shards'])} shards")
+        for field, counts in m["counts"].items():
+            print(f"  {field:8s} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+            total.setdefault(field, Counter()).update(counts)
+    if len(args.dirs) > 1 and total:
+        print("total:")
+        for field, counts in total.items():
+            print(f"  {field:8s} " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return rc
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from shards.synth import generate_demo
+
+    dirs = generate_demo(args.out, samples_per_domain=args.samples_per_domain, seed=args.seed,
+                         image_size=args.image_size, domains=args.domains, samples_per_shard=args.samples_per_shard,
+                         frames_per_video=args.frames_per_video, overwrite=args.overwrite, workers=args.workers)
+    for d in dirs:
+        print(d)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shards.synth import ALL_DOMAINS
+
+    ap = argparse.ArgumentParser(prog="ifas-shards", description=__doc__.split("\n")[0])
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate the synthetic FAS shard sets (one directory per domain)")
+    s.add_argument("--out", required=True, help="output directory; gets one sub-directory per domain")
+    s.add_argument("--samples-per-domain", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--domains", nargs="+", default=list(ALL_DOMAINS), choices=ALL_DOMAINS)
+    s.add_argument("--samples-per-shard", type=int, default=500)
+    s.add_argument("--frames-per-video", type=int, default=2)
+    s.add_argument("--workers", type=int, default=1, help="processes rendering samples (output is identical)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing shard sets in the output")
+    s.set_defaults(func=_cmd_synth)
+
+    v = sub.add_parser("verify", help="read every shard back and check it against its manifest")
+    v.add_argument("dirs", nargs="+")
+    v.set_defaults(func=_cmd_verify)
+
+    st = sub.add_parser("stats", help="print label/attack counts from manifests")
+    st.add_argument("dirs", nargs="+")
+    st.set_defaults(func=_cmd_stats)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
