@@ -92,6 +92,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     resume: bool = True  # continue from output_dir/checkpoints/latest when present
+    collective_timeout_s: float = 1800.0  # a rank that died or hangs fails the others after this
     max_bad_steps: int = 10  # non-finite loss/gradient steps in a row before the run saves and stops
     log_sample_keys: bool = False  # append each step's sample keys to output_dir/sample_keys/rank<r>.jsonl
 

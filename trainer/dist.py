@@ -1,15 +1,33 @@
 """Process-group setup that works under the deepspeed launcher, torchrun, SLURM's srun, or alone.
 
 Rank, local rank and world size come from RANK/LOCAL_RANK/WORLD_SIZE (deepspeed, torchrun), else
-from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS (``srun python -u ...``), else a single process.
+from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS (``srun python -u ...``, one task per GPU), else a
+single process. Under srun nothing sets MASTER_ADDR/MASTER_PORT, so they are derived from the job:
+the first host of SLURM_JOB_NODELIST and a port fixed by SLURM_JOB_ID (every task computes the same).
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
 
 import torch
+
+log = logging.getLogger("ifas.dist")
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # a stalled collective (dead or hung rank) fails after this
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # MASTER_PORT = base + SLURM_JOB_ID % span
+
+_timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+_PEER_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset)|broken pipe|peer|watchdog", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -32,40 +50,156 @@ def world_info_from_env() -> WorldInfo:
     return WorldInfo(0, 0, 1)
 
 
+# ----- SLURM rendezvous -----
+
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def _expand_range_list(body: str, nodelist: str) -> list[str]:
+    """``01-03,07`` -> ['01', '02', '03', '07'] (zero padding kept, as SLURM does)."""
+    out = []
+    for part in body.split(","):
+        lo, sep, hi = part.partition("-")
+        if not sep:
+            out.append(lo)
+            continue
+        if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+            raise ValueError(f"cannot parse range {part!r} in SLURM nodelist {nodelist!r}")
+        out.extend(str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist (``node[01-04,07]``, ``a1,b[2-3]``, ``r[1-2]-n[1-2]``) in SLURM's order.
+
+    The fallback for machines without ``scontrol`` (e.g. inside containers)."""
+    hosts: list[str] = []
+    depth, start = 0, 0
+    items = []
+    for i, ch in enumerate(nodelist + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(nodelist[start:i].strip())
+            start = i + 1
+    for item in filter(None, items):
+        expanded = [""]
+        pos = 0
+        for m in _BRACKET.finditer(item):
+            prefix = item[pos:m.start()]
+            expanded = [e + prefix + n for e in expanded for n in _expand_range_list(m.group(1), nodelist)]
+            pos = m.end()
+        hosts.extend(e + item[pos:] for e in expanded)
+    if not hosts or any("[" in h or "]" in h for h in hosts):
+        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+    return hosts
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Hosts of a SLURM nodelist: ``scontrol show hostnames`` when available, else parse_nodelist."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("scontrol show hostnames %s failed (%s); parsing the nodelist instead", nodelist, exc)
+    return parse_nodelist(nodelist)
+
+
+def slurm_rendezvous(env: dict[str, str] | os._Environ) -> tuple[str, int] | None:
+    """(MASTER_ADDR, MASTER_PORT) for an srun-started job: first node of the job, port from the job id.
+    None outside SLURM."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not nodelist or not job_id:
+        return None
+    return slurm_hostnames(nodelist)[0], SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+
+
+# ----- process group -----
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _cuda_index(local_rank: int) -> int:
+    # srun may bind one GPU per task (CUDA_VISIBLE_DEVICES holds one id): then every task uses device 0.
+    return local_rank % max(1, torch.cuda.device_count())
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", world_info_from_env().local_rank)
+        return torch.device("cuda", _cuda_index(world_info_from_env().local_rank))
     return torch.device("cpu")
 
 
-def init_distributed() -> WorldInfo:
-    """Start the process group (gloo on CPU, nccl on CUDA) and return this process's place in it."""
+def collective_timeout() -> timedelta:
+    """The timeout the process group was started with; pass it to any dist.new_group as well."""
+    return _timeout
+
+
+def _report_failure(info: WorldInfo) -> Callable[[type[BaseException], BaseException, TracebackType | None], None]:
+    """An excepthook naming the failing rank; it exits at once, since a rank left in a broken process
+    group can hang at interpreter shutdown (loader workers, comm threads) and keep the job alive."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        previous(kind, exc, tb)
+        first_line = (str(exc).splitlines() or [""])[0]
+        peer = _PEER_FAILURE.search(first_line) is not None
+        log.critical("rank %d of %d (host %s, local rank %d, pid %d) failed: %s: %s%s", info.rank, info.world_size,
+                     socket.gethostname(), info.local_rank, os.getpid(), kind.__name__, first_line,
+                     "; another rank probably died or hangs (its log, or the launcher/srun, names it)" if peer else "")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    return hook
+
+
+def init_distributed(timeout_s: float | None = None) -> WorldInfo:
+    """Start the process group (gloo on CPU, nccl on CUDA) and return this process's place in it.
+
+    ``timeout_s`` (default DEFAULT_COLLECTIVE_TIMEOUT_S) bounds every collective, so the ranks of a job
+    in which one rank died or hangs fail instead of waiting forever."""
     import deepspeed
 
+    global _timeout
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"collective timeout must be positive, got {timeout_s} s (train.collective_timeout_s)")
     info = world_info_from_env()
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if info.world_size > 1:
-            raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with deepspeed/torchrun "
-                               "or set MASTER_ADDR and MASTER_PORT (launch/slurm.sbatch does)")
-        os.environ["MASTER_PORT"] = str(_free_port())
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        rendezvous = slurm_rendezvous(os.environ) if info.world_size > 1 else None
+        if rendezvous is not None:
+            os.environ.setdefault("MASTER_ADDR", rendezvous[0])
+            os.environ.setdefault("MASTER_PORT", str(rendezvous[1]))
+        elif info.world_size > 1 and "MASTER_PORT" not in os.environ:
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with deepspeed/torchrun/srun "
+                               "or set MASTER_ADDR and MASTER_PORT")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(_cuda_index(info.local_rank))
         backend = "nccl"
     else:
         # The shared-memory comm op JIT-compiles C++ (~30 s) on first use; gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if info.world_size > 1:
+        log.info("rank %d of %d (local rank %d): rendezvous %s:%s, collective timeout %.0f s", info.rank,
+                 info.world_size, info.local_rank, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
+                 _timeout.total_seconds())
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=_timeout)
+    if info.world_size > 1:  # after init: torch's own hook (rank-prefixed traceback) runs inside ours
+        sys.excepthook = _report_failure(info)
     return info
 
 

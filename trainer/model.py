@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
@@ -26,11 +25,11 @@ from trainer.config import ModelConfig
 from trainer.gac import GloballyAwareConnector
 from trainer.loss import IGNORE_INDEX, LossParts, group_counts, lopsided_lm_loss, lopsided_token_weights
 from trainer.tokenizer import IMAGE_TOKEN, ensure_image_token, judgment_token_ids, load_tokenizer
+from trainer.weights import WeightsError, load_weights, write_weights
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "ifas_config.json"
-WEIGHTS_NAME = "model.safetensors"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -248,7 +247,7 @@ class IFASModel(nn.Module):
             if missing or unexpected:
                 raise ModelLoadError(f"consolidated weights do not fit the model: missing {missing[:5]}, "
                                      f"unexpected {unexpected[:5]}")
-        save_model(self, str(d / WEIGHTS_NAME))
+        write_weights(self, self.state_dict(), d)  # one safetensors file, or shards for big models
         (d / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))
@@ -270,7 +269,10 @@ class IFASModel(nn.Module):
             raise ModelLoadError(f"{d} is not an I-FAS model directory (no {CONFIG_NAME}); "
                                  f"export one with `ifas-export` or point to a training output's export/")
         model = cls.from_config_dict(json.loads((d / CONFIG_NAME).read_text()), attn_implementation)
-        load_model(model, str(d / WEIGHTS_NAME))
+        try:
+            load_weights(model, d)  # model.safetensors, or shards + model.safetensors.index.json
+        except WeightsError as exc:
+            raise ModelLoadError(str(exc)) from exc
         return model, load_tokenizer(d)
 
 

@@ -24,7 +24,7 @@ import torch
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.checkpoint import Checkpointer, latest_tag
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
-from trainer.dist import WorldInfo, all_reduce_sum, device, init_distributed
+from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, init_distributed
 from trainer.loss import INTERPRETATION, JUDGMENT
 from trainer.model import IFASModel, ModelLoadError, build_model
 from trainer.prompt import PromptBuilder
@@ -185,7 +185,7 @@ class StopRequest:
         import torch.distributed as dist
 
         self.received: int | None = None
-        self.group = dist.new_group(backend="gloo")
+        self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -227,7 +227,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     import torch.distributed as dist
     from tqdm import tqdm
 
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(info.rank)
     dev = device()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
