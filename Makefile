@@ -34,7 +34,8 @@ test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 bench: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m kernels.bench
+	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m kernels.bench
+	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m trainer.bench
 
 clean:
 	rm -rf runs/demo $(DEMO_DATA)

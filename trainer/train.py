@@ -28,6 +28,7 @@ from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, 
 from trainer.loss import INTERPRETATION, JUDGMENT
 from trainer.model import IFASModel, ModelLoadError, build_model
 from trainer.prompt import PromptBuilder
+from trainer.timing import PhaseTimer, phase
 from trainer.tokenizer import TokenizerError, build_demo_tokenizer, load_tokenizer
 
 log = logging.getLogger("ifas.train")
@@ -145,24 +146,28 @@ def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Te
 
 
 def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float, world: int,
-               poison: bool = False) -> torch.Tensor:
+               poison: bool = False, timer: PhaseTimer | None = None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
     summed over them (this rank's share of the global-batch loss, detached, on the device).
-    ``poison`` makes the loss NaN (fault injection for tests, see INJECT_NAN_ENV)."""
+    ``poison`` makes the loss NaN (fault injection for tests, see INJECT_NAN_ENV); ``timer``
+    (benchmark only) records the phases."""
     groups = [mb["label_groups"] for mb in micro_batches]
     counts = torch.stack([sum((g == JUDGMENT).sum() for g in groups), sum((g == INTERPRETATION).sum() for g in groups)])
-    # One small collective per step, kept on the device (no host sync inside the step).
-    n_judgment, n_interp = all_reduce_sum(counts.to(dev, torch.float64))
+    with phase(timer, "comm_counts"):  # one small collective per step, kept on the device (no host sync)
+        n_judgment, n_interp = all_reduce_sum(counts.to(dev, torch.float64))
     scale = world * len(micro_batches)
     parts = torch.zeros(3, dtype=torch.float64, device=dev)
     for mb in micro_batches:
-        out = engine(**model_inputs(mb, dev), alpha=alpha, n_judgment=n_judgment, n_interpretation=n_interp)
+        with phase(timer, "forward"):
+            out = engine(**model_inputs(mb, dev), alpha=alpha, n_judgment=n_judgment, n_interpretation=n_interp)
         if poison:
             out = out._replace(loss=type(out.loss)(*(p * float("nan") for p in out.loss)))
         # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a global
         # mean, so scale back up to make the update exactly its gradient.
-        engine.backward(out.loss.total * scale)
-        engine.step()
+        with phase(timer, "backward"):
+            engine.backward(out.loss.total * scale)
+        with phase(timer, "optimizer_step"):
+            engine.step()
         parts += torch.stack(list(out.loss)).detach().double()
     return parts
 
@@ -220,21 +225,17 @@ def skipped_counts(state: StreamState, info: WorldInfo) -> dict[str, int]:
     return {r: int(v) for r, v in zip(SKIP_REASONS, totals.tolist())}
 
 
-# ----- the loop -----
+# ----- building the run -----
 
-def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer) -> dict[str, Any]:
+def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device):
+    """Model + DeepSpeed engine for a run; rank 0 writes what export needs (architecture, tokenizer)
+    to output_dir, and every rank then uses exactly that tokenizer. Returns (model, tokenizer,
+    engine, optimizer)."""
     import deepspeed
     import torch.distributed as dist
-    from tqdm import tqdm
 
-    info = init_distributed(cfg.train.collective_timeout_s)
-    setup_logging(info.rank)
-    dev = device()
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     out_dir = Path(cfg.train.output_dir)
     model_dir = out_dir / MODEL_CONFIG_DIR
-    stop_request = StopRequest()
-
     model, tokenizer = build_model(cfg.model, tokenizer)
     model.use_fused_loss(cfg.model.fused_kernels is True or (cfg.model.fused_kernels == "auto" and dev.type == "cuda"))
     if info.is_main:
@@ -242,16 +243,43 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         (model_dir / "ifas_config.json").write_text(json.dumps(model.config_dict(), indent=2))
         tokenizer.save_pretrained(str(model_dir))
         (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (out_dir / PREEMPTED).unlink(missing_ok=True)
     dist.barrier()
-    tokenizer = load_tokenizer(model_dir)  # every rank uses exactly the tokenizer rank 0 saved
+    tokenizer = load_tokenizer(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d image tokens per sample", n_params / 1e6, model.num_image_tokens)
-
-    groups = param_groups(model, cfg)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg, dev.type == "cuda"),
+        model=model, model_parameters=param_groups(model, cfg), config=deepspeed_config(cfg, dev.type == "cuda"),
         lr_scheduler=lambda opt: make_scheduler(opt, cfg))
+    return model, tokenizer, engine, optimizer
+
+
+def training_batches(cfg: RunConfig, train_urls: list[str], model: IFASModel, tokenizer, info: WorldInfo,
+                     state: StreamState):
+    """(prompt builder, image transform, iterator of this rank's training batches from ``state``)."""
+    arch = model.arch
+    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style)
+    transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
+    stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
+                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=cfg.data.num_workers)
+    return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
+
+
+# ----- the loop -----
+
+def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    info = init_distributed(cfg.train.collective_timeout_s)
+    setup_logging(info.rank)
+    dev = device()
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    out_dir = Path(cfg.train.output_dir)
+    stop_request = StopRequest()
+
+    model, tokenizer, engine, optimizer = build_engine(cfg, tokenizer, info, dev)
+    if info.is_main:
+        (out_dir / PREEMPTED).unlink(missing_ok=True)
 
     checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, cfg.train.keep_last, info.is_main)
     start_step, stream_state = 0, StreamState()
@@ -267,14 +295,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         stream_state = StreamState.from_state_dict(saved["streams"][info.rank])
         log.info("resumed from step %d", start_step)
 
-    arch = model.arch
-    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style)
-    transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
-    stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
-                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, resume=stream_state,
-                         num_workers=cfg.data.num_workers)
-    batches = iter(make_loader(stream, tokenizer.pad_token_id))
+    builder, transform, batches = training_batches(cfg, train_urls, model, tokenizer, info, stream_state)
 
     def save(step: int) -> None:
         client_state = {"step": step, "config": cfg.to_dict(),
