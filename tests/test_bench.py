@@ -1,5 +1,4 @@
 """The benchmark's arithmetic and report (no timing is asserted)."""
-import pytest
 
 from trainer.bench import _section, scaling_table, update_benchmarks_md
 

@@ -3,7 +3,6 @@ import itertools
 import json
 
 import pytest
-import torch
 import webdataset as wds
 
 from trainer import data

@@ -5,9 +5,6 @@ interpreter (TRITON_INTERPRET=1, small shapes).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from conftest import interpreted_triton_module
+from conftest import assert_compiles_for_hopper, interpreted_triton_module
 
 pytestmark = pytest.mark.timeout(120)
 # fp32 summation orders differ; the low-variance layer (rstd ~30) amplifies rounding to ~1e-5.
@@ -151,10 +148,4 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
 
 @pytest.mark.timeout(120)
 def test_triton_kernels_compile_for_hopper(tmp_path: Path) -> None:
-    """The interpreter is lenient about types; compile the real kernels for sm_90 (no GPU needed:
-    Triton ships ptxas) so that compiled-mode errors show up here too."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True, text=True, timeout=110)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    assert_compiles_for_hopper(COMPILE_FOR_HOPPER, tmp_path)

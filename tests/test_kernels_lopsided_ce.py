@@ -5,9 +5,6 @@ Both backends run here: the torch chunked path, and the Triton kernels in the CP
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from conftest import interpreted_triton_module
+from conftest import assert_compiles_for_hopper, interpreted_triton_module
 from kernels import lopsided_ce
 from trainer.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, lopsided_token_weights, weighted_cross_entropy
 
@@ -301,10 +298,4 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
 
 @pytest.mark.timeout(120)
 def test_triton_kernels_compile_for_hopper(tmp_path: Path) -> None:
-    """The interpreter is lenient about types; compile the real kernels for sm_90 (no GPU needed:
-    Triton ships ptxas) so that compiled-mode errors show up here too."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True, text=True, timeout=110)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+    assert_compiles_for_hopper(COMPILE_FOR_HOPPER, tmp_path)

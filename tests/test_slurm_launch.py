@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 from trainer.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN, parse_nodelist, slurm_rendezvous
 
 SBATCH = ROOT / "launch" / "slurm.sbatch"
