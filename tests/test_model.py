@@ -210,3 +210,19 @@ def test_fused_loss_matches_reference(tiny):
     for a, b in zip(fused_loss, ref_loss):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
     torch.testing.assert_close(fused_grad, ref_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(demo_tokenizer):
+    torch.manual_seed(3)
+    plain, tok = build_model(ModelConfig(preset="tiny", projector_merge=2), demo_tokenizer)
+    torch.manual_seed(3)
+    ckpt, _ = build_model(ModelConfig(preset="tiny", projector_merge=2, gradient_checkpointing=["vision", "llm"]),
+                          demo_tokenizer)
+    assert ckpt.llm.is_gradient_checkpointing and ckpt.vision.is_gradient_checkpointing
+    batch = make_batch(plain, tok, 2)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        forward(model, batch).loss.total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

@@ -39,7 +39,10 @@ class ModelConfig:
     gac: bool = True
     gac_prefix_queries: int = 4
     gac_heads: int = 4
-    attn_implementation: str = "sdpa"  # flash_attention_2 on GPU when flash-attn is installed
+    # auto: flash_attention_2 on CUDA when flash-attn is installed (the [gpu] extra), else sdpa.
+    attn_implementation: str = "auto"
+    # Modules whose layers recompute activations in backward (saves memory): any of vision, llm.
+    gradient_checkpointing: list[str] = field(default_factory=list)
     # Loss through the fused LM-head cross entropy (kernels/): auto = on CUDA only; true; false.
     # (The GAC pooling always goes through the kernels dispatcher: Triton on CUDA, torch on CPU.)
     fused_kernels: bool | str = "auto"
@@ -257,6 +260,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"unknown module group {name!r} in optim.lr_scale/optim.freeze; use {MODULE_GROUPS}")
     if set(cfg.optim.freeze) >= set(MODULE_GROUPS):
         raise ConfigError("optim.freeze freezes every module: nothing would train")
+    if set(cfg.model.gradient_checkpointing) - {"vision", "llm"}:
+        raise ConfigError(f"model.gradient_checkpointing takes vision and/or llm, got {cfg.model.gradient_checkpointing}")
     if cfg.model.pooling not in ("auto", "cls", "mean"):
         raise ConfigError(f"model.pooling must be auto, cls or mean, got {cfg.model.pooling!r}")
     if cfg.model.fused_kernels not in ("auto", True, False):

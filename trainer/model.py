@@ -344,10 +344,21 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
         raise ModelLoadError(f"model.pooling=cls but the {vision_config.model_type} encoder has no class token; use mean")
     arch = ArchConfig(image_token_id=image_token_id, yes_token_id=yes_id, no_token_id=no_id, pooling=pooling,
                       has_class_token=has_cls, **arch_kw, **image_info)
-    model = IFASModel(vision_config, text_config, arch, cfg.attn_implementation)
+    model = IFASModel(vision_config, text_config, arch, resolve_attn_implementation(cfg.attn_implementation))
     for name, module in pretrained.items():
         target = model.get_submodule(name)
         target.load_state_dict(module.state_dict())
     if len(tokenizer) > model.llm.get_input_embeddings().num_embeddings:
         model.llm.resize_token_embeddings(len(tokenizer))
+    for name in cfg.gradient_checkpointing:  # recompute layer activations in backward
+        getattr(model, name).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """``auto``: flash_attention_2 on CUDA when flash-attn is installed, else sdpa (works on CPU)."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
