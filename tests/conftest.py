@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
+import torch  # (importing torch does not import triton)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not torch.cuda.is_available():
+    # Triton decides interpreted-or-compiled when triton.language is first imported (any test may
+    # import it through transformers/deepspeed): without a GPU, run the kernel tests interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
