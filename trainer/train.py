@@ -24,7 +24,7 @@ import torch
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.checkpoint import Checkpointer, latest_tag
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
-from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, init_distributed
+from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, init_distributed, shutdown_distributed
 from trainer.loss import INTERPRETATION, JUDGMENT
 from trainer.model import IFASModel, ModelLoadError, build_model
 from trainer.prompt import PromptBuilder
@@ -425,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             log.info("config and inputs are valid")
             return 0
-        train(cfg, train_urls, eval_urls, tokenizer)
+        try:
+            train(cfg, train_urls, eval_urls, tokenizer)
+        finally:
+            shutdown_distributed()
     except USER_ERRORS as exc:
         print(f"ifas-train: error: {exc}", file=sys.stderr)
         return 2
