@@ -35,6 +35,7 @@ setup(
             "ifas-eval=trainer.evaluate:main",
             "ifas-predict=trainer.predict:main",
             "ifas-export=trainer.export:main",
+            "ifas-ablation=trainer.ablation:main",
         ]
     },
 )

@@ -3,6 +3,8 @@
     ifas-shards synth --out data/synth [--samples-per-domain 1000] [--seed 0] [--domains domain_a ...]
     ifas-shards verify data/synth/domain_a data/synth/domain_b
     ifas-shards stats data/synth/*
+    ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
+    ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train --captioner /models/llava
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -152,6 +155,39 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> int:
+    """``256MB``/``1GB``/``1000000`` -> bytes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip(), flags=re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size like 256MB, 1GB or 1000000")
+    return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2].upper()])
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from shards.adapters import AdapterError, get_adapter
+    from shards.build import BuildOptions, build_dataset, format_report
+
+    options = {k: v for k, v in {"list": args.list, "live_label": args.live_label, "split": args.split,
+                                 "dataset": args.dataset_name}.items() if v is not None}
+    try:
+        adapter = get_adapter(args.dataset, args.root, **options)
+    except AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = BuildOptions(frames=args.frames, image_frames=args.image_frames, face=args.face, margin=args.margin,
+                        size=args.size, center_fallback=args.center_fallback, jpeg_quality=args.jpeg_quality,
+                        max_samples=args.samples_per_shard, max_bytes=args.shard_bytes, splits=args.splits)
+    result = build_dataset(adapter, args.out, opts, overwrite=args.overwrite, stop_after_shards=args.stop_after_shards)
+    print(format_report(result, args.out))
+    return 0 if all(m is not None for m in result.values()) else 3
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from shards.scf import main_caption
+
+    return main_caption(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shards.synth import ALL_DOMAINS
 
@@ -178,6 +214,38 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="print label/attack counts from manifests")
     st.add_argument("dirs", nargs="+")
     st.set_defaults(func=_cmd_stats)
+
+    from shards.adapters import ADAPTERS
+    from shards.faces import FACE_MODES
+
+    b = sub.add_parser("build", help="turn one dataset folder into shard sets <out>/<split>/ (see docs/datasets.md)")
+    b.add_argument("dataset", choices=list(ADAPTERS), help="adapter: a public dataset, 'list' or 'folder'")
+    b.add_argument("root", help="the dataset folder as distributed")
+    b.add_argument("--out", required=True, help="output folder; gets one shard set per split")
+    b.add_argument("--list", help="list adapter: file of `relative/path <label>` lines")
+    b.add_argument("--live-label", help="list adapter: the label value that means live (default 1)")
+    b.add_argument("--split", help="list adapter: split name for its samples (default all)")
+    b.add_argument("--dataset-name", help="list/folder adapters: the dataset name written into samples")
+    b.add_argument("--splits", nargs="+", help="build only these splits (default: all the adapter finds)")
+    b.add_argument("--frames", type=int, default=10, help="frames per video, evenly spaced")
+    b.add_argument("--image-frames", type=int, default=0, help="images kept per frame folder, evenly spaced (0: all)")
+    b.add_argument("--face", default="auto", choices=FACE_MODES,
+                   help="auto: dataset boxes, else the bundled LBP face detector; center/full: no detection")
+    b.add_argument("--margin", type=float, default=0.25, help="margin around the face box, per side, in box sizes")
+    b.add_argument("--size", type=int, default=224, help="output crop size (pixels)")
+    b.add_argument("--center-fallback", action="store_true", help="centre crop frames without a detected face (else skipped)")
+    b.add_argument("--jpeg-quality", type=int, default=95)
+    b.add_argument("--samples-per-shard", type=int, default=1000)
+    b.add_argument("--shard-bytes", type=_parse_size, default=256 << 20, help="target shard size, e.g. 256MB")
+    b.add_argument("--stop-after-shards", type=int, help="write at most N new shards, then stop (rerun resumes)")
+    b.add_argument("--overwrite", action="store_true", help="discard an existing or interrupted build in --out")
+    b.set_defaults(func=_cmd_build)
+
+    from shards.scf import add_caption_args
+
+    c = sub.add_parser("caption", help="SCF: caption a shard set with a local captioner, filter, write new shards")
+    add_caption_args(c)
+    c.set_defaults(func=_cmd_caption)
     return ap
 
 

@@ -17,7 +17,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import webdataset as wds
 
@@ -82,6 +82,9 @@ class ShardWriter:
         max_bytes: int = 256 * 1024 * 1024,
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
+        resume_shards: list[dict[str, Any]] | None = None,
+        resume_counts: dict[str, dict[str, int]] | None = None,
+        on_shard: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
@@ -91,12 +94,14 @@ class ShardWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.extra = dict(extra or {})
+        self.on_shard = on_shard  # called with each finished shard's manifest entry (resumable builds)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_previous(overwrite)
+        # resume_shards: finished shards of an interrupted run; kept, and numbering continues after them.
+        self._shards: list[dict[str, Any]] = [dict(s) for s in (resume_shards or [])]
+        self._clear_previous(overwrite or bool(self._shards), keep={s["file"] for s in self._shards})
 
         self._keys: set[str] = set()
-        self._counts: dict[str, Counter] = {f: Counter() for f in COUNT_FIELDS}
-        self._shards: list[dict[str, Any]] = []
+        self._counts: dict[str, Counter] = {f: Counter((resume_counts or {}).get(f, {})) for f in COUNT_FIELDS}
         self._tar: wds.TarWriter | None = None
         self._fileobj = None
         self._tmp_path: Path | None = None
@@ -105,10 +110,11 @@ class ShardWriter:
         self._closed = False
         self.manifest: dict[str, Any] | None = None  # set by close()
 
-    def _clear_previous(self, overwrite: bool) -> None:
-        """Refuse to mix with an older shard set in the same directory (or delete it)."""
+    def _clear_previous(self, overwrite: bool, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Refuse to mix with an older shard set in the same directory (or delete it, except ``keep``)."""
         # Manifest first, so a reader never sees a manifest whose shards are being deleted.
         old = sorted(self.out_dir.glob(MANIFEST_NAME + "*")) + sorted(self.out_dir.glob(f"{self.prefix}-*.tar*"))
+        old = [p for p in old if p.name not in keep]
         if not old:
             return
         if not overwrite:
@@ -146,6 +152,8 @@ class ShardWriter:
         self._shards.append(entry)
         log.info("wrote %s (%d samples, %d bytes)", final, entry["num_samples"], entry["bytes"])
         self._tar = self._fileobj = self._tmp_path = None
+        if self.on_shard is not None:
+            self.on_shard(dict(entry))
 
     def write(self, key: str, jpg: bytes, meta: dict[str, Any]) -> None:
         """Add one sample; starts a new shard first if this one would exceed a limit."""

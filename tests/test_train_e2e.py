@@ -36,7 +36,8 @@ def history(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def unbroken(small_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("unbroken")
-    proc = run_train(small_shards, out, "train.max_steps=6", "train.save_every=3")
+    proc = run_train(small_shards, out, "train.max_steps=6", "train.save_every=3", "eval.every=2",
+                     "train.keep_last=1")
     return out, proc
 
 
@@ -50,7 +51,13 @@ def test_two_rank_zero3_run_trains_and_evaluates(unbroken):
     assert "| held-out |" in proc.stdout  # the metrics table is printed
     metrics = json.loads((out / "eval_metrics.json").read_text())["held-out"]
     assert metrics["num_live"] + metrics["num_spoof"] == 48  # every held-out sample, once, over 2 ranks
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    # keep_last=1 keeps the last checkpoint, plus the best one by held-out HTER (periodic eval every 2 steps)
+    best = json.loads((out / "best.json").read_text())
+    assert best["step"] in (2, 4)
+    eval_steps = [json.loads(ln)["step"] for ln in (out / "eval_history.jsonl").read_text().splitlines()]
+    assert eval_steps == [2, 4, 6]
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == sorted({best["tag"], "step_00000006"})
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ DeepSpeed on every rank; once every rank has finished (a barrier), rank 0 drops 
 marker into it and only then moves the ``latest`` pointer (write to a temp file + rename). A
 kill at any moment therefore leaves ``latest`` naming a complete checkpoint; half-written
 directories have no marker and are pruned at the next save. The last ``keep_last`` complete
-checkpoints are kept.
+checkpoints are kept, plus any ``protected`` one (the best step by held-out HTER).
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class Checkpointer:
         self.dir = Path(ckpt_dir)
         self.keep_last = keep_last
         self.is_main = is_main
+        self.protected: set[str] = set()  # e.g. the best step by held-out HTER: never pruned
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
         import torch.distributed as dist
@@ -72,7 +73,7 @@ class Checkpointer:
         if self.keep_last > 0:
             stale += complete[:-self.keep_last]
         for path in stale:
-            if path.name != keep:
+            if path.name != keep and path.name not in self.protected:
                 shutil.rmtree(path, ignore_errors=True)
 
     def load(self, engine) -> dict[str, Any] | None:

@@ -8,6 +8,10 @@ so the gradient does not depend on how the batch was split. Written as per-token
 ``w_t = alpha / N_judgment`` (judgment tokens) and ``(1 - alpha) / N_interpretation``
 (interpretation tokens), the loss is ``sum_t w_t * CE_t``; the fused kernel takes exactly those
 weights.
+
+``alpha=None`` is the plain LM loss of the L-LM ablation (``loss.mode=plain``): every supervised
+token weighted ``1 / (N_judgment + N_interpretation)``, i.e. one mean CE over all answer tokens,
+so the one judgment token counts no more than any caption token.
 """
 from __future__ import annotations
 
@@ -34,17 +38,30 @@ def group_counts(groups: torch.Tensor) -> tuple[int, int]:
     return int((groups == JUDGMENT).sum()), int((groups == INTERPRETATION).sum())
 
 
+def loss_alpha(mode: str, alpha: float) -> float | None:
+    """The ``alpha`` to pass to the loss for ``loss.mode``: None (plain LM loss) or ``alpha``."""
+    if mode not in ("lopsided", "plain"):
+        raise ValueError(f"loss.mode must be lopsided or plain, got {mode!r}")
+    return None if mode == "plain" else alpha
+
+
 def lopsided_token_weights(
-    groups: torch.Tensor, alpha: float, n_judgment: float | torch.Tensor, n_interpretation: float | torch.Tensor
+    groups: torch.Tensor, alpha: float | None, n_judgment: float | torch.Tensor,
+    n_interpretation: float | torch.Tensor
 ) -> torch.Tensor:
-    """Per-token fp32 weights of the L-LM loss (0 for unsupervised tokens).
+    """Per-token fp32 weights of the L-LM loss (0 for unsupervised tokens); alpha=None: plain LM loss.
 
     The counts may be tensors (e.g. all-reduced on the device): nothing here syncs with the host.
     A count of 0 means the group has no tokens, so its weight is never used; clamping to 1 only
     avoids a division by zero.
     """
-    if not 0.0 <= alpha <= 1.0:
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha is None:  # plain: one mean over every supervised token
+        n_all = (torch.as_tensor(n_judgment, dtype=torch.float32, device=groups.device)
+                 + torch.as_tensor(n_interpretation, dtype=torch.float32, device=groups.device)).clamp(min=1.0)
+        supervised = (groups == JUDGMENT) | (groups == INTERPRETATION)
+        return torch.where(supervised, 1.0 / n_all, torch.zeros((), dtype=torch.float32, device=groups.device))
     n_j = torch.as_tensor(n_judgment, dtype=torch.float32, device=groups.device).clamp(min=1.0)
     n_i = torch.as_tensor(n_interpretation, dtype=torch.float32, device=groups.device).clamp(min=1.0)
     zero = torch.zeros((), dtype=torch.float32, device=groups.device)
@@ -70,7 +87,7 @@ def lopsided_lm_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     groups: torch.Tensor,
-    alpha: float = 0.7,
+    alpha: float | None = 0.7,
     n_judgment: float | None = None,
     n_interpretation: float | None = None,
 ) -> LossParts:

@@ -1,80 +1,190 @@
 """Predict on face images (console script ``ifas-predict``): judgment, liveness score and a
-generated explanation per image.
+generated explanation per input, as JSON lines.
 
-    ifas-predict --model runs/demo/export face1.jpg face2.png
+    ifas-predict --model runs/demo/export --threshold-from runs/demo/calibration.json \
+        face1.jpg photos/ data/demo/domain_d --out predictions.jsonl
 
-The score is P(Yes) among {Yes, No} at the first answer position (one forward pass); the
-explanation is generated only when asked (default on; --no-explain skips it).
+Inputs are image files, folders (searched recursively for images) or shard sets (a directory
+with manifest.json or .tar shards, or a .tar file). The score is P(Yes) among {Yes, No} at the
+first answer position (one forward pass); the judgment is score >= threshold, with the threshold
+given, read from an ifas-eval output (calibration.json or eval_metrics.json), or 0.5. The
+explanation is generated after that judgment (see trainer.explain); --no-explain skips it.
+--face-crop finds the largest frontal face in a raw photo first with the shards' face detector
+(``shards.faces``) and scores the crop made by the shards' crop rule, as the shards hold face crops.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from trainer.data import ImageTransform, collate
+from trainer.data import ImageTransform, ShardSetError, collate, decode_sample, resolve_shards
 from trainer.dist import device
-from trainer.evaluate import PROMPT_ONLY_MAX_LENGTH
+from trainer.evaluate import PROMPT_ONLY_MAX_LENGTH, threshold_from_file
+from trainer.explain import generate_explanations
 from trainer.model import IFASModel, ModelLoadError
 from trainer.prompt import PromptBuilder
 
+log = logging.getLogger("ifas.predict")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Item:
+    path: str  # file path, or "<shard url>#<key>" for a shard sample
+    image: Image.Image
+    meta: dict[str, Any] = field(default_factory=dict)  # label/attack of shard samples
+
+
+def crop_face(image: Image.Image, size: int) -> tuple[Image.Image, list[float] | None]:
+    """(face crop, normalised [x, y, w, h] box) by the shards' detector and crop rule (so a raw
+    photo is cropped as the training shards were), or (the image unchanged, None) without a face."""
+    from shards.faces import FaceCropper, detect_face
+
+    rgb = np.asarray(image.convert("RGB"))
+    box = detect_face(rgb)
+    if box is None:
+        return image, None
+    return Image.fromarray(FaceCropper(mode="auto", size=size).crop(rgb, box)), [round(float(v), 4) for v in box]
+
+
+def _is_shard_set(path: Path) -> bool:
+    return path.suffix == ".tar" or (path.is_dir() and ((path / "manifest.json").is_file() or any(path.glob("*.tar"))))
+
+
+def iter_inputs(specs: list[str]) -> Iterator[Item]:
+    """Items of image files, folders (recursive, sorted) and shard sets, in the order given.
+    Unreadable images raise (a file the user named must not vanish from the output silently)."""
+    import webdataset as wds
+
+    for spec in specs:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist (give image files, folders or shard sets)")
+        if _is_shard_set(path):
+            urls = resolve_shards([spec], f"input {spec}")
+            for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                      empty_check=False):
+                image, meta = decode_sample(raw)
+                yield Item(f"{raw['__url__']}#{raw['__key__']}", image,
+                           {"label": meta["label"], "attack": meta["attack"], "dataset": meta["dataset"]})
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                log.warning("folder %s holds no images (%s)", path, ", ".join(IMAGE_SUFFIXES))
+            for p in files:
+                yield Item(str(p), _open(p))
+        else:
+            yield Item(str(path), _open(path))
+
+
+def _open(path: Path) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    return image
+
 
 @torch.no_grad()
-def predict(model: IFASModel, tokenizer, paths: list[Path], threshold: float = 0.5, explain: bool = True,
-            max_new_tokens: int = 48) -> list[dict[str, Any]]:
+def predict_batch(model: IFASModel, tokenizer, images: list[Image.Image], threshold: float = 0.5,
+                  explain: bool = True, max_new_tokens: int = 48) -> list[tuple[float, str, str]]:
+    """(score, judgment, explanation) per image."""
     dev = next(model.parameters()).device
     builder = PromptBuilder(tokenizer, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
     enc = builder.encode_prompt()
-    samples = []
-    for path in paths:
-        image = Image.open(path)
-        samples.append({"input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
-                        "score_position": enc.score_position, "pixel_values": transform(image), "live": 0,
-                        "key": str(path), "meta": {}})
+    samples = [{"input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
+                "score_position": enc.score_position, "pixel_values": transform(image), "live": 0,
+                "key": str(i), "meta": {}} for i, image in enumerate(images)]
     batch = collate(samples, tokenizer.pad_token_id)
     inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values", "score_positions")}
     scores = model(**inputs).scores.cpu().tolist()
-    explanations = [""] * len(paths)
-    if explain:
-        new = model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        explanations = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return [{"path": str(p), "judgment": "Yes" if s >= threshold else "No", "score": s, "threshold": threshold,
-             "explanation": e} for p, s, e in zip(paths, scores, explanations)]
+    live = [s >= threshold for s in scores]
+    texts = (generate_explanations(model, tokenizer, inputs["input_ids"], inputs["pixel_values"], live, "greedy",
+                                   max_new_tokens) if explain else [""] * len(images))
+    return [(s, "Yes" if lv else "No", t) for s, lv, t in zip(scores, live, texts)]
+
+
+def predict(model: IFASModel, tokenizer, paths: list[Path], threshold: float = 0.5, explain: bool = True,
+            max_new_tokens: int = 48) -> list[dict[str, Any]]:
+    """Records for image files (the library entry point; the command streams any input kind)."""
+    images = [_open(Path(p)) for p in paths]
+    return [{"path": str(p), "judgment": j, "score": s, "threshold": threshold, "explanation": e}
+            for p, (s, j, e) in zip(paths, predict_batch(model, tokenizer, images, threshold, explain, max_new_tokens))]
+
+
+def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ifas-predict", description="Is this photo of a real person?")
     parser.add_argument("--model", required=True, help="exported model directory (ifas-export / <run>/export)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score >= threshold means live")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, default=None, help="score >= threshold means live (default 0.5)")
+    group.add_argument("--threshold-from", default=None,
+                       help="read the calibrated threshold from ifas-eval's calibration.json or eval_metrics.json")
     parser.add_argument("--no-explain", action="store_true", help="score only, no generated explanation")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per image")
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="explanation length cap (tokens)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--face-crop", action="store_true",
+                        help="crop the largest face of raw photos first (the shards' detector and crop rule)")
+    parser.add_argument("--out", default=None, help="write JSON lines to this file")
+    parser.add_argument("--jsonl", action="store_true", help="print JSON lines instead of one readable line per input")
+    parser.add_argument("inputs", nargs="+", help="image files, folders or shard sets")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out_file = None
     try:
-        paths = [Path(p) for p in args.images]
-        for p in paths:
-            if not p.is_file():
-                raise FileNotFoundError(f"image {p} does not exist")
+        for spec in args.inputs:  # fail before loading the model when an input is missing
+            if not Path(spec).exists():
+                raise FileNotFoundError(f"input {spec} does not exist (give image files, folders or shard sets)")
+        if args.threshold_from:
+            threshold, source = threshold_from_file(args.threshold_from)
+        else:
+            threshold = 0.5 if args.threshold is None else args.threshold
+            source = "default" if args.threshold is None else "--threshold"
         model, tokenizer = IFASModel.from_pretrained(args.model)
         model.to(device()).eval()
-        results = predict(model, tokenizer, paths, args.threshold, not args.no_explain, args.max_new_tokens)
-    except (ModelLoadError, FileNotFoundError, UnidentifiedImageError) as exc:
+        out_file = open(args.out, "w") if args.out else None
+        count = 0
+        for items in _batches(iter_inputs(args.inputs), args.batch_size):
+            crops = [crop_face(it.image, model.arch.image_size) if args.face_crop else (it.image, None) for it in items]
+            preds = predict_batch(model, tokenizer, [c for c, _ in crops], threshold, not args.no_explain,
+                                  args.max_new_tokens)
+            for it, (_, box), (score, judgment, text) in zip(items, crops, preds):
+                record = {"path": it.path, "judgment": judgment, "score": score, "threshold": threshold,
+                          "threshold_source": source, "explanation": text, **it.meta}
+                if args.face_crop:
+                    record["face_box"] = box  # normalised [x, y, w, h] in the input image; None: no face found
+                if out_file is not None:
+                    out_file.write(json.dumps(record) + "\n")
+                if args.jsonl:
+                    print(json.dumps(record), flush=True)
+                elif out_file is None:
+                    print(f"{record['path']}: {judgment} (score {score:.3f}, threshold {threshold:.3f}) {text}", flush=True)
+                count += 1
+        log.info("%d predictions%s", count, f" written to {args.out}" if args.out else "")
+    except (ModelLoadError, FileNotFoundError, UnidentifiedImageError, ShardSetError, ValueError, OSError) as exc:
         print(f"ifas-predict: error: {exc}", file=sys.stderr)
         return 2
-    for r in results:
-        if args.jsonl:
-            print(json.dumps(r))
-        else:
-            print(f"{r['path']}: {r['judgment']} (score {r['score']:.3f}) {r['explanation']}")
+    finally:
+        if out_file is not None:
+            out_file.close()
     return 0
 
 

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.checkpoint import Checkpointer, latest_tag
+from trainer.checkpoint import Checkpointer, latest_tag, tag_for
+from trainer.evaluate import PeriodicEvaluator
+from trainer.monitor import log_system_scalars
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
 from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, init_distributed, shutdown_distributed
-from trainer.loss import INTERPRETATION, JUDGMENT
+from trainer.loss import INTERPRETATION, JUDGMENT, loss_alpha
 from trainer.model import IFASModel, ModelLoadError, build_model
 from trainer.prompt import PromptBuilder
 from trainer.timing import PhaseTimer, phase
@@ -79,6 +81,8 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     (The tokenizer is checked by prepare_tokenizer, also before any rank starts work.)"""
     train_urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
     eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
+    if cfg.eval.dev_shards:
+        resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")
     ds_path = Path(cfg.train.deepspeed_config)
     if not ds_path.is_file():
         raise ConfigError(f"train.deepspeed_config {ds_path} does not exist; use launch/ds_zero3.json or a copy of it")
@@ -145,7 +149,16 @@ def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Te
     return {n: batch[n].to(dev, non_blocking=True) for n in names}
 
 
-def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float, world: int,
+def unweighted_parts(totals: torch.Tensor, alpha: float | None) -> tuple[float, float]:
+    """Judgment and interpretation parts of the summed loss as plain mean token CEs, so runs with
+    another alpha (or the plain loss) compare. totals: [loss, part_j, part_i, _, _, n_j, n_i]."""
+    part_j, part_i, n_j, n_i = (float(totals[i]) for i in (1, 2, 5, 6))
+    if alpha is None:  # plain: each part is sum(CE) / (n_j + n_i) per step
+        return (part_j * (n_j + n_i) / n_j if n_j else 0.0), (part_i * (n_j + n_i) / n_i if n_i else 0.0)
+    return (part_j / alpha if alpha > 0 else 0.0), (part_i / (1 - alpha) if alpha < 1 else 0.0)
+
+
+def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float | None, world: int,
                poison: bool = False, timer: PhaseTimer | None = None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
     summed over them (this rank's share of the global-batch loss, detached, on the device).
@@ -308,14 +321,18 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tb"))
+    evaluator = (PeriodicEvaluator(cfg, {"held-out": eval_urls}, builder, transform, info, tokenizer.pad_token_id,
+                                   writer, out_dir) if eval_urls else None)
     keys_log = None
     if cfg.train.log_sample_keys:
         (out_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
         keys_log = open(out_dir / "sample_keys" / f"rank{info.rank}.jsonl", "a")
     nan_steps = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+    alpha = loss_alpha(cfg.loss.mode, cfg.loss.alpha)  # None: the plain LM loss of the ablation
     gas, world = cfg.train.grad_accum, info.world_size
     history: list[dict[str, Any]] = []
-    window = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, judgment, interpretation, samples, tokens
+    # loss, judgment part, interpretation part, samples, tokens, judgment tokens, interpretation tokens
+    window = torch.zeros(7, dtype=torch.float64, device=dev)
     window_time, window_wait, window_steps = 0.0, 0.0, 0
     skipped_steps, skipped_in_a_row = 0, 0
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not info.is_main, desc="train", unit="step")
@@ -333,7 +350,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         micro = [next(batches) for _ in range(gas)]
         t_data = time.perf_counter()
         lr_used = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
-        step_parts = train_step(engine, micro, dev, cfg.loss.alpha, world, poison=(step + 1) in nan_steps)
+        step_parts = train_step(engine, micro, dev, alpha, world, poison=(step + 1) in nan_steps)
         for mb in micro:
             stream_state.update(mb)
         done = step + 1
@@ -353,6 +370,8 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             window[:3] += step_parts
             window[3] += gas * cfg.train.micro_batch_size
             window[4] += sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
+            window[5] += sum(int((mb["label_groups"] == JUDGMENT).sum()) for mb in micro)
+            window[6] += sum(int((mb["label_groups"] == INTERPRETATION).sum()) for mb in micro)
             window_steps += 1
         if keys_log is not None:
             keys_log.write(json.dumps({"step": done, "keys": [k for mb in micro for k in mb["keys"]]}) + "\n")
@@ -363,16 +382,15 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         if done % cfg.train.log_every == 0 or done == last_step:
             totals = all_reduce_sum(window.clone()).cpu()
             n = max(window_steps, 1)
-            alpha = cfg.loss.alpha
-            # The parts are logged unweighted (mean token CE of each), so runs with other alphas compare.
-            rec = {"step": done, "loss": totals[0].item() / n,
-                   "loss_judgment": totals[1].item() / n / alpha if alpha > 0 else 0.0,
-                   "loss_interpretation": totals[2].item() / n / (1 - alpha) if alpha < 1 else 0.0,
+            ce_judgment, ce_interp = unweighted_parts(totals, alpha)
+            rec = {"step": done, "loss": totals[0].item() / n, "loss_judgment": ce_judgment / n,
+                   "loss_interpretation": ce_interp / n,
                    "lr": lr_used[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "samples_per_s": totals[3].item() / window_time,
                    "tokens_per_s": totals[4].item() / window_time, "data_wait_frac": window_wait / window_time,
                    "skipped_steps": skipped_steps, "skipped_samples": skipped_counts(stream_state, info)}
             history.append(rec)
+            log_system_scalars(writer, done, info, dev)  # memory per rank (collective)
             if writer is not None:
                 for k, v in rec.items():
                     if k == "skipped_samples":
@@ -387,21 +405,23 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             window.zero_()
             window_time = window_wait = 0.0
             window_steps = 0
-        if done % cfg.train.save_every == 0 or done == last_step:
+        saved = done % cfg.train.save_every == 0 or done == last_step
+        if saved:
             save(done)
+        # Periodic held-out evaluation (collective: every rank runs it); its best step's checkpoint
+        # is saved and kept out of keep_last pruning.
+        if evaluator is not None and done != cfg.train.max_steps and evaluator.maybe_run(engine, done) is not None:
+            if evaluator.last_was_best:
+                checkpointer.protected = {tag_for(done)}
+                if not saved:
+                    save(done)
     bar.close()
     if keys_log is not None:
         keys_log.close()
 
     result: dict[str, Any] = {"history": history}
-    if eval_urls and cfg.eval.at_end and done == cfg.train.max_steps:
-        from trainer.evaluate import evaluate_engine, report
-
-        metrics, scores = evaluate_engine(engine, eval_urls, builder, transform, info, cfg.eval,
-                                          tokenizer.pad_token_id)
-        result["eval"] = metrics
-        if info.is_main:
-            report({"held-out": metrics}, out_dir, writer, cfg.train.max_steps, scores={"held-out": scores})
+    if evaluator is not None and cfg.eval.at_end and done == cfg.train.max_steps:
+        result["eval"] = evaluator.run(engine, done, final=True)["held-out"]
     if writer is not None:
         writer.close()
     if info.is_main:

@@ -1,0 +1,129 @@
+"""Adapter base: walk a dataset as its owners distribute it and say what every file is.
+
+A per-dataset adapter only holds naming rules (``parse``); walking, filtering by extension,
+skip bookkeeping and the output record (``Item``) live here once.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Iterator
+
+from shards.video import IMAGE_EXTS, VIDEO_EXTS
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test", "all")
+
+
+class SkipFile(Exception):
+    """Raised by ``parse`` for a file the dataset ships but no sample should come from."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class AdapterError(ValueError):
+    """The dataset root or an adapter option is wrong (one line naming the path and the fix)."""
+
+
+@dataclass
+class Item:
+    """One source file (an image or a video) with everything its name and folder say."""
+
+    path: Path
+    rel: str
+    label: str  # live | spoof
+    attack: str  # none | print | replay | mask | other
+    subject: str
+    split: str
+    video: str  # groups frames of one capture (a video file or a folder of frames)
+    session: str = ""
+    device: str = ""
+    spoof_type: str = ""  # the dataset's own fine attack name (e.g. "A4", "ipad_video")
+    bbox: tuple[float, float, float, float] | None = None  # normalised x, y, w, h
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Skip:
+    """A file that yields no sample, with the reason the manifest counts."""
+
+    rel: str
+    reason: str
+
+
+def live_or(attack: str) -> tuple[str, str]:
+    """(label, attack) from an attack name; ``none`` means live."""
+    return ("live", "none") if attack == "none" else ("spoof", attack)
+
+
+class Adapter:
+    """Base class: subclasses set ``name``/``dataset`` and implement ``parse``.
+
+    ``parse(rel)`` gets the path relative to the root (POSIX) and returns a dict with keys
+    ``attack`` (label follows), ``subject``, ``split`` and optionally ``video``, ``session``,
+    ``device``, ``spoof_type``, ``bbox``; it returns None for a name it does not understand
+    (counted as ``unknown_naming``) or raises ``SkipFile(reason)``.
+    """
+
+    name: ClassVar[str] = ""
+    dataset: ClassVar[str] = ""
+    exts: ClassVar[tuple[str, ...]] = VIDEO_EXTS + IMAGE_EXTS
+    layout: ClassVar[str] = ""  # one-paragraph description, shown by `ifas-shards build --help-dataset`
+
+    def __init__(self, root: str | Path, **options: Any) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise AdapterError(f"{self.root}: dataset root is not a directory (pass the folder that holds {self.dataset or 'the data'})")
+        self.options = options
+
+    # -- walking -----------------------------------------------------------------------------
+    def files(self) -> list[PurePosixPath]:
+        """Media files under the root, relative and sorted (the build's stable sample order)."""
+        out = []
+        for p in self.root.rglob("*"):
+            if p.suffix.lower() in self.exts and p.is_file() and not any(s.startswith(".") for s in p.relative_to(self.root).parts):
+                out.append(PurePosixPath(p.relative_to(self.root).as_posix()))
+        return sorted(out)
+
+    def items(self) -> Iterator[Item | Skip]:
+        """Every media file as an Item, or a Skip with its reason."""
+        for rel in self.files():
+            try:
+                fields = self.parse(rel)
+            except SkipFile as s:
+                yield Skip(str(rel), s.reason)
+                continue
+            if fields is None:
+                yield Skip(str(rel), "unknown_naming")
+                continue
+            yield self.make_item(rel, fields)
+
+    def make_item(self, rel: PurePosixPath, fields: dict[str, Any]) -> Item:
+        fields = dict(fields)
+        label, attack = live_or(fields.pop("attack"))
+        fields.setdefault("video", str(rel.with_suffix("")))
+        fields["subject"] = str(fields["subject"])
+        known = {k: fields.pop(k) for k in list(fields) if k in Item.__dataclass_fields__}
+        return Item(path=self.root / rel, rel=str(rel), label=label, attack=attack, extra=fields, **known)
+
+    def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- helpers for naming rules ------------------------------------------------------------
+    @staticmethod
+    def split_from_parts(rel: PurePosixPath, mapping: dict[str, str]) -> str | None:
+        """First folder name (case-insensitive) found in ``mapping`` -> split."""
+        for part in rel.parts[:-1]:
+            s = mapping.get(part.lower())
+            if s:
+                return s
+        return None
+
+    @staticmethod
+    def match(pattern: str, text: str) -> re.Match | None:
+        return re.fullmatch(pattern, text, flags=re.IGNORECASE)
