@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
-def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.sh",
+def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, ranks: int = 2) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
             f"data.train_shards=[{','.join(map(str, shards))}]", f"data.eval_shards=[{eval_shards}]",
             f"train.output_dir={out}", "train.micro_batch_size=4", "train.log_every=1", "eval.at_end=false",
             "optim.warmup_steps=2", "train.log_sample_keys=true", *overrides]
@@ -114,6 +114,10 @@ def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
     assert code == 0, log[-3000:]
     assert min(losses(out)) == stopped_at + 1 and max(losses(out)) == 25
     assert not (out / "preempted").exists()
+
+    # Another world size: refused with a message that says how to convert, not silently wrong.
+    code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps, ranks=1)))
+    assert code == 2 and "written by 2 ranks" in log and "ds_to_universal" in log
 
 
 def _corrupt_shards(src: Path, dst: Path) -> list[Path]:
