@@ -117,7 +117,7 @@ def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
 
     # Another world size: refused with a message that says how to convert, not silently wrong.
     code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps, ranks=1)))
-    assert code == 2 and "written by 2 ranks" in log and "ds_to_universal" in log
+    assert code != 0 and "written by 2 ranks" in log and "ds_to_universal" in log
 
 
 def _corrupt_shards(src: Path, dst: Path) -> list[Path]:

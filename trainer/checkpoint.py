@@ -9,6 +9,7 @@ checkpoints are kept, plus any ``protected`` one (the best step by held-out HTER
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+LAYOUT = "layout.json"  # world size and loader workers the checkpoint was written with
 
 
 def tag_for(step: int) -> str:
@@ -46,6 +48,10 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
+class LayoutMismatch(ValueError):
+    """The checkpoint was written by another number of ranks or loader workers."""
+
+
 class Checkpointer:
     def __init__(self, ckpt_dir: str | Path, keep_last: int, is_main: bool) -> None:
         self.dir = Path(ckpt_dir)
@@ -53,13 +59,14 @@ class Checkpointer:
         self.is_main = is_main
         self.protected: set[str] = set()  # e.g. the best step by held-out HTER: never pruned
 
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, client_state: dict[str, Any], layout: dict[str, int]) -> Path:
         import torch.distributed as dist
 
         tag = tag_for(step)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the checkpoint counts as written
         if self.is_main:
+            _atomic_write(self.dir / tag / LAYOUT, json.dumps(layout))
             _atomic_write(self.dir / tag / COMPLETE, f"{step}\n")
             _atomic_write(self.dir / LATEST, tag)
             self._prune(keep=tag)
@@ -76,11 +83,19 @@ class Checkpointer:
             if path.name != keep and path.name not in self.protected:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load(self, engine) -> dict[str, Any] | None:
-        """Load the latest complete checkpoint into ``engine``; return its client state (None if none)."""
+    def load(self, engine, layout: dict[str, int]) -> dict[str, Any] | None:
+        """Load the latest complete checkpoint into ``engine``; return its client state (None if none).
+        ``layout`` (world_size, num_workers) must match the one the checkpoint was written with."""
         tag = latest_tag(self.dir)
         if tag is None:
             return None
+        saved = json.loads((self.dir / tag / LAYOUT).read_text())
+        if saved != layout:
+            raise LayoutMismatch(
+                f"the checkpoint {self.dir / tag} was written by {saved['world_size']} ranks with "
+                f"data.num_workers={saved['num_workers']}, this run has {layout['world_size']} ranks and "
+                f"data.num_workers={layout['num_workers']}; resume with the same, or convert the checkpoint for "
+                f"another world size with DeepSpeed's ds_to_universal.py and start a new train.output_dir from it")
         path, client = engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.checkpoint import Checkpointer, latest_tag, tag_for
+from trainer.checkpoint import Checkpointer, LayoutMismatch, latest_tag, tag_for
 from trainer.evaluate import PeriodicEvaluator
 from trainer.monitor import log_system_scalars
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
@@ -39,7 +39,7 @@ CHECKPOINT_DIR = "checkpoints"
 PREEMPTED = "preempted"  # marker a signal-stopped run leaves for launch/slurm.sbatch (requeue)
 INJECT_NAN_ENV = "IFAS_INJECT_NAN_AT_STEPS"  # fault injection for tests: "3,4" poisons those steps' loss
 MODEL_CONFIG_DIR = "model_config"  # ifas_config.json + tokenizer: what export needs beside the weights
-USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError, LayoutMismatch)
 
 
 def setup_logging(rank: int) -> None:
@@ -296,14 +296,10 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
 
     checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, cfg.train.keep_last, info.is_main)
     start_step, stream_state = 0, StreamState()
-    client = checkpointer.load(engine) if cfg.train.resume else None
+    layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
+    client = checkpointer.load(engine, layout) if cfg.train.resume else None
     if client is not None:
         saved = client["data"]
-        if saved["world_size"] != info.world_size or saved["num_workers"] != cfg.data.num_workers:
-            raise ConfigError(
-                f"the checkpoint in {checkpointer.dir} was written by {saved['world_size']} ranks with "
-                f"data.num_workers={saved['num_workers']}; resume with the same, or convert it for another world "
-                f"size with DeepSpeed's ds_to_universal.py and start a new train.output_dir from it")
         start_step = client["step"]
         stream_state = StreamState.from_state_dict(saved["streams"][info.rank])
         log.info("resumed from step %d", start_step)
@@ -314,7 +310,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         client_state = {"step": step, "config": cfg.to_dict(),
                         "data": {"world_size": info.world_size, "num_workers": cfg.data.num_workers,
                                  "streams": gather_stream_states(stream_state, info)}}
-        checkpointer.save(engine, step, client_state)
+        checkpointer.save(engine, step, client_state, layout)
 
     writer = None
     if info.is_main:
