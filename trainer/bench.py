@@ -267,6 +267,13 @@ def _section(results: list[dict[str, Any]], command: str) -> str:
     lines.append(f"| MFU >= 45% (~1B MLLM, 448 px, one H200) | 1 | "
                  f"{f'{100 * gpu_mfu[0]:.1f}%' if gpu_mfu else 'not measured (no GPU in this run)'} | "
                  f"{('pass' if gpu_mfu[0] >= 0.45 else 'FAIL') if gpu_mfu else '-'} |")
+    if any(not ok for t, _, _, ok in targets if t.startswith("trainer step")):
+        lines += ["", "Why the trainer/bare target fails here: with a model this small, ZeRO-3's per-submodule "
+                  "fetch/release hooks (run on every module, every forward and backward, whatever its size) cost "
+                  "about as much as the matmuls, and at world size 2 the two ranks also share two cores with the "
+                  "gradient reduce-scatter. The hook cost does not grow with the model, so it fades on real model "
+                  "sizes; DeepSpeed's leaf-module option (hooks per transformer layer) would cut it here but fails on "
+                  "CPU in deepspeed 0.19.8 (`record_stream` on a CPU gradient)."]
     first = by_ws[min(by_ws)]
     lines += ["", "### Scaling on paper", "",
               "Assumptions: bf16 weights and gradients with fp32 master weights and AdamW moments "
