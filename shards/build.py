@@ -30,7 +30,7 @@ from shards.adapters import Adapter, Item, Skip
 from shards.faces import FaceCropper
 from shards.synth import CAPTIONS
 from shards.video import MediaError, frame_indices, is_video, read_image, read_video_frames
-from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ShardWriter, _atomic_write_text, _sha256_file, read_manifest
+from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ShardWriter, _atomic_write_text, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class _SplitBuild:
             raise SystemExit(f"{path}: left by a build with other inputs or options; rerun with --overwrite to start over")
         for s in state["shards"]:  # keep the longest prefix of intact shards
             f = self.out / s["entry"]["file"]
-            if not f.is_file() or f.stat().st_size != s["entry"]["bytes"] or _sha256_file(f) != s["entry"]["sha256"]:
+            if not f.is_file() or f.stat().st_size != s["entry"]["bytes"] or sha256_file(f) != s["entry"]["sha256"]:
                 log.warning("%s: changed or missing since the interrupted run; rebuilding from it", f)
                 break
             self.state.append(s)

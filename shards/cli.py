@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -22,17 +21,9 @@ from typing import Sequence
 from PIL import Image
 
 from shards.schema import SchemaError, validate_meta
-from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest
+from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest, sha256_file
 
 log = logging.getLogger("shards.cli")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_sample(sample: dict, url: str) -> tuple[str, dict | None, list[str]]:
@@ -83,7 +74,7 @@ def verify_shard_set(shard_dir: Path) -> tuple[list[str], dict]:
             continue
         if path.stat().st_size != entry["bytes"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
         n = 0
         try:

@@ -47,7 +47,7 @@ def _tar_file_bytes(content: int) -> int:
     return -(-content // _TAR_RECORD) * _TAR_RECORD
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -146,7 +146,7 @@ class ShardWriter:
         entry = {
             "file": final.name,
             "num_samples": self._shard_samples,
-            "sha256": _sha256_file(final),
+            "sha256": sha256_file(final),
             "bytes": final.stat().st_size,
         }
         self._shards.append(entry)

@@ -47,6 +47,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request) -> str:
+    """Run a kernel test on both paths; "triton" needs the test module's ``interpreted_triton``
+    fixture (the Triton module re-imported in the CPU interpreter)."""
+    if request.param == "triton":
+        request.getfixturevalue("interpreted_triton")
+    return request.param
+
+
 @contextlib.contextmanager
 def interpreted_triton_module(name: str, **overrides):
     """Re-import ``kernels.<name>`` under TRITON_INTERPRET=1 (the @triton.jit definitions are

@@ -26,13 +26,6 @@ def interpreted_triton():
         yield module
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request) -> str:
-    if request.param == "triton":
-        request.getfixturevalue("interpreted_triton")
-    return request.param
-
-
 def make_inputs(shape=(3, 2, 7, 24), dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     n_layers, _, _, dim = shape

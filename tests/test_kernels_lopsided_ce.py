@@ -27,13 +27,6 @@ def interpreted_triton():
         yield module
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request) -> str:
-    if request.param == "triton":
-        request.getfixturevalue("interpreted_triton")
-    return request.param
-
-
 def make_case(
     n_tokens: int = 29,
     hidden: int = 8,
