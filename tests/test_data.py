@@ -102,3 +102,16 @@ def test_eval_stream_covers_each_sample_once(small_shards, builder):
             seen.extend(b["keys"])
     expected = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     assert sorted(seen) == sorted(expected) and len(seen) == 48
+
+
+def test_manifest_listing_a_missing_shard_is_refused(small_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "set"
+    shutil.copytree(small_shards["domain_c"], copy)
+    (copy / "shard-000001.tar").unlink()
+    with pytest.raises(ShardSetError, match="shard-000001.tar which does not exist"):
+        resolve_shards([str(copy)])
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardSetError, match="manifest.json"):
+        resolve_shards([str(copy)])

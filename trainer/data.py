@@ -32,12 +32,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.schema import is_live, validate_meta
+from shards.writer import MANIFEST_NAME, ManifestError, shard_paths
 from trainer.prompt import EncodedSample, PromptBuilder
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-
 
 class ShardSetError(ValueError):
     """A shard set is missing or empty; the message names it and the fix."""
@@ -63,16 +61,15 @@ def resolve_shards(specs: list[str], what: str = "data.train_shards") -> list[st
 def _resolve_one(spec: str, what: str) -> list[str]:
     path = Path(spec)
     if path.is_dir():
-        manifest = path / MANIFEST
-        if manifest.is_file():
+        if (path / MANIFEST_NAME).is_file():
             try:
-                entries = json.loads(manifest.read_text())["shards"]
-            except (ValueError, KeyError) as exc:
-                raise ShardSetError(f"{what}: {manifest} is not a valid manifest ({exc}); rebuild the shard set") from exc
-            files = [str(path / e["file"]) for e in entries]
+                files = shard_paths(path)
+            except (ManifestError, ValueError, KeyError) as exc:
+                raise ShardSetError(f"{what}: {exc}; rebuild the shard set") from exc
             missing = [f for f in files if not Path(f).is_file()]
             if missing:
-                raise ShardSetError(f"{what}: {manifest} lists {missing[0]} which does not exist; rebuild the shard set")
+                raise ShardSetError(f"{what}: {path / MANIFEST_NAME} lists {missing[0]} which does not exist; "
+                                    f"rebuild the shard set")
             return files
         return sorted(str(p) for p in path.glob("*.tar"))
     if any(c in spec for c in "{}"):
@@ -86,17 +83,6 @@ def _resolve_one(spec: str, what: str) -> list[str]:
     if path.is_file():
         return [str(path)]
     raise ShardSetError(f"{what}: shard set {spec!r} does not exist (no such file or directory)")
-
-
-def manifest_sample_count(specs: list[str]) -> int | None:
-    """Total samples according to the manifests, or None when a set has no manifest."""
-    total = 0
-    for spec in specs:
-        manifest = Path(spec) / MANIFEST
-        if not manifest.is_file():
-            return None
-        total += int(json.loads(manifest.read_text())["num_samples"])
-    return total
 
 
 # ----- images -----
