@@ -318,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
-        worker(args)
+        from trainer.dist import shutdown_distributed
+
+        try:
+            worker(args)
+        finally:
+            shutdown_distributed()
         return 0
     data = _ensure_data(Path(args.data))
     results = []

@@ -36,7 +36,7 @@ import torch
 
 from trainer.config import EvalConfig, RunConfig
 from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
-from trainer.dist import WorldInfo, all_reduce_sum, device
+from trainer.dist import WorldInfo, all_reduce_sum, device, shutdown_distributed
 from trainer.metrics import FASMetrics, eer_threshold, fas_metrics, format_attack_table, format_table, jsonable
 from trainer.prompt import PromptBuilder
 
@@ -570,7 +570,10 @@ def main(argv: list[str] | None = None) -> int:
             info = init_distributed()
         else:
             info = WorldInfo(0, 0, 1)
-        run_eval(args, info)
+        try:
+            run_eval(args, info)
+        finally:
+            shutdown_distributed()
     except (ModelLoadError, ShardSetError, ValueError, FileNotFoundError) as exc:
         print(f"ifas-eval: error: {exc}", file=sys.stderr)
         return 2
