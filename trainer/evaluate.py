@@ -3,8 +3,8 @@
 Every rank scores its share of a shard set (sample i goes to rank i % world) and the scores are
 gathered. Ranks may hold unequal shares, so each round all ranks agree whether anyone still has
 data and the ones without run a dummy batch: ZeRO-3 gathers parameters collectively, so every rank
-must run the same forwards. The same code serves training (``evaluate_engine``,
-``PeriodicEvaluator``) and the standalone command.
+must run the same forwards. The same code serves training (``PeriodicEvaluator``) and the
+standalone command.
 
 Standalone (console script ``ifas-eval``), one process or several (``deepspeed --num_gpus N
 --module trainer.evaluate ...`` / ``torchrun``):
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from trainer.config import EvalConfig, RunConfig
+from trainer.config import RunConfig
 from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
 from trainer.dist import WorldInfo, all_reduce_sum, device, shutdown_distributed
 from trainer.metrics import FASMetrics, eer_threshold, fas_metrics, format_attack_table, format_table, jsonable
@@ -146,17 +146,6 @@ def collect_scores(model_call, urls: list[str], builder: PromptBuilder, transfor
     return ScoredSet.concat(parts)
 
 
-def gather_to_main(arrays: list[Any], info: WorldInfo) -> list[Any]:
-    """Concatenate each array over ranks (on every rank; eval sets are small)."""
-    import torch.distributed as dist
-
-    if info.world_size == 1:
-        return arrays
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, arrays)
-    return [np.concatenate([g[i] for g in gathered]) for i in range(len(arrays))]
-
-
 def gather_objects(obj: Any, info: WorldInfo) -> list[Any]:
     """Every rank's ``obj``, on every rank."""
     import torch.distributed as dist
@@ -192,16 +181,6 @@ def dev_threshold(model_call, dev_urls: list[str], split: str, builder: PromptBu
     eer, threshold = eer_threshold(dev.scores, live)
     return {"threshold": threshold, "eer": eer, "samples": len(dev),
             "source": f"EER threshold of {len(dev)} split={split or '*'} samples of {len(dev_urls)} dev shard(s)"}
-
-
-def evaluate_engine(engine, urls: list[str], builder: PromptBuilder, transform: ImageTransform, info: WorldInfo,
-                    cfg: EvalConfig, pad_id: int, threshold: float | None = None) -> tuple[FASMetrics, dict[str, float]]:
-    """Metrics over all ranks' scores (at ``threshold`` too when given), plus every sample's score by key."""
-    engine.eval()
-    part = collect_scores(engine, urls, builder, transform, info, cfg.batch_size, pad_id, cfg.max_samples)
-    engine.train()
-    scored = gather_scored(part, info)
-    return scored.metrics(threshold), scored.by_key()
 
 
 # ----- reporting -----

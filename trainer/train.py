@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, RunConfig, load_config
-from trainer.checkpoint import Checkpointer, LayoutMismatch, latest_tag, tag_for
+from trainer.checkpoint import Checkpointer, LayoutMismatch, tag_for
 from trainer.evaluate import PeriodicEvaluator
 from trainer.monitor import log_system_scalars
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
@@ -186,12 +186,6 @@ def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, a
 
 
 # ----- checkpoints, stopping -----
-
-def latest_step(ckpt_dir: Path) -> int | None:
-    """Step of the latest complete checkpoint in ``ckpt_dir`` (None when there is none)."""
-    tag = latest_tag(ckpt_dir)
-    return None if tag is None else int(tag.split("_")[-1])
-
 
 class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption) ask the run to stop after the
