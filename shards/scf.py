@@ -3,6 +3,10 @@
     # 3-4: general captioner C_G on spoof images; keep captions naming their attack's keywords
     ifas-shards caption data/shards/oulu_npu/train --out data/scf/general/oulu_npu --captioner /models/C_G \
         --only spoof --filter --source general
+    # 5: fine-tune C_G on the kept captions with this trainer (data.task=caption) and export it as LLaVA
+    deepspeed launch/train.sh --config launch/configs/scf_captioner.yaml model.llava_path=/models/C_G \
+        "data.train_shards=[data/scf/general/oulu_npu]" train.output_dir=runs/C_S
+    ifas-export runs/C_S --format llava --out /models/C_S
     # 6: spoof images with the spoof-aware captioner C_S, live images with C_G
     ifas-shards caption data/shards/oulu_npu/train --out data/scf/final/oulu_npu --captioner /models/C_S \
         --live-captioner /models/C_G --source spoof_aware
@@ -25,12 +29,12 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from shards.keywords import find_cues, load_keywords
+from shards.schema import CAPTION_PROMPT
 from shards.writer import ShardWriter, shard_paths
 
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "captions.jsonl"
-DEFAULT_PROMPT = "Describe this face image in detail, including any signs that it is not a real person."
 
 
 def keeps(caption: str, attack: str, keywords: dict) -> bool:
@@ -44,10 +48,28 @@ def keeps(caption: str, attack: str, keywords: dict) -> bool:
     return any(found.get(g) for g in keywords if g != "live")
 
 
+def captioner_prompt(processor, prompt: str) -> str:
+    """The text a captioner is prompted with, one ``<image>`` slot included: the processor's chat
+    template, else the tokenizer's, else ``<image>\n{prompt}\n``. Captioning and the captioner's
+    fine-tuning (``data.task=caption``) both build it here, so the two always agree."""
+    tok = getattr(processor, "tokenizer", processor)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    text = ""
+    if processor is not tok and getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    elif getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": f"{image_token}\n{prompt}"}],
+                                       add_generation_prompt=True, tokenize=False)
+    if text.count(image_token) != 1:  # no template, or one that drops (or repeats) the image slot
+        text = f"{image_token}\n{prompt}\n"
+    return text
+
+
 class Captioner:
     """A local image-text-to-text checkpoint (processor + model) that captions batches of images."""
 
-    def __init__(self, path: str | Path, device: str = "auto", prompt: str = DEFAULT_PROMPT,
+    def __init__(self, path: str | Path, device: str = "auto", prompt: str = CAPTION_PROMPT,
                  max_new_tokens: int = 64) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -63,21 +85,7 @@ class Captioner:
         tok.padding_side = "left"  # generation continues from the right end of every row
         self.tokenizer = tok
         self.max_new_tokens = max_new_tokens
-        if getattr(self.processor, "chat_template", None) or getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            try:
-                self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception:  # tokenizer-only chat templates want plain string content
-                self.prompt = tok.apply_chat_template([{"role": "user", "content": f"{self.image_token}\n{prompt}"}],
-                                                      add_generation_prompt=True, tokenize=False)
-        else:
-            self.prompt = ""
-        if self.image_token not in self.prompt:  # no chat template, or one that drops the image slot
-            self.prompt = f"{self.image_token}\n{prompt}\n"
-
-    @property
-    def image_token(self) -> str:
-        return getattr(self.processor, "image_token", None) or "<image>"
+        self.prompt = captioner_prompt(self.processor, prompt)
 
     def caption(self, images: list[Image.Image]) -> list[str]:
         import torch
@@ -171,7 +179,7 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--prompt", default=CAPTION_PROMPT)
 
 
 def main_caption(args: argparse.Namespace) -> int:

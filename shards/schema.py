@@ -13,6 +13,8 @@ CAPTION_SOURCES = ("spoof_aware", "general", "template", "none")
 REQUIRED_FIELDS = ("label", "attack", "dataset", "subject", "video", "caption", "caption_source")
 
 QUESTION = "Is this photo of a real person?"
+# What SCF asks a captioner (ifas-shards caption) and what its fine-tuning trains on (data.task=caption).
+CAPTION_PROMPT = "Describe this face image in detail, including any signs that it is not a real person."
 
 
 class SchemaError(ValueError):

@@ -84,3 +84,69 @@ def test_caption_shard_set_end_to_end(tmp_path: Path, tiny_captioner: Path) -> N
     assert {(x["label"], x["caption_source"]) for x in metas.values()} == {("live", "general"), ("spoof", "spoof_aware")}
     assert all(isinstance(x["caption"], str) for x in metas.values())
     assert len((final / CACHE_NAME).read_text().splitlines()) == 5
+
+
+# The caption SCF step 5 teaches: it names print (printed, paper) and replay (screen) cues, so the
+# keyword filter keeps it for either attack; the untrained tiny captioner never writes it.
+TAUGHT = "a printed photo on paper held before a screen"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path) -> None:
+    """General captions -> keyword filter -> fine-tune the captioner with ifas-train (data.task=caption,
+    2 ZeRO-3 ranks) -> ifas-export --format llava -> re-caption spoof images with it, live with C_G."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_port
+    from shards.keywords import load_keywords
+
+    for i in range(3):
+        write_image(tmp_path / "raw" / f"live/s{i}/0.png")
+    for i in range(8):
+        write_image(tmp_path / "raw" / f"spoof/{'print' if i % 2 else 'replay'}/s{i}/0.png")
+    build_dataset(get_adapter("folder", str(tmp_path / "raw")), tmp_path / "shards", BuildOptions(size=32))
+    src = tmp_path / "shards" / "all"
+    metas = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(shard_paths(src), shardshuffle=False)}
+    spoof = sorted(k for k, m in metas.items() if m["label"] == "spoof")
+    assert len(metas) == 11 and len(spoof) == 8
+
+    # steps 3-4: C_G captions the spoof images. Six of its captions stand cached (as if from a real
+    # C_G): four name their attack's cues, two do not; it writes the other two itself.
+    general = tmp_path / "general"
+    general.mkdir()
+    cached = {k: TAUGHT if i < 4 else "a person in a room" for i, k in enumerate(spoof[:6])}
+    (general / CACHE_NAME).write_text("".join(json.dumps({"key": k, "caption": c}) + "\n" for k, c in cached.items()))
+    cap_g = Captioner(tiny_captioner, device="cpu", max_new_tokens=12)
+    m = caption_shard_set(src, general, cap_g, only="spoof", filter_spoof=True, batch_size=4)
+    own = [json.loads(x)["caption"] for x in (general / CACHE_NAME).read_text().splitlines()[6:]]
+    assert len(own) == 2 and not any(keeps(c, "print", load_keywords()) for c in own)
+    assert m["num_samples"] == 4  # exactly the cached captions with their attack's cues
+
+    # step 5: fine-tune C_G on the kept captions with this project's trainer
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "launch/train.sh", "--config", "launch/configs/scf_captioner.yaml", f"model.llava_path={tiny_captioner}",
+           f"data.train_shards=[{general}]", f"train.output_dir={run}", "train.max_steps=60", "train.micro_batch_size=2",
+           "optim.lr=1e-2", "optim.warmup_steps=2", "data.num_workers=0", "data.shuffle_buffer=4", "train.log_every=10"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = [h["loss"] for h in json.loads((run / "train_result.json").read_text())["history"]]
+    assert losses[-1] < 0.2 * losses[0], losses
+    proc = subprocess.run([sys.executable, "-m", "trainer.export", str(run), "--format", "llava"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # step 6: spoof images with the spoof-aware captioner, live ones with C_G
+    cap_s = Captioner(run / "export", device="cpu", max_new_tokens=32)
+    final = tmp_path / "final"
+    m = caption_shard_set(src, final, cap_s, live_captioner=cap_g, source="spoof_aware", filter_spoof=True,
+                          batch_size=4)
+    out = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(shard_paths(final), shardshuffle=False)}
+    assert m["num_samples"] == len(metas) == 11  # every spoof caption now names its attack's cues
+    assert {k for k, x in out.items() if x["caption_source"] == "spoof_aware"} == set(spoof)
+    assert all(out[k]["caption"] == TAUGHT for k in spoof)
+    assert {x["caption_source"] for x in out.values() if x["label"] == "live"} == {"general"}

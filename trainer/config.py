@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from shards.schema import CAPTION_PROMPT
+
 MODULE_GROUPS = ("vision", "projector", "gac", "llm")
 
 
@@ -56,6 +58,11 @@ class DataConfig:
     shuffle_buffer: int = 512
     num_workers: int = 1
     answer_style: str = "caption"  # caption: "Yes. <caption>"; judgment: "Yes" only
+    # fas: I-FAS (the question -> "Yes/No. <caption>"). caption: fine-tune a captioner on the shards'
+    # captions (SCF step 5): caption_prompt -> "<caption>", every token weighted alike; the model must
+    # be LLaVA-shaped (model.gac=false, model.projector_merge=1) to export for ifas-shards caption.
+    task: str = "fas"
+    caption_prompt: str = CAPTION_PROMPT
 
 
 @dataclass
@@ -270,8 +277,24 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.data.answer_style not in ("caption", "judgment"):
         raise ConfigError(f"data.answer_style must be caption or judgment, got {cfg.data.answer_style!r}")
+    if cfg.data.task not in ("fas", "caption"):
+        raise ConfigError(f"data.task must be fas or caption, got {cfg.data.task!r}")
+    if cfg.data.task == "caption":
+        _validate_captioning(cfg)
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
     if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
         raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.llava_path)")
+
+
+def _validate_captioning(cfg: RunConfig) -> None:
+    """data.task=caption trains a LLaVA captioner: no judgment token, no liveness evaluation."""
+    if cfg.loss.mode != "plain":
+        raise ConfigError("data.task=caption has no judgment token for the lopsided loss to weight; set loss.mode=plain")
+    if cfg.model.gac or cfg.model.projector_merge != 1:
+        raise ConfigError("data.task=caption trains a LLaVA-form captioner (ifas-export --format llava); "
+                          "set model.gac=false and model.projector_merge=1")
+    if cfg.data.eval_shards or cfg.eval.dev_shards or cfg.eval.every:
+        raise ConfigError("data.task=caption has no liveness evaluation; drop data.eval_shards, eval.dev_shards "
+                          "and eval.every")

@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
+from shards.scf import captioner_prompt
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.checkpoint import Checkpointer, LayoutMismatch, tag_for
 from trainer.evaluate import PeriodicEvaluator
 from trainer.monitor import log_system_scalars
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
 from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, init_distributed, shutdown_distributed
+from trainer.llava_format import llava_processor, processor_chat_template
 from trainer.loss import INTERPRETATION, JUDGMENT, loss_alpha
 from trainer.model import IFASModel, ModelLoadError, build_model
 from trainer.prompt import PromptBuilder
@@ -39,6 +41,7 @@ CHECKPOINT_DIR = "checkpoints"
 PREEMPTED = "preempted"  # marker a signal-stopped run leaves for launch/slurm.sbatch (requeue)
 INJECT_NAN_ENV = "IFAS_INJECT_NAN_AT_STEPS"  # fault injection for tests: "3,4" poisons those steps' loss
 MODEL_CONFIG_DIR = "model_config"  # ifas_config.json + tokenizer: what export needs beside the weights
+PROCESSOR_DIR = "processor"  # under MODEL_CONFIG_DIR, for LLaVA-form models: the LlavaProcessor export writes
 USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError, LayoutMismatch)
 
 
@@ -249,6 +252,9 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device):
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "ifas_config.json").write_text(json.dumps(model.config_dict(), indent=2))
         tokenizer.save_pretrained(str(model_dir))
+        if not model.arch.gac and model.arch.projector_merge == 1:  # exportable as LLaVA (trainer/llava_format.py)
+            chat_template = processor_chat_template(cfg.model.llava_path)  # the base captioner's, if any
+            llava_processor(model.config_dict(), tokenizer, chat_template).save_pretrained(str(model_dir / PROCESSOR_DIR))
         (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     dist.barrier()
     tokenizer = load_tokenizer(model_dir)
@@ -264,7 +270,13 @@ def training_batches(cfg: RunConfig, train_urls: list[str], model: IFASModel, to
                      state: StreamState):
     """(prompt builder, image transform, iterator of this rank's training batches from ``state``)."""
     arch = model.arch
-    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style)
+    caption_prompt = None
+    if cfg.data.task == "caption":  # the prompt the exported captioner will be given (shards/scf.py)
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(Path(cfg.train.output_dir) / MODEL_CONFIG_DIR / PROCESSOR_DIR))
+        caption_prompt = captioner_prompt(processor, cfg.data.caption_prompt)
+    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt)
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
                          batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
