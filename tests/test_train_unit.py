@@ -1,6 +1,7 @@
 """Pieces of the training loop that need no process group: parameter groups, schedule, DeepSpeed config."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,17 @@ def test_deepspeed_config_takes_the_run_config(tmp_path):
     gpu = deepspeed_config(cfg, on_cuda=True)
     assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
     json.dumps(gpu)  # stays serialisable for DeepSpeed
+
+
+def test_default_deepspeed_config_is_found_from_any_working_directory(small_shards, tmp_path, monkeypatch):
+    from trainer.config import ConfigError
+    from trainer.train import PROJECT_ROOT, check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [f"data.train_shards=[{small_shards['domain_a']}]"])
+    check_inputs(cfg)
+    assert Path(cfg.train.deepspeed_config) == PROJECT_ROOT / "launch" / "ds_zero3.json"
+    assert deepspeed_config(cfg, on_cuda=False)["zero_optimization"]["stage"] == 3
+    cfg = load_config(None, [f"data.train_shards=[{small_shards['domain_a']}]", "train.deepspeed_config=my/ds.json"])
+    with pytest.raises(ConfigError, match="train.deepspeed_config my/ds.json does not exist"):
+        check_inputs(cfg)

@@ -318,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
-        from trainer.dist import shutdown_distributed
+        from trainer.dist import finish_process, shutdown_distributed
 
         try:
             worker(args)
         finally:
             shutdown_distributed()
-        return 0
+        return finish_process(0)
     data = _ensure_data(Path(args.data))
     results = []
     with tempfile.TemporaryDirectory() as tmp:

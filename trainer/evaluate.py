@@ -36,7 +36,7 @@ import torch
 
 from trainer.config import RunConfig
 from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
-from trainer.dist import WorldInfo, all_reduce_sum, device, shutdown_distributed
+from trainer.dist import WorldInfo, all_reduce_sum, device, finish_process, shutdown_distributed
 from trainer.metrics import FASMetrics, eer_threshold, fas_metrics, format_attack_table, format_table, jsonable
 from trainer.prompt import PromptBuilder
 
@@ -534,6 +534,10 @@ def format_explanation_table(explained: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return finish_process(_main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from trainer.model import ModelLoadError
 
     args = build_parser().parse_args(argv)

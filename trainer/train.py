@@ -27,7 +27,8 @@ from trainer.checkpoint import Checkpointer, LayoutMismatch, tag_for
 from trainer.evaluate import PeriodicEvaluator
 from trainer.monitor import log_system_scalars
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
-from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, init_distributed, shutdown_distributed
+from trainer.dist import (WorldInfo, all_reduce_sum, collective_timeout, device, finish_process, init_distributed,
+                          shutdown_distributed)
 from trainer.llava_format import llava_processor, processor_chat_template
 from trainer.loss import INTERPRETATION, JUDGMENT, loss_alpha
 from trainer.model import IFASModel, ModelLoadError, build_model
@@ -37,6 +38,7 @@ from trainer.tokenizer import TokenizerError, build_demo_tokenizer, load_tokeniz
 
 log = logging.getLogger("ifas.train")
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = "checkpoints"
 PREEMPTED = "preempted"  # marker a signal-stopped run leaves for launch/slurm.sbatch (requeue)
 INJECT_NAN_ENV = "IFAS_INJECT_NAN_AT_STEPS"  # fault injection for tests: "3,4" poisons those steps' loss
@@ -87,6 +89,9 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     if cfg.eval.dev_shards:
         resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")
     ds_path = Path(cfg.train.deepspeed_config)
+    if not ds_path.is_file() and not ds_path.is_absolute() and (PROJECT_ROOT / ds_path).is_file():
+        ds_path = PROJECT_ROOT / ds_path  # the default launch/ds_zero3.json, from any working directory
+        cfg.train.deepspeed_config = str(ds_path)
     if not ds_path.is_file():
         raise ConfigError(f"train.deepspeed_config {ds_path} does not exist; use launch/ds_zero3.json or a copy of it")
     try:
@@ -433,6 +438,10 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
+    return finish_process(_main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="ifas-train", description="Train I-FAS with DeepSpeed ZeRO-3.")
     parser.add_argument("--config", help="run config YAML (see launch/configs/)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
