@@ -28,7 +28,7 @@ from PIL import Image
 
 from shards.adapters import Adapter, Item, Skip
 from shards.faces import FaceCropper
-from shards.synth import CAPTIONS
+from shards.captions import template_caption
 from shards.video import MediaError, frame_indices, is_video, read_image, read_video_frames
 from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ShardWriter, _atomic_write_text, read_manifest, sha256_file
 
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 STATE_NAME = "build_state.json"
 BUILD_VERSION = 1
 MAX_EXAMPLES = 5  # example paths kept per skip reason
-OTHER_CAPTION = "This is not a real person: the face is presented by an attack instrument, not a live face."
 
 
 @dataclass
@@ -58,15 +57,6 @@ class BuildOptions:
 
 class _Stop(Exception):
     """Raised after ``stop_after_shards`` new shards (time-boxed builds and the resume test)."""
-
-
-def template_caption(attack: str, key: str) -> str:
-    """A stable template sentence for the attack type (the fallback when no captioner is used)."""
-    options = CAPTIONS.get(attack)
-    if not options:
-        return OTHER_CAPTION
-    pick = int(hashlib.sha1(key.encode()).hexdigest(), 16) % len(options)
-    return options[pick].format(extra="")
 
 
 def sample_key(dataset: str, rel: str, frame: int) -> str:

@@ -38,6 +38,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from shards.captions import CAPTIONS
+
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -85,34 +87,6 @@ SKIN_TONES = np.array([
 ], dtype=np.float32)
 
 # -- captions ---------------------------------------------------------------------------------
-CAPTIONS: dict[str, tuple[str, ...]] = {
-    "none": (
-        "The face shows natural skin texture, consistent lighting and real depth; no spoof artifacts are visible.",
-        "This is a real person: fine skin detail, soft natural shadows and a head with real depth.",
-        "A live face: the skin texture looks natural and the shading follows the shape of the head.",
-        "Natural skin with fine pores, even colour transitions and real depth; nothing suggests an attack.",
-    ),
-    "print": (
-        "This is a printed photo: halftone dots, paper texture and faded colours are visible.",
-        "Not a real person: the face is printed on paper, with a regular ink dot pattern and washed-out colours.",
-        "A photo print is held to the camera; halftone ink dots, paper grain and a reduced colour range give it away.",
-        "The image shows a paper print of a face: a fine dot screen covers the skin and the colours look flat.",
-    ),
-    "replay": (
-        "This face is replayed on a screen: a pixel grid, moire stripes and glare from the display are visible.",
-        "Not a real person: the face is shown on a display, with fine sub-pixel lines and moire bands across it.",
-        "A screen replay attack: the monitor's pixel grid and wavy moire patterns cover the face{extra}.",
-        "The face is on a digital display; its pixel structure, moire interference and shifted tones "
-        "are visible{extra}.",
-    ),
-    "mask": (
-        "The person wears a mask: the skin is smooth like plastic, seams run along the face outline and "
-        "the eye holes have sharp edges.",
-        "Not a real face: a 3D mask with a uniform plastic tone, a visible seam at its edge and cut-out eye holes.",
-        "A mask attack: unnaturally smooth skin without pores, a sharp seam around the face and dark eye holes.",
-        "The face is a mask made of resin or silicone: flat, waxy skin, edge seams and holes cut for the eyes.",
-    ),
-}
 REPLAY_EXTRAS = {
     "glare": " and a bright reflection sits on the glass",
     "bezel": " and the dark display bezel is visible",

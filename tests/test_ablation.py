@@ -131,3 +131,13 @@ def test_grid_runs_two_variants_and_reuses_them(protocol, tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # a second call reuses the finished runs
     assert json.loads((out / "ablation.json").read_text())["rows"]["full"]["status"] == ["reused"]
+
+
+def test_template_captions_variant_runs_on_shards_with_scf_captions(protocol):
+    from collections import Counter
+
+    from trainer.ablation import skip_reason
+
+    variant = {v.name: v for v in load_grid(DEFAULT_GRID)}["template_captions"]
+    assert skip_reason(variant, Counter({"spoof_aware": 40, "general": 40}), protocol, []) == ""
+    assert skip_reason(variant, Counter({"template": 80}), protocol, []).startswith("not comparable here")

@@ -115,3 +115,21 @@ def test_manifest_listing_a_missing_shard_is_refused(small_shards, tmp_path):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(ShardSetError, match="manifest.json"):
         resolve_shards([str(copy)])
+
+
+def test_template_caption_source_swaps_in_the_attack_template(small_shards, builder):
+    from shards.captions import template_caption
+
+    urls = resolve_shards([str(small_shards["domain_a"])])
+    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1, batch_size=8,
+                    shuffle_buffer=8, caption_source="template")
+    batch = next(iter(make_loader(s, builder.tokenizer.pad_token_id)))
+    own = {r["__key__"]: json.loads(r["json"]) for r in wds.WebDataset(urls, shardshuffle=False)}
+    swapped = 0
+    for b, key in enumerate(batch["keys"]):
+        meta = own[key]
+        template = template_caption(meta["attack"], key)
+        expected, _ = builder.answer_ids(meta["label"] == "live", template)
+        assert batch["labels"][b][batch["labels"][b] != IGNORE_INDEX].tolist() == expected
+        swapped += template != meta["caption"]
+    assert swapped > 0  # the synthetic shards' own captions differ: the swap is visible

@@ -58,6 +58,9 @@ class DataConfig:
     shuffle_buffer: int = 512
     num_workers: int = 1
     answer_style: str = "caption"  # caption: "Yes. <caption>"; judgment: "Yes" only
+    # shards: each sample's own caption (SCF or template, whatever the shards hold); template: the
+    # attack type's template sentence instead (the template-vs-SCF captions ablation).
+    caption_source: str = "shards"
     # fas: I-FAS (the question -> "Yes/No. <caption>"). caption: fine-tune a captioner on the shards'
     # captions (SCF step 5): caption_prompt -> "<caption>", every token weighted alike; the model must
     # be LLaVA-shaped (model.gac=false, model.projector_merge=1) to export for ifas-shards caption.
@@ -277,6 +280,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.data.answer_style not in ("caption", "judgment"):
         raise ConfigError(f"data.answer_style must be caption or judgment, got {cfg.data.answer_style!r}")
+    if cfg.data.caption_source not in ("shards", "template"):
+        raise ConfigError(f"data.caption_source must be shards or template, got {cfg.data.caption_source!r}")
     if cfg.data.task not in ("fas", "caption"):
         raise ConfigError(f"data.task must be fas or caption, got {cfg.data.task!r}")
     if cfg.data.task == "caption":

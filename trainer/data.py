@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.captions import template_caption
 from shards.schema import is_live, validate_meta
 from shards.writer import MANIFEST_NAME, ManifestError, shard_paths
 from trainer.prompt import EncodedSample, PromptBuilder
@@ -247,8 +248,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], builder: PromptBuilder, transform: ImageTransform, *, rank: int,
                  world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
-                 with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0) -> None:
+                 with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0,
+                 caption_source: str = "shards") -> None:
         super().__init__()
+        self.caption_source = caption_source  # shards | template (config.DataConfig.caption_source)
         self.urls, self.builder, self.transform = urls, builder, transform
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.shuffle_buffer, self.train = seed, shuffle_buffer, train
@@ -309,8 +312,12 @@ class ShardStream(IterableDataset):
             except BadSample as exc:
                 reader.count(exc.reason, str(exc))
                 continue
-            enc = (self.builder.encode(is_live(meta), meta.get("caption", "")) if self.with_answers
-                   else self.builder.encode_prompt())
+            if self.with_answers:
+                caption = (meta.get("caption", "") if self.caption_source == "shards"
+                           else template_caption(meta.get("attack", "none"), raw["__key__"]))
+                enc = self.builder.encode(is_live(meta), caption)
+            else:
+                enc = self.builder.encode_prompt()
             sample = _sample_tensors(enc, self.transform(image), meta, raw["__key__"])
             if self.train:
                 sample["stream_pos"] = (reader_id, pos, dict(skipped))

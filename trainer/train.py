@@ -285,7 +285,8 @@ def training_batches(cfg: RunConfig, train_urls: list[str], model: IFASModel, to
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
                          batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=cfg.data.num_workers)
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=cfg.data.num_workers,
+                         caption_source=cfg.data.caption_source)
     return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
 
 
