@@ -55,12 +55,12 @@ def test_deepspeed_config_takes_the_run_config(tmp_path):
 
 def test_default_deepspeed_config_is_found_from_any_working_directory(small_shards, tmp_path, monkeypatch):
     from trainer.config import ConfigError
-    from trainer.train import PROJECT_ROOT, check_inputs
+    from trainer.train import PROJECT_ROOT, check_inputs, deepspeed_config_path
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, [f"data.train_shards=[{small_shards['domain_a']}]"])
     check_inputs(cfg)
-    assert Path(cfg.train.deepspeed_config) == PROJECT_ROOT / "launch" / "ds_zero3.json"
+    assert deepspeed_config_path(cfg) == PROJECT_ROOT / "launch" / "ds_zero3.json"
     assert deepspeed_config(cfg, on_cuda=False)["zero_optimization"]["stage"] == 3
     cfg = load_config(None, [f"data.train_shards=[{small_shards['domain_a']}]", "train.deepspeed_config=my/ds.json"])
     with pytest.raises(ConfigError, match="train.deepspeed_config my/ds.json does not exist"):

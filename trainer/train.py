@@ -88,10 +88,7 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
     if cfg.eval.dev_shards:
         resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")
-    ds_path = Path(cfg.train.deepspeed_config)
-    if not ds_path.is_file() and not ds_path.is_absolute() and (PROJECT_ROOT / ds_path).is_file():
-        ds_path = PROJECT_ROOT / ds_path  # the default launch/ds_zero3.json, from any working directory
-        cfg.train.deepspeed_config = str(ds_path)
+    ds_path = deepspeed_config_path(cfg)
     if not ds_path.is_file():
         raise ConfigError(f"train.deepspeed_config {ds_path} does not exist; use launch/ds_zero3.json or a copy of it")
     try:
@@ -103,9 +100,18 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
 
 # ----- DeepSpeed pieces -----
 
+def deepspeed_config_path(cfg: RunConfig) -> Path:
+    """train.deepspeed_config, relative to the working directory, else to the project (so the
+    default launch/ds_zero3.json is found from anywhere)."""
+    path = Path(cfg.train.deepspeed_config)
+    if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
+        return PROJECT_ROOT / path
+    return path
+
+
 def deepspeed_config(cfg: RunConfig, on_cuda: bool) -> dict[str, Any]:
     """The JSON config with everything the run config owns filled in (one source of truth)."""
-    ds = json.loads(Path(cfg.train.deepspeed_config).read_text())
+    ds = json.loads(deepspeed_config_path(cfg).read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds.pop("train_batch_size", None)
