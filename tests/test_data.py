@@ -133,3 +133,26 @@ def test_template_caption_source_swaps_in_the_attack_template(small_shards, buil
         assert batch["labels"][b][batch["labels"][b] != IGNORE_INDEX].tolist() == expected
         swapped += template != meta["caption"]
     assert swapped > 0  # the synthetic shards' own captions differ: the swap is visible
+
+
+def test_batches_are_the_same_through_a_worker(small_shards, builder):
+    """The integer fields cross from the worker packed in one tensor; they arrive as collate made them."""
+    import torch
+
+    from trainer.data import collate
+
+    urls = resolve_shards([str(small_shards["domain_b"])])
+    local, remote = (list(itertools.islice(iter(stream(urls, builder, workers=w)), 3)) for w in (0, 1))
+    for a, b in zip(local, remote):
+        assert a.keys() == b.keys() and a["keys"] == b["keys"] and a["meta"] == b["meta"]
+        for name, value in a.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b[name]) and value.dtype == b[name].dtype, name
+    # and equal to collate's own batch of the same samples (an eval stream: fixed order)
+    samples = list(itertools.islice(iter(stream(urls, builder, train=False).loader.dataset), 4))
+    reference = collate(samples, builder.tokenizer.pad_token_id)
+    loaded = next(iter(stream(urls, builder, train=False, workers=1)))
+    assert loaded["keys"] == reference["keys"]
+    for name, value in reference.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, loaded[name]), name

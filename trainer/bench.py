@@ -273,7 +273,8 @@ def _section(results: list[dict[str, Any]], command: str) -> str:
                   "about as much as the matmuls, and at world size 2 the two ranks also share two cores with the "
                   "gradient reduce-scatter. The hook cost does not grow with the model, so it fades on real model "
                   "sizes; DeepSpeed's leaf-module option (hooks per transformer layer) would cut it here but fails on "
-                  "CPU in deepspeed 0.19.8 (`record_stream` on a CPU gradient)."]
+                  "CPU in deepspeed 0.19.8 (its ZeRO-3 `zero_grad` calls `record_stream` on CPU gradients left by "
+                  "leaf modules: RuntimeError 'unknown parameter type')."]
     first = by_ws[min(by_ws)]
     lines += ["", "### Scaling on paper", "",
               "Assumptions: bf16 weights and gradients with fp32 master weights and AdamW moments "

@@ -324,9 +324,42 @@ class ShardStream(IterableDataset):
             yield sample
 
 
-def make_loader(stream: ShardStream, pad_id: int) -> DataLoader:
-    # Pinned host memory lets the copy to the GPU overlap compute (model_inputs uses non_blocking).
-    return DataLoader(stream, batch_size=stream.batch_size, num_workers=stream.num_workers,
-                      collate_fn=functools.partial(collate, pad_id=pad_id), drop_last=stream.train,
-                      pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if stream.num_workers > 0 else None)
+# Worker -> training process: every tensor crosses as its own shared-memory handle, and receiving
+# one costs a socket handshake (~0.4 ms, measured). The six integer tensors travel as one.
+_TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "label_groups")  # [B, S] each
+_SAMPLE_FIELDS = ("score_positions", "live")  # [B] each
+
+
+def _collate_packed(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    batch = collate(samples, pad_id)
+    b, s = batch["input_ids"].shape
+    batch["packed_ints"] = torch.cat([torch.stack([batch.pop(k) for k in _TOKEN_FIELDS]).view(-1),
+                                      torch.stack([batch.pop(k) for k in _SAMPLE_FIELDS]).view(-1)])
+    batch["packed_shape"] = (b, s)
+    return batch
+
+
+def _unpack(batch: dict[str, Any]) -> dict[str, Any]:
+    ints = batch.pop("packed_ints")
+    b, s = batch.pop("packed_shape")
+    batch.update(zip(_TOKEN_FIELDS, ints[:4 * b * s].view(4, b, s)))
+    batch.update(zip(_SAMPLE_FIELDS, ints[4 * b * s:].view(2, b)))
+    return batch
+
+
+class BatchLoader:
+    """The stream's DataLoader, yielding ``collate``'s batches (unpacked after the transfer)."""
+
+    def __init__(self, stream: ShardStream, pad_id: int) -> None:
+        # Pinned host memory lets the copy to the GPU overlap compute (model_inputs uses non_blocking).
+        self.loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=stream.num_workers,
+                                 collate_fn=functools.partial(_collate_packed, pad_id=pad_id), drop_last=stream.train,
+                                 pin_memory=torch.cuda.is_available(),
+                                 prefetch_factor=4 if stream.num_workers > 0 else None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return map(_unpack, self.loader)
+
+
+def make_loader(stream: ShardStream, pad_id: int) -> BatchLoader:
+    return BatchLoader(stream, pad_id)
