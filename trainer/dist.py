@@ -229,7 +229,7 @@ def finish_process(code: int) -> int:
     everything and end the process here, skipping interpreter finalization.
 
     Why: finalization frees c10d/gloo objects in arbitrary order even after destroy_process_group,
-    and now and then (about 1 CPU run in 20 here) a gloo worker thread ends up destroying its own
+    and now and then (once in 35 CPU runs here) a gloo worker thread ends up destroying its own
     owner, which aborts the process (SIGABRT, "terminate called without an active exception";
     pytorch/pytorch#179291) after all work is saved: the launcher then reports a finished run as
     failed. Every file the run writes is closed by now, so nothing is lost by skipping it.
