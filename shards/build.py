@@ -30,12 +30,12 @@ from shards.adapters import Adapter, Item, Skip
 from shards.faces import FaceCropper
 from shards.captions import template_caption
 from shards.video import MediaError, frame_indices, is_video, read_image, read_video_frames
-from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ShardWriter, _atomic_write_text, read_manifest, sha256_file
+from shards.writer import MANIFEST_NAME, ShardWriter, _atomic_write_text, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "build_state.json"
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: build_state.json keeps running totals of the counts
 MAX_EXAMPLES = 5  # example paths kept per skip reason
 
 
@@ -59,10 +59,18 @@ class _Stop(Exception):
     """Raised after ``stop_after_shards`` new shards (time-boxed builds and the resume test)."""
 
 
+def note_skip(counts: Counter, examples: dict[str, list[str]], reason: str, rel: str) -> None:
+    """Count a skipped file or frame under ``reason``, keeping the first few paths as examples."""
+    counts[reason] += 1
+    if len(examples[reason]) < MAX_EXAMPLES:
+        examples[reason].append(rel)
+
+
 def sample_key(dataset: str, rel: str, frame: int) -> str:
     """Stable key from the source path; a hash suffix keeps keys unique when characters are replaced."""
-    base = re.sub(r"[^A-Za-z0-9_\-]", "_", f"{dataset}/{rel.rsplit('.', 1)[0]}".replace("/", "-"))
-    if base != f"{dataset}/{rel.rsplit('.', 1)[0]}".replace("/", "-"):
+    raw = f"{dataset}/{rel.rsplit('.', 1)[0]}".replace("/", "-")
+    base = re.sub(r"[^A-Za-z0-9_\-]", "_", raw)
+    if base != raw:
         base += "_" + hashlib.sha1(rel.encode()).hexdigest()[:8]
     return f"{base}-f{frame:05d}"
 
@@ -96,7 +104,7 @@ class _SplitBuild:
         }
         self.skipped: Counter = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
-        self.shard_counts: dict[str, Counter] = {f: Counter() for f in COUNT_FIELDS}
+        self.writer: ShardWriter | None = None
         self.state: list[dict[str, Any]] = []
         self.cursor = (0, 0)
         self.new_shards = 0
@@ -124,10 +132,10 @@ class _SplitBuild:
             log.info("%s: resuming after %d finished shard(s)", self.out, len(self.state))
 
     def _on_shard(self, entry: dict[str, Any]) -> None:
-        self.state.append({"entry": entry, "counts": {f: dict(c) for f, c in self.shard_counts.items() if c},
+        assert self.writer is not None
+        self.state.append({"entry": entry, "counts": self.writer.counts,  # of every finished shard so far
                            "cursor": list(self.cursor), "skipped": dict(self.skipped),
                            "examples": {k: list(v) for k, v in self.examples.items()}})
-        self.shard_counts = {f: Counter() for f in COUNT_FIELDS}
         _atomic_write_text(self.out / STATE_NAME, json.dumps({"fingerprint": self.fingerprint, "shards": self.state}) + "\n")
         self.new_shards += 1
         if self.stop_after is not None and self.new_shards >= self.stop_after:
@@ -135,9 +143,7 @@ class _SplitBuild:
 
     # -- samples -----------------------------------------------------------------------------
     def _skip(self, rel: str, reason: str) -> None:
-        self.skipped[reason] += 1
-        if len(self.examples[reason]) < MAX_EXAMPLES:
-            self.examples[reason].append(rel)
+        note_skip(self.skipped, self.examples, reason, rel)
 
     def _frames(self, item: Item) -> list[tuple[int, np.ndarray]]:
         if is_video(item.path):
@@ -185,19 +191,13 @@ class _SplitBuild:
             raise SystemExit(f"{self.out}: holds a shard set built from other inputs or options; pass --overwrite to replace it")
         self._load_state()
         self.stop_after = stop_after_shards
-        counts: dict[str, Counter] = {f: Counter() for f in COUNT_FIELDS}
-        for s in self.state:
-            for f, c in s["counts"].items():
-                counts[f].update(c)
-        writer = ShardWriter(self.out, max_samples=self.opts.max_samples, max_bytes=self.opts.max_bytes,
-                             overwrite=True, resume_shards=[s["entry"] for s in self.state],
-                             resume_counts={f: dict(c) for f, c in counts.items()}, on_shard=self._on_shard)
+        writer = self.writer = ShardWriter(
+            self.out, max_samples=self.opts.max_samples, max_bytes=self.opts.max_bytes, overwrite=True,
+            resume_shards=[s["entry"] for s in self.state],
+            resume_counts=self.state[-1]["counts"] if self.state else None, on_shard=self._on_shard)
         try:
             for key, jpg, meta in self.samples():
                 writer.write(key, jpg, meta)
-                for f, c in self.shard_counts.items():
-                    if f in meta:
-                        c[str(meta[f])] += 1
         except _Stop:
             writer.abort()
             log.info("%s: stopped after %d new shard(s); rerun the same command to finish", self.out, self.new_shards)
@@ -229,9 +229,7 @@ def build_dataset(adapter: Adapter, out: str | os.PathLike, opts: BuildOptions |
     naming_examples: dict[str, list[str]] = defaultdict(list)
     for it in adapter.items():
         if isinstance(it, Skip):
-            naming[it.reason] += 1
-            if len(naming_examples[it.reason]) < MAX_EXAMPLES:
-                naming_examples[it.reason].append(it.rel)
+            note_skip(naming, naming_examples, it.reason, it.rel)
             continue
         if opts.splits is None or it.split in opts.splits:
             by_split[it.split].append(it)

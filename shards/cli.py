@@ -173,12 +173,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0 if all(m is not None for m in result.values()) else 3
 
 
-def _cmd_caption(args: argparse.Namespace) -> int:
-    from shards.scf import main_caption
-
-    return main_caption(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from shards.synth import ALL_DOMAINS
 
@@ -209,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     from shards.adapters import ADAPTERS
     from shards.faces import FACE_MODES
 
-    b = sub.add_parser("build", help="turn one dataset folder into shard sets <out>/<split>/ (see docs/datasets.md)")
+    layouts = "\n".join(f"  {name}: {adapter.layout}" for name, adapter in ADAPTERS.items())
+    b = sub.add_parser("build", help="turn one dataset folder into shard sets <out>/<split>/ (see docs/datasets.md)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"expected layouts (details and commands: docs/datasets.md):\n{layouts}")
     b.add_argument("dataset", choices=list(ADAPTERS), help="adapter: a public dataset, 'list' or 'folder'")
     b.add_argument("root", help="the dataset folder as distributed")
     b.add_argument("--out", required=True, help="output folder; gets one shard set per split")
@@ -232,11 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="discard an existing or interrupted build in --out")
     b.set_defaults(func=_cmd_build)
 
-    from shards.scf import add_caption_args
+    from shards.scf import add_caption_args, main_caption
 
     c = sub.add_parser("caption", help="SCF: caption a shard set with a local captioner, filter, write new shards")
     add_caption_args(c)
-    c.set_defaults(func=_cmd_caption)
+    c.set_defaults(func=main_caption)
     return ap
 
 

@@ -6,14 +6,11 @@ its model file ships inside the scikit-image wheel, so nothing is downloaded at 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 FACE_MODES = ("auto", "detect", "bbox", "center", "full")
 

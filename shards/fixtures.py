@@ -53,8 +53,7 @@ def write_file(root: Path, rel: str) -> None:
         write_image(p)
 
 
-def _e(label_attack: str, subject: str, split: str, **extra: Any) -> dict[str, Any]:
-    attack = label_attack
+def _e(attack: str, subject: str, split: str, **extra: Any) -> dict[str, Any]:
     return {"label": "live" if attack == "none" else "spoof", "attack": attack, "subject": subject, "split": split, **extra}
 
 
@@ -156,7 +155,7 @@ def write_tree(name: str, root: Path) -> list[tuple[str, dict[str, Any] | None]]
         write_file(root, rel)
     if name == "celeba_spoof":
         labels: dict[str, dict[str, list[int]]] = {"train": {}, "test": {}}
-        for rel, exp in spec:
+        for rel, _ in spec:
             stem = Path(rel).stem
             if stem in _CELEBA_TYPE:
                 vec = [0] * 44

@@ -24,7 +24,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from PIL import Image
 
@@ -106,17 +106,6 @@ def _samples(src: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
         yield s["__key__"], s["jpg"], json.loads(s["json"])
 
 
-def _batches(items: Iterable, n: int) -> Iterator[list]:
-    batch: list = []
-    for it in items:
-        batch.append(it)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def caption_shard_set(src: str | Path, out: str | Path, captioner: Captioner, *, live_captioner: Captioner | None = None,
                       only: str = "all", source: str = "general", filter_spoof: bool = False,
                       keywords_path: str | None = None, batch_size: int = 8, max_samples: int = 1000) -> dict[str, Any]:
@@ -132,21 +121,35 @@ def caption_shard_set(src: str | Path, out: str | Path, captioner: Captioner, *,
                 cache[rec["key"]] = rec["caption"]
         log.info("%s: %d cached captions", cache_path, len(cache))
     wanted = {"all": ("live", "spoof"), "spoof": ("spoof",), "live": ("live",)}[only]
-    todo = [(k, j, m) for k, j, m in _samples(src) if m["label"] in wanted]
+    keywords = load_keywords(keywords_path) if filter_spoof else {}  # a bad path fails before any captioning
+    # Pass 1 captions what the cache lacks; pass 2 writes. The source set is streamed both times, so
+    # memory holds one batch per captioner, whatever the set's size.
+    pending: dict[bool, list[tuple[str, bytes]]] = {False: [], True: []}  # live? -> (key, jpg)
     with open(cache_path, "a", encoding="utf-8") as f:
-        for is_live in (False, True):
+
+        def caption_pending(is_live: bool) -> None:
+            batch, pending[is_live] = pending[is_live], []
             model = (live_captioner or captioner) if is_live else captioner
-            pending = [(k, j) for k, j, m in todo if (m["label"] == "live") == is_live and k not in cache]
-            for batch in _batches(pending, batch_size):
-                images = [Image.open(io.BytesIO(j)).convert("RGB") for _, j in batch]
-                for (k, _), text in zip(batch, model.caption(images)):
-                    cache[k] = text
-                    f.write(json.dumps({"key": k, "caption": text}) + "\n")
-                f.flush()
-    keywords = load_keywords(keywords_path)
+            images = [Image.open(io.BytesIO(j)).convert("RGB") for _, j in batch]
+            for (k, _), text in zip(batch, model.caption(images)):
+                cache[k] = text
+                f.write(json.dumps({"key": k, "caption": text}) + "\n")
+            f.flush()
+
+        for k, jpg, meta in _samples(src):
+            if meta["label"] in wanted and k not in cache:
+                is_live = meta["label"] == "live"
+                pending[is_live].append((k, jpg))
+                if len(pending[is_live]) == batch_size:
+                    caption_pending(is_live)
+        for is_live in (False, True):
+            if pending[is_live]:
+                caption_pending(is_live)
     report: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     with ShardWriter(out, max_samples=max_samples, overwrite=True) as w:
-        for k, jpg, meta in todo:
+        for k, jpg, meta in _samples(src):
+            if meta["label"] not in wanted:
+                continue
             caption = cache[k]
             ok = meta["label"] == "live" or not filter_spoof or keeps(caption, meta["attack"], keywords)
             report[meta["dataset"]][meta["attack"]]["kept" if ok else "dropped"] += 1

@@ -39,7 +39,6 @@ from PIL import Image
 from scipy import ndimage
 
 from shards.captions import CAPTIONS
-
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -431,7 +430,7 @@ def make_sample(seed: int, domain: str, index: int, image_size: int = 128,
 
     template = CAPTIONS[attack][int(rng.integers(len(CAPTIONS[attack])))]
     extras = [REPLAY_EXTRAS[c] for c in ("glare", "bezel") if c in cues]
-    caption = template.format(extra=extras[0] if extras else "") if "{extra}" in template else template
+    caption = template.format(extra=extras[0] if extras else "")  # templates without {extra} stay as they are
     subject = f"s{vp['subject']:03d}"
     meta = {
         "label": "live" if attack == "none" else "spoof",

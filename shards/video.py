@@ -5,12 +5,9 @@ over the whole clip cover head motion and lighting changes at a fixed cost per v
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".avi", ".mov", ".mp4", ".mkv", ".m4v", ".wmv", ".3gp")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

@@ -182,6 +182,11 @@ class ShardWriter:
             if field in meta:
                 counter[str(meta[field])] += 1
 
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Samples written so far per value of each COUNT_FIELDS field (at ``on_shard``: the finished shards')."""
+        return {f: dict(sorted(c.items())) for f, c in self._counts.items() if c}
+
     def close(self) -> dict[str, Any] | None:
         """Finish the open shard, write ``manifest.json`` atomically and return the manifest.
 
@@ -196,7 +201,7 @@ class ShardWriter:
             "name": self.name,
             "num_samples": sum(s["num_samples"] for s in self._shards),
             "shards": self._shards,
-            "counts": {f: dict(sorted(c.items())) for f, c in self._counts.items() if c},
+            "counts": self.counts,
             "created_by": {
                 "command": " ".join(sys.argv),
                 "version": VERSION,

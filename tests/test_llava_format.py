@@ -6,27 +6,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shards.schema import CAPTION_PROMPT
 from shards.scf import captioner_prompt
 from trainer.config import ModelConfig
 from trainer.data import ImageTransform
-from trainer.llava_format import (LlavaNamedTensors, NotLlavaCompatible, check_llava_compatible, llava_config,
-                                  llava_processor)
+from trainer.llava_format import NotLlavaCompatible, check_llava_compatible, llava_processor, write_llava
 from trainer.model import build_model
 from trainer.prompt import PromptBuilder
-from trainer.weights import verify_weights, write_weights
-
-
-def write_llava(model, tokenizer, directory, chat_template=None):
-    config = llava_config(model.config_dict())
-    with torch.device("meta"):
-        skeleton = LlavaForConditionalGeneration(config)
-    write_weights(skeleton, LlavaNamedTensors(model.state_dict()), directory)
-    verify_weights(skeleton, directory)
-    config.save_pretrained(directory)
-    llava_processor(model.config_dict(), tokenizer, chat_template).save_pretrained(directory)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-siglip"])
@@ -34,7 +22,7 @@ def test_llava_form_computes_what_the_model_computes(preset, demo_tokenizer, tmp
     torch.manual_seed(0)
     model, tok = build_model(ModelConfig(preset=preset, gac=False), demo_tokenizer)
     model.eval()
-    write_llava(model, tok, tmp_path / "llava")
+    write_llava(model.config_dict(), model.state_dict(), llava_processor(model.config_dict(), tok), tmp_path / "llava")
     llava = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "llava")
 

@@ -16,12 +16,11 @@ from shards.cli import verify_shard_set
 from shards.faces import FaceCropper
 from shards.fixtures import face_image, write_image, write_video
 from shards.video import frame_indices, read_video_frames
-from shards.writer import read_manifest
+from shards.writer import read_manifest, shard_paths
 
 
 def _metas(shard_dir: Path) -> list[dict]:
-    urls = [str(shard_dir / s["file"]) for s in read_manifest(shard_dir)["shards"]]
-    return [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    return [json.loads(s["json"]) for s in wds.WebDataset(shard_paths(shard_dir), shardshuffle=False, empty_check=False)]
 
 
 def test_frame_indices_evenly_spaced() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from shards.adapters import ADAPTERS
+from shards.adapters.base import SPLITS
 from trainer.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
@@ -17,7 +18,7 @@ def test_protocol_config_loads(name: str) -> None:
     sets = cfg.data.train_shards + cfg.data.eval_shards
     for s in sets:  # data/shards/<adapter>/<split>: exactly what `ifas-shards build` writes
         _, _, dataset, split = s.split("/")
-        assert dataset in ADAPTERS and split in ("train", "dev", "test", "all")
+        assert dataset in ADAPTERS and split in SPLITS
     train = {s.split("/")[2] for s in cfg.data.train_shards}
     test = {s.split("/")[2] for s in cfg.data.eval_shards}
     assert not train & test  # cross-domain: the target never leaks into training

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shards.captions import CAPTIONS
 from shards.schema import validate_meta
-from shards.synth import ALL_DOMAINS, BASE_CUES, CAPTIONS, DOMAINS, face_sources, make_sample
+from shards.synth import ALL_DOMAINS, BASE_CUES, DOMAINS, face_sources, make_sample
 
 
 def _keywords() -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import latest_tag
-from trainer.llava_format import LlavaNamedTensors, NotLlavaCompatible, llava_config, llava_processor
+from trainer.llava_format import NotLlavaCompatible, check_llava_compatible, write_llava
 from trainer.model import CONFIG_NAME, IFASModel, ModelLoadError
 from trainer.tokenizer import load_tokenizer
 from trainer.train import CHECKPOINT_DIR, MODEL_CONFIG_DIR, PROCESSOR_DIR
@@ -58,33 +58,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str 
     config = json.loads((model_dir / CONFIG_NAME).read_text())
     if fmt == "llava":
         try:
-            llava = llava_config(config)
+            check_llava_compatible(config["arch"])
         except NotLlavaCompatible as exc:
             raise ModelLoadError(f"{run} cannot be exported as LLaVA: {exc}") from exc
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
     out = Path(out_dir) if out_dir is not None else run / "export"
     if fmt == "llava":
-        from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+        from transformers import AutoProcessor
 
-        with torch.device("meta"):
-            skeleton = LlavaForConditionalGeneration(llava)
-        write_weights(skeleton, LlavaNamedTensors(lazy), out, max_shard_size)
-        llava.save_pretrained(str(out))
-        saved = model_dir / PROCESSOR_DIR  # the processor the run trained with (its chat template included)
-        processor = (AutoProcessor.from_pretrained(str(saved)) if saved.is_dir()
-                     else llava_processor(config, load_tokenizer(model_dir)))
-        processor.save_pretrained(str(out))
-        tok = processor.tokenizer  # generation stops at the EOS every trained answer ends with
-        GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id).save_pretrained(str(out))
+        processor = AutoProcessor.from_pretrained(str(model_dir / PROCESSOR_DIR))  # saved by the run (build_engine)
+        write_llava(config, lazy, processor, out, max_shard_size)
+        del lazy
     else:
         with torch.device("meta"):
             skeleton = IFASModel.from_config_dict(config)
         write_weights(skeleton, lazy, out, max_shard_size)
+        del lazy
         (out / CONFIG_NAME).write_text(json.dumps(skeleton.config_dict(), indent=2))
         load_tokenizer(model_dir).save_pretrained(str(out))
-    del lazy
-    verify_weights(skeleton, out)  # read back: every tensor present once, with the model's shapes
+        verify_weights(skeleton, out)  # read back: every tensor present once, with the model's shapes
     log.info("exported %s to %s", ckpt_dir, out)
     return out
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.tokenizer import IMAGE_TOKEN
+from trainer.weights import DEFAULT_MAX_SHARD_BYTES, verify_weights, write_weights
 
 # this project's state-dict prefixes -> LlavaForConditionalGeneration's
 LLAVA_PREFIXES = (
@@ -39,6 +40,11 @@ def check_llava_compatible(arch: Mapping[str, Any]) -> None:
     if arch.get("projector_merge", 1) != 1:
         raise NotLlavaCompatible(f"the projector merges {arch['projector_merge']}x{arch['projector_merge']} patches "
                                  "per token, LLaVA's reads one; train with model.projector_merge=1 to export as LLaVA")
+
+
+def _feature_strategy(arch: Mapping[str, Any]) -> str:
+    # LLaVA's "default" drops the class token from the patch features, as IFASModel does; "full" keeps all
+    return "default" if arch["has_class_token"] else "full"
 
 
 def to_llava_name(name: str) -> str:
@@ -67,24 +73,19 @@ class LlavaNamedTensors(Mapping):
 
 def llava_config(ifas_config: Mapping[str, Any]):
     """A ``LlavaConfig`` equal in architecture to ``ifas_config`` (``IFASModel.config_dict()``)."""
-    from transformers import AutoConfig, LlavaConfig
+    from transformers import LlavaConfig
+
+    from trainer.model import sub_config
 
     arch = ifas_config["arch"]
     check_llava_compatible(arch)
-
-    def build(sub: Mapping[str, Any]):
-        sub = dict(sub)
-        return AutoConfig.for_model(sub.pop("model_type"), **sub)
-
-    text = build(ifas_config["text_config"])
-    cls = arch["has_class_token"]
+    text = sub_config(ifas_config["text_config"])
     grid = arch["image_size"] // ifas_config["vision_config"]["patch_size"]
     return LlavaConfig(
-        vision_config=build(ifas_config["vision_config"]), text_config=text,
+        vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
         image_token_index=arch["image_token_id"], image_seq_length=grid * grid,
         projector_hidden_act="gelu",  # trainer.model.Projector
-        vision_feature_select_strategy="default" if cls else "full",  # "default" drops the class token, as we do
-        vision_feature_layer=arch["vision_feature_layer"],
+        vision_feature_select_strategy=_feature_strategy(arch), vision_feature_layer=arch["vision_feature_layer"],
         tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
 
 
@@ -104,9 +105,29 @@ def llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: st
         image_std=list(arch["image_std"]), do_convert_rgb=True)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=ifas_config["vision_config"]["patch_size"],
-                          vision_feature_select_strategy="default" if arch["has_class_token"] else "full",
+                          vision_feature_select_strategy=_feature_strategy(arch),
                           num_additional_image_tokens=1 if arch["has_class_token"] else 0,
                           image_token=IMAGE_TOKEN, chat_template=chat_template)
+
+
+def write_llava(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], processor, directory: str | Path,
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write a model (its config dict and state dict, or DeepSpeed's lazy one) as a transformers LLaVA
+    directory: weights streamed through trainer.weights, config, ``processor`` and a generation config
+    that stops at the EOS every trained answer ends with; then check the weights against the config."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    config = llava_config(ifas_config)
+    with torch.device("meta"):
+        skeleton = LlavaForConditionalGeneration(config)
+    write_weights(skeleton, LlavaNamedTensors(tensors), directory, max_shard_size)
+    config.save_pretrained(str(directory))
+    processor.save_pretrained(str(directory))
+    tok = processor.tokenizer
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id).save_pretrained(str(directory))
+    verify_weights(skeleton, directory)  # read back: every tensor present once, with LLaVA's shapes
 
 
 def processor_chat_template(path: str | Path | None) -> str | None:

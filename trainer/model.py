@@ -111,6 +111,12 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def sub_config(saved: dict[str, Any]) -> PretrainedConfig:
+    """A vision or text config from its ``to_dict()`` (as saved in ifas_config.json)."""
+    saved = dict(saved)
+    return AutoConfig.for_model(saved.pop("model_type"), **saved)
+
+
 class IFASModel(nn.Module):
     def __init__(
         self,
@@ -254,11 +260,7 @@ class IFASModel(nn.Module):
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa") -> "IFASModel":
-        def build(sub: dict[str, Any]) -> PretrainedConfig:
-            sub = dict(sub)
-            return AutoConfig.for_model(sub.pop("model_type"), **sub)
-
-        return cls(build(cfg["vision_config"]), build(cfg["text_config"]), ArchConfig(**cfg["arch"]),
+        return cls(sub_config(cfg["vision_config"]), sub_config(cfg["text_config"]), ArchConfig(**cfg["arch"]),
                    attn_implementation)
 
     @classmethod

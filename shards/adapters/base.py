@@ -5,15 +5,12 @@ skip bookkeeping and the output record (``Item``) live here once.
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Iterator
 
-from shards.video import IMAGE_EXTS, VIDEO_EXTS
-
-log = logging.getLogger(__name__)
+from shards.video import IMAGE_EXTS, VIDEO_EXTS, is_video
 
 SPLITS = ("train", "dev", "test", "all")
 
@@ -73,7 +70,7 @@ class Adapter:
     name: ClassVar[str] = ""
     dataset: ClassVar[str] = ""
     exts: ClassVar[tuple[str, ...]] = VIDEO_EXTS + IMAGE_EXTS
-    layout: ClassVar[str] = ""  # one-paragraph description, shown by `ifas-shards build --help-dataset`
+    layout: ClassVar[str] = ""  # the expected folder layout, listed by `ifas-shards build --help`
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         self.root = Path(root)
@@ -123,6 +120,14 @@ class Adapter:
             if s:
                 return s
         return None
+
+    @staticmethod
+    def clip_of(rel: PurePosixPath) -> tuple[str, str]:
+        """(name, video id) of the capture a file belongs to: a video file is its own capture; an image
+        is a frame of its folder's capture (datasets that ship frames store one capture per folder)."""
+        if is_video(rel):
+            return rel.stem, str(rel.with_suffix(""))
+        return rel.parent.name, str(rel.parent)
 
     @staticmethod
     def match(pattern: str, text: str) -> re.Match | None:

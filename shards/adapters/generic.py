@@ -1,15 +1,11 @@
 """Adapters for data that follows no dataset's own naming: list files and live/spoof folders."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shards.adapters.base import Adapter, AdapterError, Skip
 from shards.schema import ATTACKS
-from shards.video import is_video
-
-log = logging.getLogger(__name__)
 
 LIVE_WORDS = {"live", "real", "genuine", "bonafide", "bona_fide", "client"}
 SPOOF_WORDS = {"spoof", "attack", "fake", "imposter", "impostor"}
@@ -65,7 +61,7 @@ class ListFileAdapter(Adapter):
                 continue
             attack = "none" if lab == self.live_label else attack_from_words(rel.parts[:-1] + (rel.stem,))
             subject = rel.parts[-2] if len(rel.parts) > 1 else rel.stem
-            video = str(rel.with_suffix("")) if is_video(rel) else str(rel.parent)  # frames of one folder = one video
+            video = self.clip_of(rel)[1]  # frames of one folder = one video
             yield self.make_item(rel, {"attack": attack, "subject": subject, "split": self.split, "video": video})
 
 

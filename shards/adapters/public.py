@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shards.adapters.base import Adapter, SkipFile
-from shards.adapters.generic import attack_from_words
-from shards.video import IMAGE_EXTS, VIDEO_EXTS, is_video
+from shards.adapters.generic import LIVE_WORDS, attack_from_words
+from shards.video import IMAGE_EXTS, VIDEO_EXTS
 
 log = logging.getLogger(__name__)
 
@@ -224,12 +224,11 @@ class HiFiMask(Adapter):
     TYPES = {0: ("none", ""), 1: ("mask", "transparent"), 2: ("mask", "plaster"), 3: ("mask", "resin")}
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
-        name = rel.stem if is_video(rel) else (rel.parts[-2] if len(rel.parts) > 1 else "")
+        name, video = self.clip_of(rel)
         m = self.match(r"(\d)_(\d+)_(\d)_(\d)_(\d)_(\d)", name)
         if not m or int(m[3]) not in self.TYPES:
             return None
         attack, spoof_type = self.TYPES[int(m[3])]
-        video = str(rel.with_suffix("")) if is_video(rel) else str(rel.parent)
         return {"attack": attack, "spoof_type": spoof_type, "subject": f"{int(m[2]):02d}",
                 "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all", "video": video,
                 "session": f"scene{m[4]}_light{m[5]}", "device": f"sensor{m[6]}", "skin": m[1]}
@@ -238,7 +237,7 @@ class HiFiMask(Adapter):
 class _KeywordLayout(Adapter):
     """Datasets whose folders say live/mask: label from folder words, subject from the first number."""
 
-    LIVE = {"live", "real", "genuine", "bonafide", "bona_fide"}
+    LIVE = LIVE_WORDS - {"client"}  # the generic live words, less "client"
     SPOOF_HINTS = ("mask", "spoof", "attack", "fake", "thatsmyface", "real-f", "realf")
     default_attack = "mask"
 
@@ -252,8 +251,7 @@ class _KeywordLayout(Adapter):
         if num is None:
             return None
         attack = "none" if spoof is None else attack_from_words([spoof], self.default_attack)
-        video = str(rel.with_suffix("")) if is_video(rel) else str(rel.parent)
-        return {"attack": attack, "spoof_type": spoof or "", "subject": f"{int(num):02d}", "video": video,
+        return {"attack": attack, "spoof_type": spoof or "", "subject": f"{int(num):02d}", "video": self.clip_of(rel)[1],
                 "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all"}
 
 
@@ -305,11 +303,10 @@ class WMCA(Adapter):
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         if rel.suffix.lower() in (".hdf5", ".h5"):
             raise SkipFile("hdf5_not_exported")
-        name = rel.stem if is_video(rel) else (rel.parts[-2] if len(rel.parts) > 1 else "")
+        name, video = self.clip_of(rel)
         m = self.match(r"(\d+)_(\d+)_(\d+)_(\d)_(\d+)", name)
         if not m or int(m[4]) not in self.TYPES:
             return None
         attack, spoof_type = self.TYPES[int(m[4])]
-        video = str(rel.with_suffix("")) if is_video(rel) else str(rel.parent)
         return {"attack": attack, "spoof_type": spoof_type, "subject": f"{int(m[1]):03d}", "video": video,
                 "session": m[2], "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all", "pai": m[5]}
