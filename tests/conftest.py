@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +20,20 @@ if not torch.cuda.is_available():
     # Triton decides interpreted-or-compiled when triton.language is first imported (any test may
     # import it through transformers/deepspeed): without a GPU, run the kernel tests interpreted.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from trainer.dist import free_port  # noqa: E402,F401  (re-exported for the tests: `from conftest import free_port`)
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher of this interpreter's install
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """Environment for launched runs: this venv's bin first on PATH, one thread per rank."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra)
+
+
+def train_history(out: Path) -> dict[int, float]:
+    """step -> logged loss of a finished run (train_result.json)."""
+    return {h["step"]: h["loss"] for h in json.loads((out / "train_result.json").read_text())["history"]}
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +53,6 @@ def demo_tokenizer(small_shards):
     from trainer.train import read_captions
 
     return build_demo_tokenizer(read_captions(resolve_shards([str(d) for d in small_shards.values()])))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -89,3 +97,16 @@ def assert_compiles_for_hopper(script: str, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=110)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_shards, demo_tokenizer, tmp_path_factory) -> Path:
+    """An exported-model directory with random weights (no training needed for plumbing tests)."""
+    from trainer.config import ModelConfig
+    from trainer.model import build_model
+
+    torch.manual_seed(0)
+    model, tok = build_model(ModelConfig(preset="tiny", projector_merge=2), demo_tokenizer)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(out, tok)
+    return out

@@ -3,7 +3,6 @@ own event reader. The model is a tiny random one (its scores are meaningless; th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(small_shards, demo_tokenizer, tmp_path_factory) -> Path:
-    """An exported-model directory with random weights (no training needed for plumbing tests)."""
-    from trainer.config import ModelConfig
-    from trainer.model import build_model
-
-    torch.manual_seed(0)
-    model, tok = build_model(ModelConfig(preset="tiny", projector_merge=2), demo_tokenizer)
-    out = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(out, tok)
-    return out
+from conftest import ROOT, free_port, launch_env
 
 
 def _events(logdir: Path):
@@ -222,7 +208,7 @@ def test_two_rank_eval_equals_one_rank(tiny_model_dir, small_shards, eval_run, t
     """torchrun with 2 CPU ranks: each scores half, rank 0 gathers; same metrics as one process."""
     out = tmp_path / "eval2"
     d = {k: str(v) for k, v in small_shards.items()}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = launch_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "trainer.evaluate", "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "16",

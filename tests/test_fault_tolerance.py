@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -15,10 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import DEEPSPEED, ROOT, free_port, launch_env, train_history as losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, ranks: int = 2) -> list[str]:
@@ -29,8 +27,7 @@ def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, r
 
 
 def start(cmd: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               **(env_extra or {}))
+    env = launch_env(**(env_extra or {}))
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -48,10 +45,6 @@ def keys_by_step(out: Path) -> dict[tuple[int, int], list[str]]:
             rec = json.loads(line)
             keys[(rank, rec["step"])] = rec["keys"]
     return keys
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in json.loads((out / "train_result.json").read_text())["history"]}
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:

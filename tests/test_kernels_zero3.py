@@ -9,7 +9,6 @@ the consolidated updated weights must agree to 1e-5.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,16 +110,12 @@ def worker(out_dir: Path) -> None:
         engine.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_fused_loss_under_zero3_matches_reference(tmp_path: Path) -> None:
-    port = _free_port()
+    from trainer.dist import free_port  # here, not at the top: the ranks run this file as a script
+
+    port = free_port()
     procs = []
     for rank in range(WORLD):
         env = dict(

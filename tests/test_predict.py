@@ -8,7 +8,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from test_eval_cli import tiny_model_dir  # noqa: F401 - the shared random tiny model fixture
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def inputs(small_shards, tmp_path_factory):
     return {"files": files, "folder": folder, "shard": shard}
 
 
-def test_jsonl_has_one_line_per_input(tiny_model_dir, inputs, tmp_path, capsys):  # noqa: F811
+def test_jsonl_has_one_line_per_input(tiny_model_dir, inputs, tmp_path, capsys):
     from trainer.predict import main
 
     cal = tmp_path / "calibration.json"
@@ -55,7 +54,7 @@ def test_jsonl_has_one_line_per_input(tiny_model_dir, inputs, tmp_path, capsys):
     assert {ln["label"] for ln in shard_lines} == {"live", "spoof"} and "attack" in shard_lines[0]
 
 
-def test_explanation_follows_the_judgment(tiny_model_dir, inputs):  # noqa: F811
+def test_explanation_follows_the_judgment(tiny_model_dir, inputs):
     from trainer.model import IFASModel
     from trainer.predict import predict
 
@@ -68,7 +67,7 @@ def test_explanation_follows_the_judgment(tiny_model_dir, inputs):  # noqa: F811
     assert all(r["explanation"] == "" for r in no)
 
 
-def test_face_crop_of_a_raw_photo(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_face_crop_of_a_raw_photo(tiny_model_dir, tmp_path, capsys):
     from skimage import data
 
     from trainer.predict import crop_face, main
@@ -87,7 +86,7 @@ def test_face_crop_of_a_raw_photo(tiny_model_dir, tmp_path, capsys):  # noqa: F8
     assert line["face_box"] == box
 
 
-def test_errors_are_one_line(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     from trainer.predict import main
 
     assert main(["--model", str(tiny_model_dir), str(tmp_path / "missing.jpg")]) == 2

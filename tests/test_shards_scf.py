@@ -96,11 +96,10 @@ TAUGHT = "a printed photo on paper held before a screen"
 def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path) -> None:
     """General captions -> keyword filter -> fine-tune the captioner with ifas-train (data.task=caption,
     2 ZeRO-3 ranks) -> ifas-export --format llava -> re-caption spoof images with it, live with C_G."""
-    import os
     import subprocess
     import sys
 
-    from conftest import ROOT, free_port
+    from conftest import DEEPSPEED, ROOT, free_port, launch_env
     from shards.keywords import load_keywords
 
     for i in range(3):
@@ -127,8 +126,8 @@ def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path
 
     # step 5: fine-tune C_G on the kept captions with this project's trainer
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    env = launch_env()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.sh", "--config", "launch/configs/scf_captioner.yaml", f"model.llava_path={tiny_captioner}",
            f"data.train_shards=[{general}]", f"train.output_dir={run}", "train.max_steps=60", "train.micro_batch_size=2",
            "optim.lr=1e-2", "optim.warmup_steps=2", "data.num_workers=0", "data.shuffle_buffer=4", "train.log_every=10"]

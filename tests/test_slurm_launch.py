@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, train_history as losses
 from trainer.dist import SLURM_PORT_BASE, SLURM_PORT_SPAN, parse_nodelist, slurm_rendezvous
 
 SBATCH = ROOT / "launch" / "slurm.sbatch"
@@ -227,10 +227,6 @@ def overrides(small_shards, out: Path, steps: int) -> list[str]:
             f"data.eval_shards=[{d['domain_d']}]", f"train.output_dir={out}",
             "train.micro_batch_size=4", "train.log_every=1", "data.num_workers=0", "optim.warmup_steps=2",
             f"train.max_steps={steps}", f"train.save_every={steps}", "eval.at_end=false"]
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in json.loads((out / "train_result.json").read_text())["history"]}
 
 
 @pytest.mark.slow

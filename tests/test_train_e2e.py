@@ -3,7 +3,6 @@ checkpoint + exact resume, consolidated export, evaluation scores, TensorBoard e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import DEEPSPEED, ROOT, free_port, launch_env, train_history as history
 
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: bool = True):
@@ -22,15 +20,10 @@ def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: b
             f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
             f"data.eval_shards=[{d['domain_d']}]", f"train.output_dir={out}", "train.micro_batch_size=4",
             "train.log_every=1", "data.num_workers=0", "eval.batch_size=16", "optim.warmup_steps=2", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def history(out: Path) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in json.loads((out / "train_result.json").read_text())["history"]}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +140,7 @@ def test_tensorboard_event_files_hold_the_curves(unbroken):
     ],
 )
 def test_bad_input_stops_before_any_rank_starts(override, needle, tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = launch_env(PYTHON=sys.executable)
     proc = subprocess.run(["bash", "launch/train.sh", f"train.output_dir={tmp_path}", override], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2

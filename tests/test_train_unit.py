@@ -1,7 +1,6 @@
 """Pieces of the training loop that need no process group: parameter groups, schedule, DeepSpeed config."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import yaml
 
 from trainer.config import ConfigError, load_config
+from trainer.dist import free_port
 from trainer.tables import ONE_TO_ELEVEN
 
 log = logging.getLogger("ifas.ablation")
@@ -116,17 +116,16 @@ def skip_reason(variant: Variant, sources: Counter, protocol: Path, base: list[s
     return ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _venv_path() -> str:
+    """PATH with this interpreter's bin first (the deepspeed launcher of the same install)."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def train_command(protocol: Path, out: Path, overrides: list[str], ranks: int) -> list[str]:
-    deepspeed = shutil.which("deepspeed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    deepspeed = shutil.which("deepspeed", path=_venv_path())
     if deepspeed is None:
         raise AblationError("the deepspeed launcher is not on PATH; install the project (make install) or activate its venv")
-    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(ROOT / "launch" / "train.sh"),
+    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / "train.sh"),
             "--config", str(protocol), f"train.output_dir={out}", *overrides]
 
 
@@ -139,8 +138,7 @@ def run_grid(variants: list[Variant], protocol: Path, out: Path, steps: int | No
              extra: list[str], sources: Counter, dry_run: bool = False) -> list[RunOutcome]:
     """Train (or reuse) every variant x seed; a failed run is recorded, not fatal, so the grid goes on.
     ``sources``: caption_source counts of the training shards (decides the caption variants)."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PATH=_venv_path())
     outcomes = []
     for variant in variants:
         for seed in seeds:
@@ -151,8 +149,9 @@ def run_grid(variants: list[Variant], protocol: Path, out: Path, steps: int | No
                 log.info("%s: skipped (%s)", variant.name, reason)
                 outcomes.append(RunOutcome(variant.name, seed, "skipped", reason))
                 continue
-            if read_metrics(run_dir):
-                outcomes.append(RunOutcome(variant.name, seed, "reused", metrics=read_metrics(run_dir)))
+            finished = read_metrics(run_dir)
+            if finished:
+                outcomes.append(RunOutcome(variant.name, seed, "reused", metrics=finished))
                 continue
             cmd = train_command(protocol, run_dir, base + list(variant.overrides), ranks)
             if dry_run:

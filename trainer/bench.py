@@ -33,8 +33,10 @@ from typing import Any
 
 import torch
 
+from trainer.dist import finish_process, free_port, shutdown_distributed
+from trainer.train import PROJECT_ROOT as ROOT
+
 log = logging.getLogger("ifas.bench")
-ROOT = Path(__file__).resolve().parent.parent
 SECTION_START, SECTION_END = "<!-- trainer-bench:start -->", "<!-- trainer-bench:end -->"
 # Dense bf16 peaks (FLOP/s) of accelerators the MFU target is stated for.
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -74,13 +76,11 @@ def _matmul_peak(dev: torch.device) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
     from trainer.config import load_config
     from trainer.data import StreamState, resolve_shards
-    from trainer.dist import all_reduce_sum, device, init_distributed
-    from trainer.flops import ifas_sample_flops
-    from trainer.loss import IGNORE_INDEX
+    from trainer.dist import all_reduce_sum, device, gather_objects, init_distributed
+    from trainer.flops import ifas_sample_flops, mfu
+    from trainer.loss import IGNORE_INDEX, loss_alpha
     from trainer.model import build_model
     from trainer.timing import PhaseTimer
     from trainer.train import build_engine, model_inputs, prepare_tokenizer, training_batches, train_step
@@ -96,6 +96,7 @@ def worker(args: argparse.Namespace) -> None:
     bare_model, _ = build_model(cfg.model, tokenizer)  # the same initial weights, never seen by DeepSpeed
     _, _, batches = training_batches(cfg, train_urls, model, tokenizer, info, StreamState())
     gas, mbs, world = cfg.train.grad_accum, cfg.train.micro_batch_size, info.world_size
+    alpha = loss_alpha(cfg.loss.mode, cfg.loss.alpha)  # as training passes it (None: the plain LM loss)
 
     def run(steps: int, timer: PhaseTimer | None) -> tuple[float, float, list]:
         kept, wait = [], 0.0
@@ -104,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
             t = time.perf_counter()
             micro = [next(batches) for _ in range(gas)]
             wait += time.perf_counter() - t
-            train_step(engine, micro, dev, cfg.loss.alpha, world, timer=timer)
+            train_step(engine, micro, dev, alpha, world, timer=timer)
             kept.append(micro)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -128,7 +129,7 @@ def worker(args: argparse.Namespace) -> None:
         for micro in micros:
             for mb in micro:
                 out = bare_model(**{k: v for k, v in model_inputs(mb, dev).items() if k in names},
-                                 alpha=cfg.loss.alpha)
+                                 alpha=alpha)
                 (out.loss.total / gas).backward()
             torch.nn.utils.clip_grad_norm_(bare_model.parameters(), cfg.optim.grad_clip)
             bare_opt.step()
@@ -162,8 +163,7 @@ def worker(args: argparse.Namespace) -> None:
         "consumed_samples_per_s": gas * mbs / step_s, "zero3_bytes": _zero3_bytes(engine),
         "flops_per_sample": flops_per_sample, "matmul_peak_flops": peak, "seq_len": seq,
     }
-    results: list[Any] = [None] * world
-    dist.all_gather_object(results, rank_result)
+    results = gather_objects(rank_result, info)
     tokens = all_reduce_sum(torch.tensor([float(sum(mb["attention_mask"].sum() for mb in flat))])).item()
     if info.is_main:
         slowest = max(r["step_s"] for r in results)
@@ -180,12 +180,12 @@ def worker(args: argparse.Namespace) -> None:
         summary["data_wait_frac"] = max(r["data_wait_frac"] for r in results)
         achieved = summary["samples_per_s"] * results[0]["flops_per_sample"] / world
         summary["achieved_flops_per_rank"] = achieved
-        summary["mfu_vs_matmul_peak"] = achieved / results[0]["matmul_peak_flops"]
+        summary["mfu_vs_matmul_peak"] = mfu(achieved, results[0]["matmul_peak_flops"])
         if dev.type == "cuda":
             name = torch.cuda.get_device_name(dev)
             peak_bf16 = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
             summary["gpu"] = name
-            summary["mfu"] = achieved / peak_bf16 if peak_bf16 else None
+            summary["mfu"] = mfu(achieved, peak_bf16) if peak_bf16 else None
         Path(args.result).write_text(json.dumps(summary, indent=2))
 
 
@@ -319,8 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
-        from trainer.dist import finish_process, shutdown_distributed
-
         try:
             worker(args)
         finally:
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [f"data.train_shards=[{data}/domain_a,{data}/domain_b,{data}/domain_c]",
                          f"train.output_dir={tmp}/run{ws}", *args.overrides]
             deepspeed_bin = Path(sys.executable).parent / "deepspeed"
-            cmd = [str(deepspeed_bin), "--num_gpus", str(ws), "--master_port", str(_free_port()), "--module",
+            cmd = [str(deepspeed_bin), "--num_gpus", str(ws), "--master_port", str(free_port()), "--module",
                    "trainer.bench", "--worker", "--result", str(result), "--config", args.config,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -353,13 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         update_benchmarks_md(section)
     return 0
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -119,7 +120,8 @@ def slurm_rendezvous(env: dict[str, str] | os._Environ) -> tuple[str, int] | Non
 
 # ----- process group -----
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (rendezvous of a launched run)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -184,7 +186,7 @@ def init_distributed(timeout_s: float | None = None) -> WorldInfo:
             raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with deepspeed/torchrun/srun "
                                "or set MASTER_ADDR and MASTER_PORT")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     _timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(_cuda_index(info.local_rank))
@@ -204,11 +206,29 @@ def init_distributed(timeout_s: float | None = None) -> WorldInfo:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place. Host tensors work under NCCL too (it reduces only device
+    tensors): they go through the current GPU and back."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_device = t.to(torch.cuda.current_device())
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return t.copy_(on_device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def gather_objects(obj: Any, info: WorldInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if info.world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 _collectives_ran = False  # set by shutdown_distributed: this process held a process group

@@ -36,7 +36,7 @@ import torch
 
 from trainer.config import RunConfig
 from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader, resolve_shards
-from trainer.dist import WorldInfo, all_reduce_sum, device, finish_process, shutdown_distributed
+from trainer.dist import WorldInfo, all_reduce_sum, device, finish_process, gather_objects, shutdown_distributed
 from trainer.metrics import FASMetrics, eer_threshold, fas_metrics, format_attack_table, format_table, jsonable
 from trainer.prompt import PromptBuilder
 
@@ -57,7 +57,6 @@ class ScoredSet:
     attacks: list[str] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
-    splits: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -81,7 +80,7 @@ class ScoredSet:
         return cls(np.concatenate([p.scores for p in parts]) if parts else np.zeros(0),
                    np.concatenate([p.live for p in parts]) if parts else np.zeros(0, dtype=bool),
                    *([x for p in parts for x in getattr(p, name)]
-                     for name in ("keys", "attacks", "videos", "datasets", "splits")))
+                     for name in ("keys", "attacks", "videos", "datasets")))
 
 
 def _score_batch(model_call, batch: dict[str, Any], dev: torch.device) -> torch.Tensor:
@@ -139,22 +138,11 @@ def collect_scores(model_call, urls: list[str], builder: PromptBuilder, transfor
         parts.append(ScoredSet(
             _score_batch(model_call, batch, dev).numpy(), batch["live"].numpy().astype(bool), list(batch["keys"]),
             [str(m.get("attack", "")) for m in metas], [str(m.get("video", "")) for m in metas],
-            [str(m.get("dataset", "")) for m in metas], [str(m.get("split", "")) for m in metas]))
+            [str(m.get("dataset", "")) for m in metas]))
     if dummy is None and info.world_size > 1:
         raise ShardSetError(f"rank {info.rank} received no evaluation samples from {urls[:2]}...: use more samples "
                             "than ranks")
     return ScoredSet.concat(parts)
-
-
-def gather_objects(obj: Any, info: WorldInfo) -> list[Any]:
-    """Every rank's ``obj``, on every rank."""
-    import torch.distributed as dist
-
-    if info.world_size == 1:
-        return [obj]
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def gather_scored(part: ScoredSet, info: WorldInfo) -> ScoredSet:
@@ -173,12 +161,11 @@ def dev_threshold(model_call, dev_urls: list[str], split: str, builder: PromptBu
     part = collect_scores(model_call, dev_urls, builder, transform, info, batch_size, pad_id, max_samples,
                           select=split_selector(split))
     dev = gather_scored(part, info)
-    live = dev.live.astype(bool)
-    if live.all() or not live.any():
-        raise ShardSetError(f"dev shards {dev_urls[:2]}... give {int(live.sum())} live and {int((~live).sum())} spoof "
-                            f"samples with split={split!r}: a threshold needs both; set --dev-split/eval.dev_split "
+    eer, threshold = eer_threshold(dev.scores, dev.live)
+    if math.isnan(threshold):  # one class only
+        raise ShardSetError(f"dev shards {dev_urls[:2]}... give {int(dev.live.sum())} live and {int((~dev.live).sum())} "
+                            f"spoof samples with split={split!r}: a threshold needs both; set --dev-split/eval.dev_split "
                             "(\"\" = every sample)")
-    eer, threshold = eer_threshold(dev.scores, live)
     return {"threshold": threshold, "eer": eer, "samples": len(dev),
             "source": f"EER threshold of {len(dev)} split={split or '*'} samples of {len(dev_urls)} dev shard(s)"}
 
@@ -199,7 +186,7 @@ def log_metrics(writer, results: dict[str, FASMetrics], step: int) -> None:
 
 
 def report(results: dict[str, FASMetrics], out_dir: Path, writer=None, step: int = 0,
-           scores: dict[str, dict[str, float]] | None = None, scored: dict[str, ScoredSet] | None = None,
+           scored: dict[str, ScoredSet] | None = None,
            protocol: str = "auto", calibration: dict[str, Any] | None = None) -> str:
     """Print the tables and write eval_metrics.json/.md, eval_tables.json/.md (paper layouts, when a
     test set maps to a protocol column), eval_scores.json (per sample), ROC/histogram PNGs (with
@@ -222,9 +209,7 @@ def report(results: dict[str, FASMetrics], out_dir: Path, writer=None, step: int
     table = "\n\n".join(sections)
     print(table, flush=True)
     if scored is not None:
-        scores = {name: s.by_key() for name, s in scored.items()}
-    if scores is not None:
-        (out_dir / "eval_scores.json").write_text(json.dumps(scores, indent=1))
+        (out_dir / "eval_scores.json").write_text(json.dumps({name: s.by_key() for name, s in scored.items()}, indent=1))
     (out_dir / "eval_metrics.json").write_text(json.dumps(as_json, indent=2))
     (out_dir / "eval_metrics.md").write_text(table + "\n")
     if paper_json:
@@ -357,7 +342,7 @@ def _barrier(info: WorldInfo) -> None:
         dist.barrier()
 
 
-def explain_set(model, tokenizer, keeper, n: int, scored: ScoredSet, threshold: float, modes: list[str],
+def explain_set(model, tokenizer, keeper, scored: ScoredSet, threshold: float, modes: list[str],
                 max_new_tokens: int, batch_size: int, info: WorldInfo, seed: int = 0):
     """Explain this rank's kept samples (judgment = score >= threshold) in each decoding mode;
     every rank's records and images gathered."""
@@ -365,7 +350,7 @@ def explain_set(model, tokenizer, keeper, n: int, scored: ScoredSet, threshold: 
 
     dev = device()
     score_of = scored.by_key()
-    chosen = keeper.select(max(1, math.ceil(n / info.world_size))) if n > 0 else []
+    chosen = keeper.select(keeper.per_type)  # this rank's share of the samples to explain
     records, images = [], {}
     for start in range(0, len(chosen), batch_size):
         group = chosen[start:start + batch_size]
@@ -499,7 +484,7 @@ def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
         results[name] = scored[name].metrics(threshold)
         if args.explain_samples > 0:
             decide = threshold if threshold is not None else results[name].eer_threshold
-            records, images = explain_set(model, tokenizer, keeper, args.explain_samples, scored[name], decide,
+            records, images = explain_set(model, tokenizer, keeper, scored[name], decide,
                                           args.explain_modes, args.max_new_tokens, args.batch_size, info)
             explained[name] = {"threshold": decide, "metrics": {m: explanation_metrics(
                 [r for r in records if r.mode == m], keywords) for m in args.explain_modes},
@@ -514,9 +499,10 @@ def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
         report(results, out, writer, scored=scored, protocol=args.protocol, calibration=calibration)
         if explained:
             (out / "eval_explanations.json").write_text(json.dumps(jsonable(explained), indent=2))
-            print("\n" + format_explanation_table(explained), flush=True)
+            explanation_table = format_explanation_table(explained)
+            print("\n" + explanation_table, flush=True)
             with open(out / "eval_metrics.md", "a") as f:
-                f.write("\n" + format_explanation_table(explained) + "\n")
+                f.write("\n" + explanation_table + "\n")
         writer.close()
 
 

@@ -32,6 +32,10 @@ class NotLlavaCompatible(ValueError):
     """The model has parts LLaVA cannot hold (GAC tokens, merged patches); the message says which."""
 
 
+def is_llava_compatible(arch: Mapping[str, Any]) -> bool:
+    return not arch.get("gac") and arch.get("projector_merge", 1) == 1
+
+
 def check_llava_compatible(arch: Mapping[str, Any]) -> None:
     """``arch``: the model's ArchConfig as a dict (``ifas_config.json``'s ``arch``)."""
     if arch.get("gac"):

@@ -96,8 +96,16 @@ def lopsided_lm_loss(
     logits [T, V], targets [T], groups [T]. ``n_judgment``/``n_interpretation`` are the token
     counts of the global batch; by default the counts of this call (a single-process batch).
     """
-    local_j, local_i = group_counts(groups)
-    n_j = local_j if n_judgment is None else n_judgment
-    n_i = local_i if n_interpretation is None else n_interpretation
-    weights = lopsided_token_weights(groups, alpha, n_j, n_i)
+    weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
     return weighted_cross_entropy(logits, targets, weights, groups)
+
+
+def batch_token_weights(groups: torch.Tensor, alpha: float | None, n_judgment: float | None = None,
+                        n_interpretation: float | None = None) -> torch.Tensor:
+    """``lopsided_token_weights`` with the global batch's counts, or, where one is not given, this
+    call's own (counted only then: counting reads the device)."""
+    if n_judgment is None or n_interpretation is None:
+        local_j, local_i = group_counts(groups)
+        n_judgment = local_j if n_judgment is None else n_judgment
+        n_interpretation = local_i if n_interpretation is None else n_interpretation
+    return lopsided_token_weights(groups, alpha, n_judgment, n_interpretation)

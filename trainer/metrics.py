@@ -113,16 +113,6 @@ def auc(scores: np.ndarray, live: np.ndarray) -> float:
     return NAN if _one_class(live) else float(roc_auc_score(live.astype(int), np.asarray(scores, dtype=np.float64)))
 
 
-def acer(scores: np.ndarray, live: np.ndarray, attacks: Sequence[str] | None, threshold: float) -> float:
-    """(max APCER over attack types + BPCER) / 2 at ``threshold`` (= HTER without attack types)."""
-    scores, live = np.asarray(scores, dtype=np.float64), np.asarray(live).astype(bool)
-    apcer, bpcer = error_rates(scores, live, threshold)
-    if attacks is not None and (~live).any():
-        att = np.asarray(attacks, dtype=object)
-        apcer = max(float((scores[~live & (att == a)] >= threshold).mean()) for a in set(att[~live].tolist()))
-    return (apcer + bpcer) / 2.0
-
-
 def video_level(scores: np.ndarray, live: np.ndarray, videos: Sequence[str], attacks: Sequence[str] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Mean score per video (in order of first appearance), its label and attack type.
@@ -158,13 +148,12 @@ def fas_metrics(scores: np.ndarray, live: np.ndarray, attacks: Sequence[str] | N
     apcer, bpcer = error_rates(scores, live, thr) if not math.isnan(thr) else (NAN, NAN)
     m = FASMetrics(
         num_live=int(live.sum()), num_spoof=int((~live).sum()), auc=auc(scores, live), eer=eer, eer_threshold=thr,
-        hter=(apcer + bpcer) / 2.0, apcer=apcer, bpcer=bpcer,
-        acer=acer(scores, live, attacks, thr) if not math.isnan(thr) else NAN, tpr_at_fpr1=tpr_at_fpr(scores, live),
+        hter=(apcer + bpcer) / 2.0, apcer=apcer, bpcer=bpcer, tpr_at_fpr1=tpr_at_fpr(scores, live),
     )
     if threshold is not None:
         a, b = error_rates(scores, live, threshold)
         m.fixed_threshold, m.apcer_fixed, m.bpcer_fixed = float(threshold), a, b
-        m.hter_fixed, m.acer_fixed = (a + b) / 2.0, acer(scores, live, attacks, threshold)
+        m.hter_fixed = (a + b) / 2.0
     if attacks is not None:
         att = np.asarray(attacks, dtype=object)
         for a in sorted(set(att[~live].tolist())):
@@ -175,6 +164,11 @@ def fas_metrics(scores: np.ndarray, live: np.ndarray, attacks: Sequence[str] | N
                 auc=auc(scores[sel], live[sel]), eer=eer_threshold(scores[sel], live[sel])[0],
                 apcer_fixed=error_rates(scores[sel], live[sel], threshold)[0] if threshold is not None else None,
             )
+    # ACER (ISO/IEC 30107-3): the worst attack type's APCER with BPCER; HTER without attack types
+    worst = m.per_attack.values()
+    m.acer = (max(x.apcer for x in worst) + m.bpcer) / 2.0 if m.per_attack else m.hter
+    if threshold is not None:
+        m.acer_fixed = (max(x.apcer_fixed for x in worst) + m.bpcer_fixed) / 2.0 if m.per_attack else m.hter_fixed
     if videos is not None and len(set(map(str, videos))) < len(scores):
         v_scores, v_live, v_att = video_level(scores, live, videos, attacks)
         m.video = fas_metrics(v_scores, v_live, v_att, None, threshold)

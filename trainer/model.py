@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 
 from trainer.config import ModelConfig
 from trainer.gac import GloballyAwareConnector
-from trainer.loss import IGNORE_INDEX, LossParts, group_counts, lopsided_lm_loss, lopsided_token_weights
+from trainer.loss import IGNORE_INDEX, LossParts, batch_token_weights, lopsided_lm_loss
 from trainer.tokenizer import IMAGE_TOKEN, ensure_image_token, judgment_token_ids, load_tokenizer
 from trainer.weights import WeightsError, load_weights, write_weights
 
@@ -218,9 +218,7 @@ class IFASModel(nn.Module):
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
         targets, groups = targets[supervised], groups[supervised]
         if self.head_loss is not None:
-            local_j, local_i = group_counts(groups)
-            weights = lopsided_token_weights(groups, alpha, local_j if n_judgment is None else n_judgment,
-                                             local_i if n_interpretation is None else n_interpretation)
+            weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
             loss = LossParts(*self.head_loss(h, targets, weights, groups))
         else:
             loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)

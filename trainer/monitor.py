@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from trainer.dist import WorldInfo
+from trainer.dist import WorldInfo, gather_objects
 
 
 def rank_memory_mb(dev: torch.device) -> dict[str, float]:
@@ -35,13 +35,8 @@ def log_system_scalars(writer, step: int, info: WorldInfo, dev: torch.device, *,
     """Gather every rank's memory, data wait and skip counts; rank 0 writes
     ``memory/<kind>/rank<r>``, ``data/wait_s/rank<r>`` (+ ``data/wait_frac``), ``data/skipped/<reason>``
     (summed over ranks; pass cumulative counts) and ``lr/<group>``. Returns the scalars written."""
-    import torch.distributed as dist
-
     local = {"memory": rank_memory_mb(dev), "wait": data_wait_s, "time": step_time_s, "skipped": dict(skipped or {})}
-    ranks = [local]
-    if info.world_size > 1 and dist.is_initialized():
-        ranks = [None] * info.world_size
-        dist.all_gather_object(ranks, local)
+    ranks = gather_objects(local, info)
     scalars: dict[str, float] = {}
     for r, entry in enumerate(ranks):
         for kind, value in entry["memory"].items():

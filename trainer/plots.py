@@ -1,20 +1,16 @@
 """Evaluation plots a user looks at rather than reads: ROC curves per test set and liveness score
 histograms (live vs spoof) with the decision thresholds, saved as PNG and logged to TensorBoard.
 
-matplotlib draws off-screen (Agg, no pyplot state); when it is missing the plots are skipped with a
-warning rather than failing an evaluation that has already computed its numbers.
+matplotlib (a pinned requirement) draws off-screen: Agg, no pyplot state.
 """
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from sklearn.metrics import roc_curve
-
-log = logging.getLogger("ifas.plots")
 
 
 def _figure(width: float = 5.0, height: float = 4.0):
@@ -88,11 +84,6 @@ def save_and_log(fig, path: Path, writer=None, tag: str = "", step: int = 0) -> 
 def plot_sets(sets: Mapping[str, tuple[np.ndarray, np.ndarray, Mapping[str, float]]], out_dir: Path, writer=None,
               step: int = 0) -> list[Path]:
     """ROC of every set in one figure plus a histogram per set; returns the PNG paths written."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        log.warning("matplotlib is not installed: no ROC/histogram plots (pip install matplotlib==3.11.2)")
-        return []
     paths = [out_dir / "roc.png"]
     save_and_log(roc_figure({n: (s, l) for n, (s, l, _) in sets.items()}), paths[0], writer, "eval_plots/roc", step)
     for name, (scores, live, thresholds) in sets.items():

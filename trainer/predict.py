@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from shards.writer import MANIFEST_NAME
 from trainer.data import ImageTransform, ShardSetError, collate, decode_sample, resolve_shards
 from trainer.dist import device
 from trainer.evaluate import PROMPT_ONLY_MAX_LENGTH, threshold_from_file
@@ -57,7 +58,7 @@ def crop_face(image: Image.Image, size: int) -> tuple[Image.Image, list[float] |
 
 
 def _is_shard_set(path: Path) -> bool:
-    return path.suffix == ".tar" or (path.is_dir() and ((path / "manifest.json").is_file() or any(path.glob("*.tar"))))
+    return path.suffix == ".tar" or (path.is_dir() and ((path / MANIFEST_NAME).is_file() or any(path.glob("*.tar"))))
 
 
 def iter_inputs(specs: list[str]) -> Iterator[Item]:

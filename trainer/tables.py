@@ -84,8 +84,8 @@ PROTOCOLS = {p.name: p for p in (OCIM, ONE_TO_ELEVEN)}
 
 
 def normalise(name: str) -> str:
-    """'MSU-MFSD', 'msu_mfsd' and 'MSU MFSD' all become 'msumfsd'; a trailing '+' becomes 'plus'."""
-    return re.sub(r"[^a-z0-9]", "", name.lower().replace("v1+", "v1"))
+    """'MSU-MFSD', 'msu_mfsd' and 'MSU MFSD' all become 'msumfsd' (every character but a-z and 0-9 goes)."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def match_column(protocol: Protocol, *names: str) -> Column | None:

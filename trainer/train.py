@@ -27,9 +27,9 @@ from trainer.checkpoint import Checkpointer, LayoutMismatch, tag_for
 from trainer.evaluate import PeriodicEvaluator
 from trainer.monitor import log_system_scalars
 from trainer.data import SKIP_REASONS, ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
-from trainer.dist import (WorldInfo, all_reduce_sum, collective_timeout, device, finish_process, init_distributed,
-                          shutdown_distributed)
-from trainer.llava_format import llava_processor, processor_chat_template
+from trainer.dist import (WorldInfo, all_reduce_sum, collective_timeout, device, finish_process, gather_objects,
+                          init_distributed, shutdown_distributed)
+from trainer.llava_format import is_llava_compatible, llava_processor, processor_chat_template
 from trainer.loss import INTERPRETATION, JUDGMENT, loss_alpha
 from trainer.model import IFASModel, ModelLoadError, build_model
 from trainer.prompt import PromptBuilder
@@ -173,15 +173,16 @@ def unweighted_parts(totals: torch.Tensor, alpha: float | None) -> tuple[float, 
 
 
 def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float | None, world: int,
-               poison: bool = False, timer: PhaseTimer | None = None) -> torch.Tensor:
+               poison: bool = False, timer: PhaseTimer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
-    summed over them (this rank's share of the global-batch loss, detached, on the device).
+    summed over them (this rank's share of the global-batch loss, detached, on the device) and this
+    rank's [judgment, interpretation] token counts (on the host).
     ``poison`` makes the loss NaN (fault injection for tests, see INJECT_NAN_ENV); ``timer``
     (benchmark only) records the phases."""
     groups = [mb["label_groups"] for mb in micro_batches]
     counts = torch.stack([sum((g == JUDGMENT).sum() for g in groups), sum((g == INTERPRETATION).sum() for g in groups)])
     with phase(timer, "comm_counts"):  # one small collective per step, kept on the device (no host sync)
-        n_judgment, n_interp = all_reduce_sum(counts.to(dev, torch.float64))
+        n_judgment, n_interp = all_reduce_sum(counts.to(dev, torch.float64, non_blocking=True))
     scale = world * len(micro_batches)
     parts = torch.zeros(3, dtype=torch.float64, device=dev)
     for mb in micro_batches:
@@ -196,7 +197,7 @@ def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, a
         with phase(timer, "optimizer_step"):
             engine.step()
         parts += torch.stack(list(out.loss)).detach().double()
-    return parts
+    return parts, counts
 
 
 # ----- checkpoints, stopping -----
@@ -230,15 +231,6 @@ class TrainingHalted(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps in a row) after saving."""
 
 
-def gather_stream_states(state: StreamState, info: WorldInfo) -> list[dict[str, Any]]:
-    """Every rank's stream state, in rank order (the same list on every rank)."""
-    import torch.distributed as dist
-
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, state.state_dict())
-    return states
-
-
 def skipped_counts(state: StreamState, info: WorldInfo) -> dict[str, int]:
     """Bad samples skipped so far, summed over ranks, per reason."""
     local = state.skipped_total()
@@ -263,7 +255,7 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device):
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "ifas_config.json").write_text(json.dumps(model.config_dict(), indent=2))
         tokenizer.save_pretrained(str(model_dir))
-        if not model.arch.gac and model.arch.projector_merge == 1:  # exportable as LLaVA (trainer/llava_format.py)
+        if is_llava_compatible(model.config_dict()["arch"]):  # exportable as LLaVA (ifas-export --format llava)
             chat_template = processor_chat_template(cfg.model.llava_path)  # the base captioner's, if any
             llava_processor(model.config_dict(), tokenizer, chat_template).save_pretrained(str(model_dir / PROCESSOR_DIR))
         (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -327,7 +319,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     def save(step: int) -> None:
         client_state = {"step": step, "config": cfg.to_dict(),
                         "data": {"world_size": info.world_size, "num_workers": cfg.data.num_workers,
-                                 "streams": gather_stream_states(stream_state, info)}}
+                                 "streams": gather_objects(stream_state.state_dict(), info)}}
         checkpointer.save(engine, step, client_state, layout)
 
     writer = None
@@ -364,7 +356,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         micro = [next(batches) for _ in range(gas)]
         t_data = time.perf_counter()
         lr_used = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
-        step_parts = train_step(engine, micro, dev, alpha, world, poison=(step + 1) in nan_steps)
+        step_parts, step_tokens = train_step(engine, micro, dev, alpha, world, poison=(step + 1) in nan_steps)
         for mb in micro:
             stream_state.update(mb)
         done = step + 1
@@ -384,8 +376,9 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             window[:3] += step_parts
             window[3] += gas * cfg.train.micro_batch_size
             window[4] += sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
-            window[5] += sum(int((mb["label_groups"] == JUDGMENT).sum()) for mb in micro)
-            window[6] += sum(int((mb["label_groups"] == INTERPRETATION).sum()) for mb in micro)
+            n_judgment, n_interp = step_tokens.tolist()  # host tensor: no device sync
+            window[5] += n_judgment
+            window[6] += n_interp
             window_steps += 1
         if keys_log is not None:
             keys_log.write(json.dumps({"step": done, "keys": [k for mb in micro for k in mb["keys"]]}) + "\n")
@@ -404,7 +397,8 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                    "tokens_per_s": totals[4].item() / window_time, "data_wait_frac": window_wait / window_time,
                    "skipped_steps": skipped_steps, "skipped_samples": skipped_counts(stream_state, info)}
             history.append(rec)
-            log_system_scalars(writer, done, info, dev)  # memory per rank (collective)
+            lrs = {g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)}
+            log_system_scalars(writer, done, info, dev, lrs=lrs)  # memory per rank (collective), lr per group
             if writer is not None:
                 for k, v in rec.items():
                     if k == "skipped_samples":
@@ -412,8 +406,6 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                             writer.add_scalar(f"data/skipped_{reason}", count, done)
                     elif k != "step":
                         writer.add_scalar(f"train/{k}", v, done)
-                for g, lr in zip(optimizer.param_groups, lr_used):
-                    writer.add_scalar(f"lr/{g.get('name', 'group')}", lr, done)
                 writer.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", judg=f"{rec['loss_judgment']:.3f}")
             window.zero_()
@@ -455,7 +447,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--check", action="store_true", help="validate config and inputs, then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=50")
     args = parser.parse_args(argv)
-    setup_logging(int(__import__("os").environ.get("RANK", 0)))
+    setup_logging(int(os.environ.get("RANK", 0)))
     try:
         cfg = load_config(args.config, args.overrides)
         train_urls, eval_urls = check_inputs(cfg)
