@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from .gac_pool import multi_layer_pool_layernorm
+    from .lopsided_ce import fused_linear_lopsided_ce
     from .zero3 import FusedLMHeadLoss
 
 __all__ = [
@@ -41,46 +43,10 @@ class LossParts(NamedTuple):
     interpretation: "torch.Tensor"
 
 
-def fused_linear_lopsided_ce(
-    hidden: "torch.Tensor",
-    weight: "torch.Tensor",
-    targets: "torch.Tensor",
-    token_weights: "torch.Tensor",
-    groups: "torch.Tensor",
-    bias: "torch.Tensor | None" = None,
-    ignore_index: int = -100,
-    *,
-    backend: str = "auto",
-    chunk_size: int | None = None,
-) -> LossParts:
-    """``sum_t w_t * CE(hidden_t @ weight.T + bias, targets_t)``, split into judgment/interpretation.
-
-    See :func:`kernels.lopsided_ce.fused_linear_lopsided_ce`.
-    """
-    from .lopsided_ce import fused_linear_lopsided_ce as impl
-
-    return impl(
-        hidden, weight, targets, token_weights, groups, bias, ignore_index, backend=backend, chunk_size=chunk_size
-    )
-
-
-def multi_layer_pool_layernorm(
-    hidden_states: "torch.Tensor",
-    ln_weight: "torch.Tensor",
-    ln_bias: "torch.Tensor",
-    mode: str = "cls",
-    eps: float = 1e-5,
-    *,
-    backend: str = "auto",
-) -> "torch.Tensor":
-    """GAC multi-layer pooling: ``[L, B, N, D]`` -> ``[B, L, D]``. See :mod:`kernels.gac_pool`."""
-    from .gac_pool import multi_layer_pool_layernorm as impl
-
-    return impl(hidden_states, ln_weight, ln_bias, mode, eps, backend=backend)
-
-
 # Lazily resolved exports: name -> submodule holding it.
 _LAZY = {
+    "fused_linear_lopsided_ce": "lopsided_ce",
+    "multi_layer_pool_layernorm": "gac_pool",
     "FusedLMHeadLoss": "zero3",
     "lopsided_ce_reference": "lopsided_ce",
     "multi_layer_pool_layernorm_reference": "gac_pool",

@@ -363,7 +363,7 @@ def bench_gac(case: GACCase, device: str, meter, repeats: int, time_cap: float, 
     if device == "cuda":
         # bytes that must move: forward reads the pooled tokens and writes [B, L, D]; backward
         # writes the full [L, B, N, D] gradient (zeros beyond the class token in cls mode).
-        esize = torch.finfo(dtype).bits // 8
+        esize = dtype.itemsize
         read_tokens = 1 if case.mode == "cls" else case.tokens
         fwd_bytes = case.layers * case.batch * case.dim * esize * (read_tokens + 1)
         bwd_bytes = case.layers * case.batch * case.dim * esize * (case.tokens + 1)

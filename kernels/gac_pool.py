@@ -28,8 +28,6 @@ def _as_layer_tensor(hidden_states: torch.Tensor | Sequence[torch.Tensor], mode:
 
 
 def _check(hidden_states: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if hidden_states.dim() != 4:
         raise ValueError(f"hidden_states must be [L, B, N, D], got {tuple(hidden_states.shape)}")
     n_layers, _, n_tokens, dim = hidden_states.shape

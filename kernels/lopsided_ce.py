@@ -156,7 +156,7 @@ class _FusedLinearLopsidedCE(torch.autograd.Function):
             & ((groups == JUDGMENT) | (groups == INTERPRETATION))
             & (token_weights != 0)
         )
-        idx = selected.nonzero().squeeze(1)  # the one host sync: the chunk loop needs the count
+        idx = selected.nonzero().squeeze(1)  # a host sync: the chunk loop needs the count (and so does the range check)
         if idx.numel() == targets.numel():
             idx = None  # all rows supervised: no gather, no scatter
             y, w, g = targets, token_weights.float(), groups

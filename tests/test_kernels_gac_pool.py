@@ -139,6 +139,5 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(120)
 def test_triton_kernels_compile_for_hopper(tmp_path: Path) -> None:
     assert_compiles_for_hopper(COMPILE_FOR_HOPPER, tmp_path)

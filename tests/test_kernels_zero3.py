@@ -67,7 +67,7 @@ def make_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 def worker(out_dir: Path) -> None:
     import deepspeed
 
-    from trainer.loss import lopsided_token_weights
+    from trainer.loss import group_counts, lopsided_token_weights
 
     rank = int(os.environ["RANK"])
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no 28 s g++ build on CPU
@@ -89,7 +89,7 @@ def worker(out_dir: Path) -> None:
         for step in range(MICRO_STEPS):
             # weights normalised over the global batch (all ranks), as the trainer does
             all_groups = torch.cat([make_batch(step, r)[2].reshape(-1) for r in range(WORLD)])
-            n_j, n_i = int((all_groups == 1).sum()), int((all_groups == 2).sum())
+            n_j, n_i = group_counts(all_groups)
             tokens, targets, groups = make_batch(step, rank)
             weights = lopsided_token_weights(groups, ALPHA, n_j, n_i)
             parts = engine(tokens, targets, weights, groups)

@@ -15,22 +15,14 @@ so the one judgment token counts no more than any caption token.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
+
+from kernels import LossParts  # the fused path returns the same type
 
 IGNORE_INDEX = -100
 # Token groups, aligned with the targets: which part of the answer a supervised token belongs to.
 UNSUPERVISED, JUDGMENT, INTERPRETATION = 0, 1, 2
-
-
-class LossParts(NamedTuple):
-    """The weighted loss and its two parts (total == judgment + interpretation)."""
-
-    total: torch.Tensor
-    judgment: torch.Tensor
-    interpretation: torch.Tensor
 
 
 def group_counts(groups: torch.Tensor) -> tuple[int, int]:

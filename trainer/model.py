@@ -219,7 +219,7 @@ class IFASModel(nn.Module):
         targets, groups = targets[supervised], groups[supervised]
         if self.head_loss is not None:
             weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
-            loss = LossParts(*self.head_loss(h, targets, weights, groups))
+            loss = self.head_loss(h, targets, weights, groups)
         else:
             loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)
         return IFASOutput(loss, scores, judgment_logits)
