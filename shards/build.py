@@ -30,7 +30,7 @@ from shards.adapters import Adapter, Item, Skip
 from shards.faces import FaceCropper
 from shards.captions import template_caption
 from shards.video import MediaError, frame_indices, is_video, read_image, read_video_frames
-from shards.writer import MANIFEST_NAME, ShardWriter, _atomic_write_text, read_manifest, sha256_file
+from shards.writer import MANIFEST_NAME, ShardWriter, atomic_write_text, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class _SplitBuild:
         self.state.append({"entry": entry, "counts": self.writer.counts,  # of every finished shard so far
                            "cursor": list(self.cursor), "skipped": dict(self.skipped),
                            "examples": {k: list(v) for k, v in self.examples.items()}})
-        _atomic_write_text(self.out / STATE_NAME, json.dumps({"fingerprint": self.fingerprint, "shards": self.state}) + "\n")
+        atomic_write_text(self.out / STATE_NAME, json.dumps({"fingerprint": self.fingerprint, "shards": self.state}) + "\n")
         self.new_shards += 1
         if self.stop_after is not None and self.new_shards >= self.stop_after:
             raise _Stop()

@@ -55,7 +55,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` so a reader sees the old or the new file whole, never part of one (even after a crash)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -212,7 +213,7 @@ class ShardWriter:
         if clash:
             raise ValueError(f"extra manifest fields {sorted(clash)} clash with reserved ones")
         manifest.update(self.extra)
-        _atomic_write_text(self.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(self.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         self.manifest = manifest
         log.info("shard set %s: %d samples in %d shards", self.out_dir, manifest["num_samples"], len(self._shards))
         return manifest

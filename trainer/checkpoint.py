@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from shards.writer import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +26,6 @@ LAYOUT = "layout.json"  # world size and loader workers the checkpoint was writt
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -66,9 +58,9 @@ class Checkpointer:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()  # every rank's shards are on disk before the checkpoint counts as written
         if self.is_main:
-            _atomic_write(self.dir / tag / LAYOUT, json.dumps(layout))
-            _atomic_write(self.dir / tag / COMPLETE, f"{step}\n")
-            _atomic_write(self.dir / LATEST, tag)
+            atomic_write_text(self.dir / tag / LAYOUT, json.dumps(layout))
+            atomic_write_text(self.dir / tag / COMPLETE, f"{step}\n")
+            atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=tag)
         dist.barrier()
         log.info("saved checkpoint %s", self.dir / tag)
