@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["trainer", "trainer.*", "kernels", "kernels.*", "shards", "shards.*"]),
-    package_data={"shards": ["data/*"], "trainer": ["configs/*"]},
+    package_data={"shards": ["data/*"]},
     install_requires=_requirements(),
     extras_require={
         "gpu": ["flash-attn>=2.6"],
@@ -30,12 +30,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ifas-train=trainer.train:main",
+            "ifas-train=trainer.cli.train:main",
             "ifas-shards=shards.cli:main",
-            "ifas-eval=trainer.evaluate:main",
-            "ifas-predict=trainer.predict:main",
-            "ifas-export=trainer.export:main",
-            "ifas-ablation=trainer.ablation:main",
+            "ifas-eval=trainer.cli.eval:main",
+            "ifas-predict=trainer.cli.predict:main",
+            "ifas-export=trainer.cli.export:main",
+            "ifas-ablation=trainer.cli.ablation:main",
         ]
     },
 )

@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from . import LossParts, fused_linear_lopsided_ce, multi_layer_pool_layernorm
+from .benchmarks_md import update_section
 from .gac_pool import multi_layer_pool_layernorm_reference
 from .lopsided_ce import INTERPRETATION, JUDGMENT, default_chunk_size, lopsided_ce_reference, weighted_ce_reference
 
 logger = logging.getLogger("kernels.bench")
 
-MARK_START = "<!-- kernels-bench:start -->"
-MARK_END = "<!-- kernels-bench:end -->"
 NO_GPU = "not measured (no GPU in this session)"
 ALPHA = 0.7
 SAMPLE_LEN = 512  # positions per packed sample in the synthetic batches
@@ -517,19 +516,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, body: str) -> None:
-    """Replace the text between the markers of the ``## Kernels`` section (create what is missing)."""
-    section = f"{MARK_START}\n{body}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + f"\n\n## Kernels\n\n{section}\n"
-    path.write_text(text)
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -585,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(report)
     print(body)
     if not args.no_markdown:
-        update_markdown(args.markdown, body)
+        update_section(args.markdown, "kernels", "Kernels", body)
         logger.info("updated %s", args.markdown)
     logger.info("wrote %s", args.out)
     if not report["ok"]:

@@ -19,7 +19,7 @@ The same algorithm on both backends:
    gradients would underflow before the loss scale reaches them.
 
 The per-chunk row work is a Triton kernel pair on CUDA (:mod:`kernels.lopsided_ce_triton`) and
-in-place torch ops elsewhere. Matches :func:`lopsided_ce_reference` (and trainer.loss
+in-place torch ops elsewhere. Matches :func:`lopsided_ce_reference` (and trainer.model.loss
 ``weighted_cross_entropy``): tokens outside groups 1/2 do not count, whatever their weight.
 
 Under ZeRO-3 the weight must be gathered while this runs: use :class:`kernels.FusedLMHeadLoss`.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import LossParts
 from ._dispatch import resolve_backend
 
-# Token groups, as in trainer.loss (kernels must not import trainer; tests check they agree).
+# Token groups, as in trainer.model.loss (kernels must not import trainer; tests check they agree).
 JUDGMENT, INTERPRETATION = 1, 2
 
 # Bytes of one chunk of logits (and its fp32 working copy) per backend: small on CPU where the
@@ -237,7 +237,7 @@ def fused_linear_lopsided_ce(
 
     hidden [T, H] (positions already shifted to align with targets), weight [V, H] (same dtype),
     bias [V] or None, targets [T] long (``ignore_index`` where unsupervised), token_weights [T]
-    (e.g. trainer.loss.lopsided_token_weights), groups [T] (0 unsupervised, 1 judgment,
+    (e.g. trainer.model.loss.lopsided_token_weights), groups [T] (0 unsupervised, 1 judgment,
     2 interpretation). Returns ``LossParts(total, judgment, interpretation)``, 0-dim fp32.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch". chunk_size: rows of
     logits per chunk (default from a memory budget per backend).
@@ -284,7 +284,7 @@ def weighted_ce_reference(
     groups: torch.Tensor,
     ignore_index: int = -100,
 ) -> LossParts:
-    """Weighted CE of given ``[T, V]`` logits; the same arithmetic as trainer.loss.weighted_cross_entropy."""
+    """Weighted CE of given ``[T, V]`` logits; the same arithmetic as trainer.model.loss.weighted_cross_entropy."""
     ce = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
     weighted = ce * token_weights
     judgment = weighted[groups == JUDGMENT].sum()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: the ranks share the cores
 
-from trainer.train import main  # noqa: E402
+from trainer.cli.train import main  # noqa: E402
 
 args = sys.argv[1:]
 if not any(a == "--config" or a.startswith("--config=") for a in args):

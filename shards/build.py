@@ -27,10 +27,12 @@ import numpy as np
 from PIL import Image
 
 from shards.adapters import Adapter, Item, Skip
-from shards.faces import FaceCropper
 from shards.captions import template_caption
+from shards.faces import FaceCropper
+from shards.io import atomic_write_text, sha256_file
+from shards.manifest import MANIFEST_NAME, read_manifest
 from shards.video import MediaError, frame_indices, is_video, read_image, read_video_frames
-from shards.writer import MANIFEST_NAME, ShardWriter, atomic_write_text, read_manifest, sha256_file
+from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import logging
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Sequence
 
 from PIL import Image
 
+from shards.io import parse_size, setup_logging, sha256_file
+from shards.manifest import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest
 from shards.schema import SchemaError, validate_meta
-from shards.writer import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest, sha256_file
 
 log = logging.getLogger("shards.cli")
 
@@ -146,12 +146,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_size(text: str) -> int:
-    """``256MB``/``1GB``/``1000000`` -> bytes."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip(), flags=re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a size like 256MB, 1GB or 1000000")
-    return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2].upper()])
+def _size_arg(text: str) -> int:
+    """argparse type for byte sizes (shards.io.parse_size: 256MB = 256 * 10**6, 256MiB = 256 * 2**20)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--center-fallback", action="store_true", help="centre crop frames without a detected face (else skipped)")
     b.add_argument("--jpeg-quality", type=int, default=95)
     b.add_argument("--samples-per-shard", type=int, default=1000)
-    b.add_argument("--shard-bytes", type=_parse_size, default=256 << 20, help="target shard size, e.g. 256MB")
+    b.add_argument("--shard-bytes", type=_size_arg, default=256 << 20, help="target shard size, e.g. 256MB")
     b.add_argument("--stop-after-shards", type=int, help="write at most N new shards, then stop (rerun resumes)")
     b.add_argument("--overwrite", action="store_true", help="discard an existing or interrupted build in --out")
     b.set_defaults(func=_cmd_build)
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return args.func(args)
 
 

@@ -29,8 +29,9 @@ from typing import Any, Iterator
 from PIL import Image
 
 from shards.keywords import find_cues, load_keywords
+from shards.manifest import shard_paths
 from shards.schema import CAPTION_PROMPT
-from shards.writer import ShardWriter, shard_paths
+from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

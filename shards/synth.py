@@ -39,6 +39,7 @@ from PIL import Image
 from scipy import ndimage
 
 from shards.captions import CAPTIONS
+from shards.io import setup_logging
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -523,7 +524,7 @@ def load_arrays(shard_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """All images (N, H, W, 3 uint8) and live labels (N,) of a shard set, read with webdataset."""
     import webdataset as wds
 
-    from shards.writer import shard_paths
+    from shards.manifest import shard_paths
 
     ds = wds.WebDataset(shard_paths(shard_dir), shardshuffle=False, empty_check=False)
     ds = ds.decode("rgb8").to_tuple("jpg", "json")
@@ -645,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--skip-vit", action="store_true")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     dirs = generate_demo(args.out, args.samples_per_domain, seed=args.seed, overwrite=True, workers=args.workers)
     data = {d.name: load_arrays(d) for d in dirs}
     lr = global_stats_hter(data)

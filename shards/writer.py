@@ -9,7 +9,6 @@ byte-identical shards (and sha256) on every rebuild.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -21,21 +20,16 @@ from typing import Any, Callable
 
 import webdataset as wds
 
+from shards.io import atomic_write_text, sha256_file
+from shards.manifest import COUNT_FIELDS, MANIFEST_NAME
 from shards.schema import validate_meta
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 VERSION = "0.1.0"
-# Metadata fields whose value distribution the manifest records (when present in samples).
-COUNT_FIELDS = ("label", "attack", "dataset", "split")
 _TAR_BLOCK = 512
 _TAR_RECORD = 10240  # tarfile pads the archive to a multiple of this
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")  # webdataset splits a member name at its first dot
-
-
-class ManifestError(ValueError):
-    """A shard set's manifest is missing a field or is not valid JSON."""
 
 
 def _tar_member_bytes(size: int) -> int:
@@ -45,24 +39,6 @@ def _tar_member_bytes(size: int) -> int:
 def _tar_file_bytes(content: int) -> int:
     """Size of the finished archive: members + end marker, padded to whole records."""
     return -(-content // _TAR_RECORD) * _TAR_RECORD
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``path`` so a reader sees the old or the new file whole, never part of one (even after a crash)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -238,35 +214,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-# -- reading ---------------------------------------------------------------------------------
-_MANIFEST_FIELDS = {"name": str, "num_samples": int, "shards": list, "counts": dict}
-
-
-def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load and sanity-check ``<shard_dir>/manifest.json``; errors name the file."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest {path} (is {shard_dir} a shard set written by ShardWriter?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{path}: top level must be an object")
-    for field, typ in _MANIFEST_FIELDS.items():
-        if not isinstance(manifest.get(field), typ):
-            raise ManifestError(f"{path}: field {field!r} missing or not a {typ.__name__}")
-    for i, s in enumerate(manifest["shards"]):
-        if not (isinstance(s, dict) and {"file", "num_samples", "sha256", "bytes"} <= s.keys()):
-            raise ManifestError(f"{path}: shards[{i}] needs file, num_samples, sha256, bytes")
-    if sum(s["num_samples"] for s in manifest["shards"]) != manifest["num_samples"]:
-        raise ManifestError(f"{path}: num_samples does not equal the sum over shards")
-    return manifest
-
-
-def shard_paths(shard_dir: str | os.PathLike) -> list[str]:
-    """Absolute paths of a shard set's tar files, in manifest order (for ``wds.WebDataset``)."""
-    root = Path(shard_dir).resolve()
-    return [str(root / s["file"]) for s in read_manifest(shard_dir)["shards"]]

@@ -17,6 +17,7 @@ import yaml
 
 from shards.schema import CAPTION_PROMPT
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # shipped files (launch/...) resolve against it
 MODULE_GROUPS = ("vision", "projector", "gac", "llm")
 
 
@@ -33,7 +34,7 @@ class ModelConfig:
     llm_path: str | None = None
     preset: str = "tiny"
     # Tokenizer directory; None = the LLM's/LLaVA's own, or for the tiny preset a BPE built from
-    # the training captions (saved under train.output_dir/tokenizer).
+    # the training captions (saved under train.output_dir/model_config, see trainer/run_dir.py).
     tokenizer_path: str | None = None
     vision_feature_layer: int = -2  # patch features for the projector, as in LLaVA
     projector_merge: int = 1  # k > 1: one image token per k x k patches (fewer LLM tokens)

@@ -32,9 +32,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.captions import template_caption
+from shards.manifest import MANIFEST_NAME, ManifestError, shard_paths
 from shards.schema import is_live, validate_meta
-from shards.writer import MANIFEST_NAME, ManifestError, shard_paths
-from trainer.prompt import EncodedSample, PromptBuilder
+from trainer.model.prompt import EncodedSample, PromptBuilder
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _sample_tensors(enc: EncodedSample, pixels: torch.Tensor, meta: dict[str, An
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-pad token lists into tensors; keep keys/metadata as lists."""
-    from trainer.loss import IGNORE_INDEX, UNSUPERVISED
+    from trainer.model.loss import IGNORE_INDEX, UNSUPERVISED
 
     length = max(len(s["input_ids"]) for s in samples)
 

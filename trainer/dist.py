@@ -231,6 +231,14 @@ def gather_objects(obj: Any, info: WorldInfo) -> list[Any]:
     return gathered
 
 
+def barrier(info: WorldInfo) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 _collectives_ran = False  # set by shutdown_distributed: this process held a process group
 
 

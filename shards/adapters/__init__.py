@@ -3,8 +3,20 @@ from __future__ import annotations
 
 from shards.adapters.base import Adapter, AdapterError, Item, Skip, SkipFile
 from shards.adapters.generic import FolderAdapter, ListFileAdapter
-from shards.adapters.public import (WMCA, CasiaMFSD, CasiaSurf3DMask, CelebASpoof, HiFiMask, HkbuMars, MsuMFSD,
-                                    OuluNPU, ReplayAttack, RoseYoutu, SiW, SiWMV2)
+from shards.adapters.public import (
+    WMCA,
+    CasiaMFSD,
+    CasiaSurf3DMask,
+    CelebASpoof,
+    HiFiMask,
+    HkbuMars,
+    MsuMFSD,
+    OuluNPU,
+    ReplayAttack,
+    RoseYoutu,
+    SiW,
+    SiWMV2,
+)
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a for a in (OuluNPU, CasiaMFSD, ReplayAttack, MsuMFSD, CelebASpoof, SiW, SiWMV2, HiFiMask,

@@ -1,0 +1,55 @@
+"""Small file helpers the whole project shares: atomic text writes, sha256 of a file, byte sizes
+written by people ("256MB", "5GB", "512MiB") and the logging setup of every command.
+
+Sizes follow the Hugging Face convention (``max_shard_size="5GB"`` is 5 * 10**9 bytes): KB/MB/GB
+are powers of ten, KiB/MiB/GiB powers of two, a bare number is bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912, ``123`` -> 123; ValueError otherwise."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``path`` so a reader sees the old or the new file whole, never part of one (even after a crash)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def setup_logging(level: int | str = logging.INFO, rank: int | None = None, force: bool = False) -> None:
+    """The one logging format of every command. With ``rank`` (distributed jobs) lines carry
+    ``[rank<r>]`` and ranks other than 0 log warnings and errors only. ``force`` replaces an earlier
+    setup (e.g. once the rank is known)."""
+    prefix = ""
+    if rank is not None:
+        prefix = f"[rank{rank}] "
+        level = level if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", force=force)

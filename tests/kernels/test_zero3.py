@@ -1,0 +1,167 @@
+"""The fused LM-head loss under a real 2-rank DeepSpeed ZeRO-3 run (CPU, gloo) vs the reference loss.
+
+The test starts two ranks of this same file (``python tests/kernels/test_zero3.py --worker DIR``).
+Each rank trains a tiny LM (embedding, two layers, nn.Linear head with bias) for a few steps with
+ZeRO-3 and torch AdamW, once with the reference loss (full logits through the head +
+trainer.model.loss.weighted_cross_entropy) and once with kernels.FusedLMHeadLoss; per-step losses and
+the consolidated updated weights must agree to 1e-5.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB, HIDDEN, BATCH, SEQ, WORLD = 61, 16, 2, 12, 2
+GRAD_ACCUM, MICRO_STEPS = 2, 6  # 3 optimizer steps; accumulation makes DeepSpeed scale the loss
+# fused: gradients computed in forward; fused_recompute: computed in backward (weight re-gathered)
+VARIANTS = ("reference", "fused", "fused_recompute")
+ALPHA = 0.7
+
+
+class TinyLM(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.layers = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
+        self.head = nn.Linear(HIDDEN, VOCAB)
+        self.fused_loss = None
+        if fused:
+            import kernels
+
+            self.fused_loss = kernels.FusedLMHeadLoss(self.head, backend="torch", chunk_size=5)
+
+    def forward(self, tokens, targets, weights, groups):
+        hidden = self.layers(self.embed(tokens))
+        if self.fused_loss is not None:
+            return self.fused_loss(hidden, targets, weights, groups)
+        from trainer.model.loss import weighted_cross_entropy
+
+        logits = self.head(hidden)
+        return weighted_cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), weights.reshape(-1), groups.reshape(-1))
+
+
+def make_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokens, targets, groups of one rank's micro-batch: prompt (0), judgment (1), caption (2), pad (0)."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    targets = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    groups = torch.zeros(BATCH, SEQ, dtype=torch.long)
+    for b in range(BATCH):
+        start = int(torch.randint(2, 5, (1,), generator=gen))
+        n_caption = int(torch.randint(0, SEQ - start - 1, (1,), generator=gen))
+        groups[b, start] = 1
+        groups[b, start + 1 : start + 1 + n_caption] = 2
+    if step == 1 and rank == 1:
+        groups[:] = 0  # a micro-batch with no supervised token at all on one rank
+    targets[groups == 0] = -100
+    return tokens, targets, groups
+
+
+def worker(out_dir: Path) -> None:
+    import deepspeed
+
+    from trainer.model.loss import group_counts, lopsided_token_weights
+
+    rank = int(os.environ["RANK"])
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no 28 s g++ build on CPU
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": GRAD_ACCUM,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+        # threshold 0: even tiny parameters are partitioned, so the head really is a shard
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+    }
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        model = TinyLM(fused=variant != "reference")
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        assert model.head.weight.numel() == 0, "the head weight should be a ZeRO-3 shard outside forward"
+        losses, grads = [], []
+        for step in range(MICRO_STEPS):
+            # weights normalised over the global batch (all ranks), as the trainer does
+            all_groups = torch.cat([make_batch(step, r)[2].reshape(-1) for r in range(WORLD)])
+            n_j, n_i = group_counts(all_groups)
+            tokens, targets, groups = make_batch(step, rank)
+            weights = lopsided_token_weights(groups, ALPHA, n_j, n_i)
+            parts = engine(tokens, targets, weights, groups)
+            loss = parts.total
+            if variant == "fused_recompute":
+                # A gradient into a part makes the op recompute in backward, where it needs the
+                # weight again: ZeRO-3 must have re-gathered it.
+                loss = loss + 0.0 * parts.judgment
+            engine.backward(loss)
+            # Adam hides a wrongly scaled gradient: compare the (accumulated) gradients themselves.
+            grads.append({n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in model.named_parameters()})
+            engine.step()
+            losses.append([float(p) for p in parts])
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            state = {name: p.detach().clone() for name, p in model.named_parameters()}
+        torch.save({"losses": losses, "grads": grads, "state": state}, out_dir / f"{variant}_rank{rank}.pt")
+        engine.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(170)
+def test_fused_loss_under_zero3_matches_reference(tmp_path: Path) -> None:
+    from trainer.dist import free_port  # here, not at the top: the ranks run this file as a script
+
+    port = free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            LOCAL_WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        )
+        env.pop("TRITON_INTERPRET", None)
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(
+            (subprocess.Popen([sys.executable, __file__, "--worker", str(tmp_path)], env=env, cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT), log)
+        )
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=150)
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    for rank, (proc, _) in enumerate(procs):
+        assert proc.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
+
+    for rank, variant in ((r, v) for r in range(WORLD) for v in VARIANTS[1:]):
+        ref = torch.load(tmp_path / f"reference_rank{rank}.pt")
+        fused = torch.load(tmp_path / f"{variant}_rank{rank}.pt")
+        torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+        for step, (g_ref, g_fused) in enumerate(zip(ref["grads"], fused["grads"])):
+            for name, value in g_ref.items():
+                torch.testing.assert_close(g_fused[name], value, rtol=1e-5, atol=1e-7, msg=f"{variant}: grad {name} step {step}")
+        assert ref["state"].keys() == fused["state"].keys()
+        for name, value in ref["state"].items():
+            assert value.numel() > 0
+            torch.testing.assert_close(fused["state"][name], value, rtol=1e-5, atol=1e-5, msg=f"{variant}: {name}")
+    # the run really trained the head (else equal weights would prove nothing)
+    torch.manual_seed(0)
+    init = TinyLM(fused=False).head.weight
+    assert (ref["state"]["head.weight"] - init).abs().max() > 1e-3
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    worker(Path(sys.argv[2]))

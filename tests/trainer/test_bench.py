@@ -1,0 +1,32 @@
+"""The benchmark's arithmetic and report (no timing is asserted)."""
+
+from trainer.bench import _section, scaling_table
+
+
+def fake_result(ws, step, bare, mem):
+    rank = {"step_s": step, "bare_step_s": bare, "data_wait_frac": 0.01,
+            "phases_s": {"forward": 0.1, "backward": 0.2, "optimizer_step": 0.05, "comm_counts": 0.001},
+            "loader_samples_per_s": 400.0, "consumed_samples_per_s": 16 / step,
+            "zero3_bytes": {"total": mem}, "flops_per_sample": 1e9, "matmul_peak_flops": 1e11}
+    return {"world_size": ws, "micro_batch_size": 16, "grad_accum": 1, "steps": 5, "params": 1_500_000,
+            "device": "cpu", "step_s": step, "bare_step_s": bare, "samples_per_s": ws * 16 / step,
+            "tokens_per_s": 1000.0, "per_rank": [rank] * ws, "efficiency_ratio": step / bare,
+            "data_headroom": 400.0 / (16 / step), "data_wait_frac": 0.01,
+            "achieved_flops_per_rank": 16 / step * 1e9, "mfu_vs_matmul_peak": 16 / step * 1e9 / 1e11}
+
+
+def test_section_reports_targets_and_ratios(tmp_path):
+    text = _section([fake_result(1, 0.2, 0.19, 100), fake_result(2, 0.3, 0.2, 50)], "python -m trainer.bench")
+    assert "| trainer step <= 1.10x bare | 1 | 1.05x | pass |" in text
+    assert "| trainer step <= 1.10x bare | 2 | 1.50x | FAIL |" in text
+    assert "| ZeRO-3 bytes per rank at ws 2 <= 0.55x ws 1 | 2 | 0.50x | pass |" in text
+    assert "not measured (no GPU in this run)" in text
+
+
+def test_scaling_on_paper_arithmetic():
+    table = scaling_table(0.2, 1e9)
+    # 2B params x 16 bytes over 8 GPUs = 4e9 bytes = 3.7 GiB per GPU
+    assert "| 2B | 8 | 3.7 GiB |" in table
+    assert "| 8B | 64 | 1.9 GiB |" in table
+    # compute: 6 * 2e9 * 16384 tokens / (989e12 * 0.45) = 0.44 s
+    assert "| 0.44 s |" in table

@@ -1,0 +1,172 @@
+"""Preemption-safe exact resume and fault tolerance, on the real stack (2 CPU ranks, ZeRO-3)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import DEEPSPEED, ROOT, launch_env, tensorboard_events
+from tests.helpers import train_history as losses
+from trainer.dist import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, ranks: int = 2) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
+            f"data.train_shards=[{','.join(map(str, shards))}]", f"data.eval_shards=[{eval_shards}]",
+            f"train.output_dir={out}", "train.micro_batch_size=4", "train.log_every=1", "eval.at_end=false",
+            "optim.warmup_steps=2", "train.log_sample_keys=true", *overrides]
+
+
+def start(cmd: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = launch_env(**(env_extra or {}))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def keys_by_step(out: Path) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> keys; a step re-run after a resume overwrites the killed run's record."""
+    keys = {}
+    for rank in (0, 1):
+        for line in (out / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            keys[(rank, rec["step"])] = rec["keys"]
+    return keys
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.2)
+
+
+def latest(out: Path) -> str | None:
+    pointer = out / "checkpoints" / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def test_kill_9_then_restart_equals_unbroken_run(small_shards, tmp_path):
+    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
+    steps = ["train.max_steps=8", "train.save_every=2", "data.num_workers=1"]
+    code, log = finish(start(command(shards, small_shards["domain_d"], tmp_path / "unbroken", *steps)))
+    assert code == 0, log[-3000:]
+
+    out = tmp_path / "killed"
+    proc = start(command(shards, small_shards["domain_d"], out, *steps))
+    wait_for(lambda: latest(out) == "step_00000004", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher, ranks and loader workers, no chance to clean up
+    proc.wait()
+    assert not (out / "train_result.json").exists()
+    code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps)))  # the same command again
+    assert code == 0, log[-3000:]
+    assert "resumed from step" in log
+
+    resumed = losses(out)
+    assert min(resumed) >= 5 and max(resumed) == 8
+    unbroken = losses(tmp_path / "unbroken")
+    for step, loss in resumed.items():
+        assert loss == unbroken[step], step  # bitwise on CPU
+    assert keys_by_step(out) == keys_by_step(tmp_path / "unbroken")
+
+
+def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
+    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
+    steps = ["train.max_steps=25", "train.save_every=100", "data.num_workers=0"]
+    out = tmp_path / "run"
+    proc = start(command(shards, small_shards["domain_d"], out, *steps))
+    keys = out / "sample_keys" / "rank0.jsonl"
+    wait_for(lambda: keys.is_file() and len(keys.read_text().splitlines()) >= 3, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if any(a.startswith("--local_rank=") for a in p.cmdline())]
+    assert len(ranks) == 2
+    for rank in ranks:  # as SLURM's --signal=USR1@T does: every task gets it
+        rank.send_signal(signal.SIGUSR1)
+    code, log = finish(proc)
+    assert code == 0, log[-3000:]
+    stopped_at = int((out / "preempted").read_text())
+    assert 3 <= stopped_at < 25 and latest(out) == f"step_{stopped_at:08d}"
+
+    code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps)))
+    assert code == 0, log[-3000:]
+    assert min(losses(out)) == stopped_at + 1 and max(losses(out)) == 25
+    assert not (out / "preempted").exists()
+
+    # Another world size: refused with a message that says how to convert, not silently wrong.
+    code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps, ranks=1)))
+    assert code != 0 and "written by 2 ranks" in log and "ds_to_universal" in log
+
+
+def _corrupt_shards(src: Path, dst: Path) -> list[Path]:
+    """Three good shards, one with a garbage JPEG and a sample without json, one truncated tar,
+    one that is not a tar at all."""
+    dst.mkdir()
+    good = sorted(src.glob("*.tar"))
+    for shard in good:
+        shutil.copy(shard, dst / shard.name)
+    with tarfile.open(good[0]) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = dst / "bad-members.tar"
+    with tarfile.open(bad, "w") as out:
+        for i, (member, data) in enumerate(members[:16]):  # 8 samples
+            key, ext = member.name.split(".", 1)
+            if i == 0:
+                data = b"this is not a jpeg" * 10  # sample 0: undecodable image
+            if i == 3:
+                continue  # sample 1: json member missing
+            info = tarfile.TarInfo(f"x{key}.{ext}")
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    truncated = dst / "truncated.tar"
+    blob = good[1].read_bytes()
+    with tarfile.open(good[1]) as tar:
+        fifth_jpg = [m for m in tar.getmembers() if m.name.endswith(".jpg")][4]
+    truncated.write_bytes(blob[: fifth_jpg.offset_data + 100])  # cut inside the 5th sample's image
+    (dst / "garbage.tar").write_bytes(os.urandom(3000))  # a whole shard that is not a tar at all
+    return sorted(dst.glob("*.tar"))
+
+
+def test_bad_shards_are_skipped_counted_and_never_hang(small_shards, tmp_path):
+    shards = _corrupt_shards(small_shards["domain_a"], tmp_path / "shards")
+    out = tmp_path / "run"
+    # 6 shards over 2 ranks, the bad ones spread unevenly.
+    code, log = finish(start(command(shards, small_shards["domain_d"], out, "train.max_steps=14",
+                                     "train.save_every=100", "data.num_workers=0")))
+    assert code == 0, log[-3000:]
+    result = json.loads((out / "train_result.json").read_text())["history"]
+    assert max(h["step"] for h in result) == 14
+    assert result[-1]["skipped_samples"] == {"unreadable_shard": 0, "corrupt_tar": 2, "missing_member": 1,
+                                             "bad_json": 0, "bad_image": 1}
+    events = tensorboard_events(out / "tb")
+    assert events.Scalars("data/skipped/bad_image")[-1].value == 1
+
+
+def test_non_finite_steps_are_skipped_then_the_run_halts(small_shards, tmp_path):
+    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
+    out = tmp_path / "run"
+    proc = start(command(shards, small_shards["domain_d"], out, "train.max_steps=10", "train.save_every=100",
+                         "train.max_bad_steps=3", "data.num_workers=0"),
+                 env_extra={"IFAS_INJECT_NAN_AT_STEPS": "2,4,5,6"})
+    code, log = finish(proc)
+    assert code != 0
+    assert "step 2: non-finite loss or gradient, update skipped (1 in a row)" in log
+    assert "3 steps in a row had a non-finite loss or gradient (up to step 6)" in log
+    assert latest(out) == "step_00000006"  # it saved before stopping

@@ -1,0 +1,195 @@
+"""The real stack end to end: 2 CPU ranks under DeepSpeed ZeRO-3 through launch/train.sh,
+checkpoint + exact resume, consolidated export, evaluation scores, TensorBoard event files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import DEEPSPEED, ROOT, launch_env, tensorboard_events
+from tests.helpers import train_history as history
+from trainer.dist import free_port
+
+
+def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: bool = True):
+    d = {k: str(v) for k, v in small_shards.items()}
+    args = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
+            f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
+            f"data.eval_shards=[{d['domain_d']}]", f"train.output_dir={out}", "train.micro_batch_size=4",
+            "train.log_every=1", "data.num_workers=0", "eval.batch_size=16", "optim.warmup_steps=2", *overrides]
+    proc = subprocess.run(args, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def unbroken(small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unbroken")
+    proc = run_train(small_shards, out, "train.max_steps=6", "train.save_every=3", "eval.every=2",
+                     "train.keep_last=1")
+    return out, proc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_rank_zero3_run_trains_and_evaluates(unbroken):
+    out, proc = unbroken
+    losses = history(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]  # it learns something even in 6 steps (the LM part drops fast)
+    assert "| held-out |" in proc.stdout  # the metrics table is printed
+    metrics = json.loads((out / "eval_metrics.json").read_text())["held-out"]
+    assert metrics["num_live"] + metrics["num_spoof"] == 48  # every held-out sample, once, over 2 ranks
+    # keep_last=1 keeps the last checkpoint, plus the best one by held-out HTER (periodic eval every 2 steps)
+    best = json.loads((out / "best.json").read_text())
+    assert best["step"] in (2, 4)
+    eval_steps = [json.loads(ln)["step"] for ln in (out / "eval_history.jsonl").read_text().splitlines()]
+    assert eval_steps == [2, 4, 6]
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == sorted({best["tag"], "step_00000006"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_resume_matches_unbroken_run(unbroken, small_shards, tmp_path):
+    out, _ = unbroken
+    run_train(small_shards, tmp_path, "train.max_steps=6", "train.save_every=3", "train.stop_at_step=3")
+    first = history(tmp_path)
+    run_train(small_shards, tmp_path, "train.max_steps=6", "train.save_every=3")  # same command, resumes
+    second = history(tmp_path)
+    expected = history(out)
+    assert sorted(first) == [1, 2, 3] and sorted(second) == [4, 5, 6]
+    for step, loss in {**first, **second}.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fused_loss_under_zero3_matches_reference(unbroken, small_shards, tmp_path):
+    """The fused LM-head loss reads lm_head.weight, a ZeRO-3 shard outside its module's forward."""
+    out, _ = unbroken
+    run_train(small_shards, tmp_path, "train.max_steps=6", "train.save_every=6", "model.fused_kernels=true",
+              "eval.at_end=false")
+    expected = history(out)
+    for step, loss in history(tmp_path).items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def exported(unbroken):
+    from trainer.model.export import export_run
+
+    return export_run(unbroken[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_export_loads_and_gives_the_same_scores(unbroken, exported, small_shards):
+    from trainer.data import ImageTransform, ShardStream, make_loader, resolve_shards
+    from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
+    from trainer.model.ifas import IFASModel
+    from trainer.model.prompt import PromptBuilder
+
+    out, _ = unbroken
+    model, tok = IFASModel.from_pretrained(exported)
+    model.eval()
+    expected = json.loads((out / "eval_scores.json").read_text())["held-out"]
+    builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
+    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    stream = ShardStream(resolve_shards([str(small_shards["domain_d"])]), builder, transform, rank=0, world_size=1,
+                         batch_size=16, train=False, with_answers=False)
+    got = {}
+    with torch.no_grad():
+        for batch in make_loader(stream, tok.pad_token_id):
+            scores = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "score_positions")}).scores
+            got.update(zip(batch["keys"], scores.tolist()))
+    assert got.keys() == expected.keys()
+    for key, score in got.items():
+        assert score == pytest.approx(expected[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tensorboard_event_files_hold_the_curves(unbroken):
+    out, _ = unbroken
+    events = tensorboard_events(out / "tb")
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/loss_judgment", "train/loss_interpretation", "train/lr", "train/grad_norm",
+                "train/samples_per_s", "train/tokens_per_s", "eval/held-out/hter", "eval/held-out/auc"):
+        assert tag in tags, tag
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
+    assert losses[0].value == pytest.approx(history(out)[1], rel=1e-5)
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] < lrs[1]  # warmup, then cosine decay
+    assert lrs[-1] < lrs[2]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+        ("data.train_shards=[/no/such/shards]", "does not exist"),
+    ],
+)
+def test_bad_input_stops_before_any_rank_starts(override, needle, tmp_path):
+    env = launch_env(PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launch/train.sh", f"train.output_dir={tmp_path}", override], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ifas-train: error:")]
+    assert len(errors) == 1 and needle in errors[0]
+    assert "deepspeed.launcher" not in proc.stderr + proc.stdout  # no rank was ever started
+
+
+def test_empty_shard_set_and_bad_tokenizer_are_refused(tmp_path, capsys, demo_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.cli.train import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--check", f"data.train_shards=[{tmp_path / 'empty'}]"]) == 2
+    assert "holds no .tar shards" in capsys.readouterr().err
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.train_from_iterator(["x y"], trainers.BpeTrainer(vocab_size=260, special_tokens=["<eos>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>").save_pretrained(tmp_path / "tok")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(b"")
+    code = main(["--check", f"data.train_shards=[{shards}]", f"model.tokenizer_path={tmp_path / 'tok'}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ifas-train: error:")]
+    assert code == 2 and len(err) == 1 and "'Yes' as" in err[0] and "single tokens" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_predict_prints_judgment_score_and_explanation(exported, small_shards, tmp_path, capsys):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from trainer.cli.predict import main
+
+    paths = []
+    for i, sample in enumerate(wds.WebDataset(str(small_shards["domain_d"] / "shard-000000.tar"), shardshuffle=False)):
+        if i == 3:
+            break
+        paths.append(tmp_path / f"face{i}.png")
+        Image.open(io.BytesIO(sample["jpg"])).save(paths[-1])
+    assert main(["--model", str(exported), "--jsonl", "--max-new-tokens", "8", *map(str, paths)]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [ln["path"] for ln in lines] == [str(p) for p in paths]
+    for ln in lines:
+        assert 0.0 <= ln["score"] <= 1.0 and ln["judgment"] == ("Yes" if ln["score"] >= 0.5 else "No")
+        assert isinstance(ln["explanation"], str)
+    assert main(["--model", str(exported), str(tmp_path / "missing.jpg")]) == 2

@@ -1,0 +1,96 @@
+"""Held-out evaluation inside the training loop, with best-step tracking (``PeriodicEvaluator``)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.config import RunConfig
+from trainer.data import ImageTransform, resolve_shards
+from trainer.dist import WorldInfo, gather_objects
+from trainer.eval.metrics import FASMetrics
+from trainer.eval.report import report
+from trainer.eval.scoring import ScoredSet, collect_scores, dev_threshold, gather_scored
+from trainer.logs import MetricsWriter, Tags
+from trainer.model.prompt import PromptBuilder
+from trainer.run_dir import RunDir, tag_for
+
+log = logging.getLogger("ifas.eval")
+
+
+class PeriodicEvaluator:
+    """Held-out evaluation every ``cfg.eval.every`` steps inside the training loop, with best-step
+    tracking by held-out HTER (mean over the sets, at each set's EER threshold).
+
+    Call ``maybe_run(engine, step)`` on EVERY rank after each step (the forwards and the gather are
+    collective); ``writer`` writes on rank 0 only (trainer.logs.MetricsWriter), which alone writes
+    ``eval_history.jsonl`` and ``best.json``. Every rank gets the same metrics back, and
+    ``last_was_best`` is the same on every rank, so a collective "save the best checkpoint" can
+    follow it. ``run(engine, step, final=True)`` is the end-of-training evaluation: the full report
+    (tables, per-sample scores, plots) in ``out_dir``; call it instead of ``maybe_run`` at the last
+    step. A resumed run continues the ``best.json`` already in ``out_dir``.
+    """
+
+    def __init__(self, cfg: RunConfig, sets: dict[str, list[str]] | list[str], builder: PromptBuilder,
+                 transform: ImageTransform, info: WorldInfo, pad_id: int, writer: MetricsWriter | None = None,
+                 out_dir: str | Path = ".") -> None:
+        self.cfg, self.builder, self.transform, self.info, self.pad_id = cfg.eval, builder, transform, info, pad_id
+        self.sets = {"held-out": list(sets)} if isinstance(sets, list) else dict(sets)
+        self.dev_urls = resolve_shards(cfg.eval.dev_shards, "eval.dev_shards") if cfg.eval.dev_shards else []
+        self.writer = writer if writer is not None else MetricsWriter(None)
+        self.run_dir = RunDir(out_dir)
+        self.best: dict[str, Any] | None = None
+        self.last_was_best = False
+        self._restored = False
+
+    def due(self, step: int) -> bool:
+        return self.cfg.every > 0 and step % self.cfg.every == 0
+
+    def maybe_run(self, engine, step: int) -> dict[str, FASMetrics] | None:
+        return self.run(engine, step) if self.due(step) else None
+
+    def run(self, engine, step: int, final: bool = False) -> dict[str, FASMetrics]:
+        c = self.cfg
+        engine.eval()
+        try:
+            calibration = (dev_threshold(engine, self.dev_urls, c.dev_split, self.builder, self.transform, self.info,
+                                         c.batch_size, self.pad_id, c.max_samples) if self.dev_urls else None)
+            scored = {name: gather_scored(collect_scores(engine, urls, self.builder, self.transform, self.info,
+                                                         c.batch_size, self.pad_id, c.max_samples), self.info)
+                      for name, urls in self.sets.items()}
+        finally:
+            engine.train()
+        threshold = calibration["threshold"] if calibration else None
+        results = {name: s.metrics(threshold) for name, s in scored.items()}
+        if not self._restored:  # a resumed run keeps the best of the steps before the resume
+            best_file = self.run_dir.best
+            mine = json.loads(best_file.read_text()) if self.info.is_main and best_file.is_file() else None
+            self.best = gather_objects(mine, self.info)[0]  # rank 0's view on every rank (no shared FS needed)
+            self._restored = True
+        hter = float(np.mean([m.hter for m in results.values()]))
+        self.last_was_best = self.best is None or hter < self.best["hter"]
+        if self.last_was_best:
+            self.best = {"step": step, "hter": hter, "tag": tag_for(step),
+                         "sets": {k: m.hter for k, m in results.items()}}
+        if self.info.is_main:
+            self._write(step, results, calibration, scored if final else None)
+        return results
+
+    def _write(self, step: int, results: dict[str, FASMetrics], calibration: dict[str, Any] | None,
+               scored: dict[str, ScoredSet] | None) -> None:
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir.eval_history, "a") as f:
+            f.write(json.dumps({"step": step, "threshold_fixed": calibration["threshold"] if calibration else None,
+                                "sets": {k: m.as_dict() for k, m in results.items()}}) + "\n")
+        self.run_dir.best.write_text(json.dumps(self.best, indent=2))
+        if scored is not None:
+            report(results, self.run_dir.root, self.writer, step, scored=scored, calibration=calibration)
+        else:
+            self.writer.eval_metrics(results, step)
+        self.writer.scalars({Tags.EVAL_BEST_HTER: self.best["hter"]}, step)
+        log.info("eval at step %d: %s (best %.4f at step %d)", step,
+                 ", ".join(f"{k} HTER {m.hter:.4f} AUC {m.auc:.4f}" for k, m in results.items()),
+                 self.best["hter"], self.best["step"])

@@ -1,0 +1,91 @@
+"""Export a training run's ZeRO-3 checkpoint as a model directory (``ifas-export``, and
+``ifas-eval --model RUN_DIR``).
+
+The ZeRO shards are consolidated to fp32 weights with DeepSpeed's own ``zero_to_fp32`` reader in lazy
+mode (the optimizer files are memory-mapped and each tensor is gathered only when written), checked
+against a skeleton of the model built on the meta device (names, shapes, tied weights; no memory),
+and written tensor by tensor by ``IFASModel.save_pretrained``: one file, or shards plus an index above
+``max_shard_size``. Peak memory is about one shard, never two copies of the model.
+
+``fmt="llava"`` writes a model trained without GAC and patch merging (e.g. SCF's captioner,
+``data.task=caption``) as a transformers ``LlavaForConditionalGeneration`` + ``LlavaProcessor``
+instead (trainer/model/llava.py): what ``ifas-shards caption --captioner`` and any transformers
+code load with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from trainer.dist import WorldInfo, barrier
+from trainer.model.ifas import IFASModel, ModelLoadError
+from trainer.model.llava import NotLlavaCompatible, check_llava_compatible, write_llava
+from trainer.model.tokenizer import load_tokenizer
+from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES
+from trainer.run_dir import CONFIG_NAME, RunDir, latest_tag
+
+log = logging.getLogger("ifas.export")
+
+FORMATS = ("ifas", "llava")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str | None = None,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, fmt: str = "ifas") -> Path:
+    """Consolidate ``run_dir``'s checkpoint (latest unless ``tag``) into ``out_dir`` (default
+    run_dir/export), in this project's format or (``fmt="llava"``) as a transformers LLaVA."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = RunDir(run_dir)
+    ckpt_dir = run.checkpoints
+    if not run.is_run():
+        raise ModelLoadError(f"{run.root} is not a training output directory (no {run.model_config.name}/{CONFIG_NAME})")
+    if tag is None:
+        try:
+            tag = latest_tag(ckpt_dir)  # only a complete checkpoint (see trainer/training/checkpoint.py)
+        except RuntimeError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        if tag is None:
+            raise ModelLoadError(f"{ckpt_dir} holds no checkpoint (no 'latest' file); train first")
+    if not (ckpt_dir / tag).is_dir():
+        raise ModelLoadError(f"{ckpt_dir / tag} does not exist; pick a tag from {ckpt_dir} or omit --tag")
+    config = json.loads((run.model_config / CONFIG_NAME).read_text())
+    if fmt == "llava":
+        try:
+            check_llava_compatible(config["arch"])
+        except NotLlavaCompatible as exc:
+            raise ModelLoadError(f"{run.root} cannot be exported as LLaVA: {exc}") from exc
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
+    out = Path(out_dir) if out_dir is not None else run.export
+    if fmt == "llava":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(run.processor))  # saved by the run (build_engine)
+        write_llava(config, lazy, processor, out, max_shard_size)
+    else:
+        with torch.device("meta"):
+            skeleton = IFASModel.from_config_dict(config)
+        skeleton.save_pretrained(out, load_tokenizer(run.model_config), tensors=lazy, max_shard_size=max_shard_size)
+    del lazy
+    log.info("exported %s to %s", ckpt_dir, out)
+    return out
+
+
+def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: WorldInfo):
+    """(model, tokenizer) from an exported model directory, or from a training run directory whose
+    checkpoint (latest, or ``tag``) is consolidated into OUT/export_<tag> first (by rank 0; the
+    others wait)."""
+    p = Path(path)
+    if not (p / CONFIG_NAME).is_file():
+        if not RunDir(p).is_run():
+            raise ModelLoadError(f"--model {p} is neither an exported model (no {CONFIG_NAME}) nor a training run "
+                                 f"(no {RunDir(p).model_config.name}/{CONFIG_NAME}); pass <run>/export or the run "
+                                 "directory")
+        target = out_dir / f"export_{tag or 'latest'}"
+        if info.is_main:
+            export_run(p, target, tag)
+        barrier(info)
+        p = target
+    return IFASModel.from_pretrained(p)

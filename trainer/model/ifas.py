@@ -1,0 +1,252 @@
+"""The I-FAS model: vision encoder + MLP projector + GAC + causal LLM, composed from transformers.
+
+Image tokens (projected patch features) and GAC tokens replace the ``<image>`` placeholder
+positions of the prompt. One forward returns the lopsided LM loss over the answer tokens and
+the liveness score ``softmax([logit(Yes), logit(No)])[0]`` at the first answer position.
+
+``trainer.model.build`` makes one for a run (from checkpoints or a tiny preset); ``save_pretrained``
+writes a model directory (config, safetensors weights, tokenizer) that ``from_pretrained`` reads back,
+and ``ifas-export`` writes the same directory from a ZeRO-3 checkpoint (trainer/model/export.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+
+from trainer.model.gac import GloballyAwareConnector
+from trainer.model.loss import IGNORE_INDEX, LossParts, batch_token_weights, lopsided_lm_loss
+from trainer.model.tokenizer import IMAGE_TOKEN, load_tokenizer
+from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError, load_weights, verify_weights, write_weights
+from trainer.run_dir import CONFIG_NAME
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class ModelLoadError(ValueError):
+    """A model directory is missing or malformed; the message names the path."""
+
+
+@dataclass
+class ArchConfig:
+    """What IFASModel needs beyond the vision and text configs; saved in ifas_config.json."""
+
+    image_token_id: int
+    yes_token_id: int
+    no_token_id: int
+    vision_feature_layer: int = -2
+    projector_merge: int = 1  # k: each image token merges k x k neighbouring patches
+    pooling: str = "cls"
+    has_class_token: bool = True
+    gac: bool = True
+    gac_prefix_queries: int = 4
+    gac_heads: int = 4
+    image_size: int = 128
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+
+
+class IFASOutput(NamedTuple):
+    loss: LossParts  # zeros when no labels were given
+    scores: torch.Tensor  # [B] liveness score P(Yes) among {Yes, No}
+    judgment_logits: torch.Tensor  # [B, 2] logits of Yes and No at the first answer position
+
+
+class Projector(nn.Module):
+    """LLaVA's two-layer MLP projector (same parameter names, so LLaVA weights load directly).
+
+    With ``merge`` k > 1, each k x k block of neighbouring patches is concatenated into one token
+    first (as InternVL/Qwen2-VL do), so the LLM reads k^2 times fewer image tokens.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1) -> None:
+        super().__init__()
+        self.merge = merge
+        self.linear_1 = nn.Linear(vision_dim * merge * merge, text_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(text_dim, text_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, Dv] patch features on a square grid -> [B, N / k^2, Dt]."""
+        k = self.merge
+        if k > 1:
+            b, n, d = x.shape
+            g = int(round(n ** 0.5))
+            x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def sub_config(saved: dict[str, Any]) -> PretrainedConfig:
+    """A vision or text config from its ``to_dict()`` (as saved in ifas_config.json)."""
+    saved = dict(saved)
+    return AutoConfig.for_model(saved.pop("model_type"), **saved)
+
+
+class IFASModel(nn.Module):
+    def __init__(
+        self,
+        vision_config: PretrainedConfig,
+        text_config: PretrainedConfig,
+        arch: ArchConfig,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation)
+        self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation)
+        vdim, tdim = vision_config.hidden_size, text_config.hidden_size
+        self.projector = Projector(vdim, tdim, arch.projector_merge)
+        self.gac = (
+            GloballyAwareConnector(vdim, vision_config.num_hidden_layers, tdim, arch.gac_prefix_queries,
+                                   arch.gac_heads, arch.pooling)
+            if arch.gac else None
+        )
+        grid = vision_config.image_size // vision_config.patch_size
+        if grid % arch.projector_merge:
+            raise ModelLoadError(f"model.projector_merge={arch.projector_merge} does not divide the {grid}x{grid} patch grid")
+        self.num_patch_tokens = (grid // arch.projector_merge) ** 2
+        self.num_image_tokens = self.num_patch_tokens + (self.gac.num_tokens if self.gac is not None else 0)
+        self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
+
+    def use_fused_loss(self, enabled: bool) -> None:
+        """Compute the loss with the fused linear cross entropy (kernels/) instead of logits + CE.
+        Call once the LM head is final (after any vocabulary resize) and before deepspeed.initialize."""
+        if not enabled:
+            self.head_loss = None
+            return
+        from kernels import FusedLMHeadLoss
+
+        self.head_loss = FusedLMHeadLoss(self.llm.get_output_embeddings(), ignore_index=IGNORE_INDEX)
+
+    # ----- module groups (freezing, per-group learning rates) -----
+    def module_groups(self) -> dict[str, nn.Module]:
+        groups: dict[str, nn.Module] = {"vision": self.vision, "projector": self.projector, "llm": self.llm}
+        if self.gac is not None:
+            groups["gac"] = self.gac
+        return groups
+
+    # ----- forward -----
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> visual tokens [B, num_image_tokens, D_llm]."""
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
+        states = out.hidden_states  # embeddings + one per layer
+        patches = states[self.arch.vision_feature_layer]
+        if self.arch.has_class_token:
+            patches = patches[:, 1:]
+        tokens = self.projector(patches)
+        if self.gac is not None:
+            tokens = torch.cat([tokens, self.gac(states[1:], patches)], dim=1)  # every layer's output
+        return tokens
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        visual = self.encode_images(pixel_values.to(embeds.dtype)).to(embeds.dtype)
+        image_mask = input_ids == self.arch.image_token_id
+        if int(image_mask.sum()) != visual.shape[0] * visual.shape[1]:
+            raise ValueError(
+                f"the batch holds {int(image_mask.sum())} {IMAGE_TOKEN} positions but the images give "
+                f"{visual.shape[0]}x{visual.shape[1]} tokens: build prompts with this model's num_image_tokens"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        score_positions: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        label_groups: torch.Tensor | None = None,
+        alpha: float = 0.7,
+        n_judgment: float | None = None,
+        n_interpretation: float | None = None,
+    ) -> IFASOutput:
+        """Loss over the answer tokens (when labels are given) and liveness scores.
+
+        labels/label_groups [B, S] are aligned with input_ids (position t is predicted from t-1).
+        score_positions [B]: index of the last prompt token, whose logits predict the judgment.
+        n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        lm_head = self.llm.get_output_embeddings()
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        judgment_logits = lm_head(hidden[batch, score_positions])[:, [self.arch.yes_token_id, self.arch.no_token_id]]
+        judgment_logits = judgment_logits.float()
+        scores = torch.softmax(judgment_logits, dim=-1)[:, 0]
+        if labels is None:
+            zero = judgment_logits.sum() * 0.0
+            return IFASOutput(LossParts(zero, zero, zero), scores, judgment_logits)
+        targets = labels[:, 1:].reshape(-1)
+        groups = label_groups[:, 1:].reshape(-1)
+        supervised = targets != IGNORE_INDEX  # only answer positions reach the LM head
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
+        targets, groups = targets[supervised], groups[supervised]
+        if self.head_loss is not None:
+            weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
+            loss = self.head_loss(h, targets, weights, groups)
+        else:
+            loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)
+        return IFASOutput(loss, scores, judgment_logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                 **generate_kwargs: Any) -> torch.Tensor:
+        """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ----- saving and loading -----
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": "IFASModel",
+            "vision_config": self.vision.config.to_dict(),
+            "text_config": self.llm.config.to_dict(),
+            "arch": dataclasses.asdict(self.arch),
+        }
+
+    def save_pretrained(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+                        tensors: Mapping[str, Any] | None = None,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
+        """Write the model directory ``from_pretrained`` reads: config, safetensors weights (one file, or
+        shards + index above ``max_shard_size``) and tokenizer, then read the weights back to check them.
+
+        ``tensors`` replaces the live weights, tensor by tensor (e.g. DeepSpeed's lazy consolidation of
+        a ZeRO-3 checkpoint); then ``self`` may be a skeleton on the meta device: only its names,
+        shapes and tied weights are read. The one writer of model directories (``ifas-export`` too)."""
+        d = Path(directory)
+        write_weights(self, self.state_dict() if tensors is None else tensors, d, max_shard_size)
+        (d / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(d))
+        verify_weights(self, d)  # every tensor present once, with the model's shapes
+        return d
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa") -> "IFASModel":
+        return cls(sub_config(cfg["vision_config"]), sub_config(cfg["text_config"]), ArchConfig(**cfg["arch"]),
+                   attn_implementation)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, attn_implementation: str = "sdpa"
+                        ) -> tuple["IFASModel", PreTrainedTokenizerBase]:
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file():
+            raise ModelLoadError(f"{d} is not an I-FAS model directory (no {CONFIG_NAME}); "
+                                 f"export one with `ifas-export` or point to a training output's export/")
+        model = cls.from_config_dict(json.loads((d / CONFIG_NAME).read_text()), attn_implementation)
+        try:
+            load_weights(model, d)  # model.safetensors, or shards + model.safetensors.index.json
+        except WeightsError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        return model, load_tokenizer(d)

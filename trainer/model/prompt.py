@@ -1,0 +1,85 @@
+"""The I-FAS VQA prompt, answer tokenisation and label masks.
+
+A sample becomes ``prompt + answer``: the prompt is the tokenizer's chat template around
+``<image>`` (expanded to the model's image-token count) and the fixed question; the answer is
+the judgment ("Yes"/"No", one token) followed by the interpretation (". " + caption + EOS).
+``labels`` hold the answer token ids (IGNORE_INDEX elsewhere); ``label_groups`` mark each
+label as judgment or interpretation for the lopsided loss.
+
+For the captioner's fine-tuning (SCF step 5, ``data.task=caption``) the prompt is the captioner's
+own (``shards.scf.captioner_prompt``, tokenised as its processor does) and the answer is the caption
+alone: every answer token is interpretation, there is no judgment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from shards.schema import QUESTION
+from trainer.model.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
+from trainer.model.tokenizer import IMAGE_TOKEN, judgment_token_ids
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]
+    label_groups: list[int]
+    score_position: int  # last prompt token: its logits predict the judgment
+
+
+class PromptBuilder:
+    """Tokenises prompts and answers for one tokenizer and one image-token count."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, max_length: int,
+                 answer_style: str = "caption", caption_prompt: str | None = None) -> None:
+        """``caption_prompt``: the full prompt text of a captioner (captioning task); None = I-FAS."""
+        self.tokenizer = tokenizer
+        self.yes_id, self.no_id = judgment_token_ids(tokenizer)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.answer_style = answer_style
+        self.captioning = caption_prompt is not None
+        self.max_length = max_length
+        if self.captioning:  # special tokens (e.g. BOS) added as the captioner's processor adds them
+            ids = tokenizer(caption_prompt, add_special_tokens=True)["input_ids"]
+        else:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTION}"}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        if ids.count(self.image_token_id) != 1:
+            raise ValueError(f"the prompt template produced {ids.count(self.image_token_id)} {IMAGE_TOKEN} tokens, expected 1")
+        at = ids.index(self.image_token_id)
+        # The prompt is the same for every sample: tokenise it once.
+        self.prompt_ids = ids[:at] + [self.image_token_id] * num_image_tokens + ids[at + 1:]
+        if len(self.prompt_ids) + 1 > max_length:
+            raise ValueError(f"data.max_length={max_length} leaves no room for the answer: the prompt alone "
+                             f"takes {len(self.prompt_ids)} tokens ({num_image_tokens} image tokens); raise it")
+
+    def answer_ids(self, live: bool, caption: str) -> tuple[list[int], list[int]]:
+        """Token ids of the answer and their groups (judgment first, then interpretation)."""
+        judgment = [] if self.captioning else [self.yes_id if live else self.no_id]
+        interp: list[int] = []
+        if self.captioning and caption:
+            interp = self.tokenizer.encode(caption.strip(), add_special_tokens=False)
+        elif self.answer_style == "caption" and caption:
+            interp = self.tokenizer.encode(". " + caption.strip(), add_special_tokens=False)
+        interp = interp + [self.tokenizer.eos_token_id]
+        interp = interp[:self.max_length - len(self.prompt_ids) - len(judgment)]
+        return judgment + interp, [JUDGMENT] * len(judgment) + [INTERPRETATION] * len(interp)
+
+    def encode(self, live: bool, caption: str) -> EncodedSample:
+        answer, groups = self.answer_ids(live, caption)
+        n_prompt = len(self.prompt_ids)
+        return EncodedSample(
+            input_ids=self.prompt_ids + answer,
+            labels=[IGNORE_INDEX] * n_prompt + answer,
+            label_groups=[UNSUPERVISED] * n_prompt + groups,
+            score_position=n_prompt - 1,
+        )
+
+    def encode_prompt(self) -> EncodedSample:
+        """Prompt only (evaluation, prediction): no labels."""
+        n = len(self.prompt_ids)
+        return EncodedSample(list(self.prompt_ids), [IGNORE_INDEX] * n, [UNSUPERVISED] * n, n - 1)

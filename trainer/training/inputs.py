@@ -1,0 +1,55 @@
+"""What a run checks before any rank starts work: the shard sets, the DeepSpeed config and the
+tokenizer (``ifas-train --check`` runs exactly this)."""
+from __future__ import annotations
+
+import json
+
+from trainer.config import ConfigError, RunConfig
+from trainer.data import resolve_shards
+from trainer.model.tokenizer import build_demo_tokenizer, load_tokenizer
+from trainer.run_dir import RunDir
+from trainer.training.engine import deepspeed_config_path
+
+
+def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
+    """Captions of the training shards (json members only), for the demo tokenizer."""
+    import webdataset as wds
+
+    captions = []
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
+                        select_files=lambda name: name.endswith(".json"), handler=wds.warn_and_continue)
+    for raw in ds:
+        try:
+            captions.append(json.loads(raw["json"]).get("caption", ""))
+        except (KeyError, ValueError):
+            continue
+        if len(captions) >= limit:
+            break
+    return captions
+
+
+def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
+    """The run's tokenizer: given path, checkpoint's own, the saved demo one, or a fresh demo BPE."""
+    saved = RunDir(cfg.train.output_dir).model_config
+    if cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path:
+        return load_tokenizer(cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path)
+    if (saved / "tokenizer.json").is_file():
+        return load_tokenizer(saved)  # resuming: the exact tokenizer the weights were trained with
+    return build_demo_tokenizer(read_captions(train_urls))
+
+
+def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """Resolve shard sets and check the DeepSpeed config; raises a user error naming the problem.
+    (The tokenizer is checked by prepare_tokenizer, also before any rank starts work.)"""
+    train_urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
+    eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
+    if cfg.eval.dev_shards:
+        resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")
+    ds_path = deepspeed_config_path(cfg)
+    if not ds_path.is_file():
+        raise ConfigError(f"train.deepspeed_config {ds_path} does not exist; use launch/ds_zero3.json or a copy of it")
+    try:
+        json.loads(ds_path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"train.deepspeed_config {ds_path} is not valid JSON: {exc}") from exc
+    return train_urls, eval_urls

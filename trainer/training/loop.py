@@ -1,0 +1,289 @@
+"""The DeepSpeed ZeRO-3 training loop: ``train`` (one run), ``train_step`` (one optimizer step).
+
+One step = ``train.grad_accum`` micro-batches per rank. Before the step, the judgment and
+interpretation token counts of the whole global batch are summed over ranks, so the lopsided
+loss is normalised globally and its gradient does not depend on the split of the batch.
+The command around it is ``ifas-train`` (trainer/cli/train.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+
+from shards.scf import captioner_prompt
+from trainer.config import RunConfig
+from trainer.data import SKIP_REASONS, ImageTransform, ShardStream, StreamState, make_loader
+from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, gather_objects, init_distributed
+from trainer.eval.periodic import PeriodicEvaluator
+from trainer.logs import MetricsWriter, log_system_scalars, setup_logging
+from trainer.model.ifas import IFASModel
+from trainer.model.loss import INTERPRETATION, JUDGMENT, loss_alpha
+from trainer.model.prompt import PromptBuilder
+from trainer.run_dir import RunDir, tag_for
+from trainer.training.checkpoint import Checkpointer
+from trainer.training.engine import build_engine
+from trainer.training.timing import PhaseTimer, phase
+
+log = logging.getLogger("ifas.train")
+
+INJECT_NAN_ENV = "IFAS_INJECT_NAN_AT_STEPS"  # fault injection for tests: "3,4" poisons those steps' loss
+BATCH_TENSORS = ("input_ids", "attention_mask", "pixel_values", "score_positions", "labels", "label_groups")
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite steps in a row) after saving."""
+
+
+def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {n: batch[n].to(dev, non_blocking=True) for n in BATCH_TENSORS}
+
+
+def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float | None, world: int,
+               poison: bool = False, timer: PhaseTimer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
+    summed over them (this rank's share of the global-batch loss, detached, on the device) and this
+    rank's [judgment, interpretation] token counts (on the host).
+    ``poison`` makes the loss NaN (fault injection for tests, see INJECT_NAN_ENV); ``timer``
+    (benchmark only) records the phases."""
+    groups = [mb["label_groups"] for mb in micro_batches]
+    counts = torch.stack([sum((g == JUDGMENT).sum() for g in groups), sum((g == INTERPRETATION).sum() for g in groups)])
+    with phase(timer, "comm_counts"):  # one small collective per step, kept on the device (no host sync)
+        n_judgment, n_interp = all_reduce_sum(counts.to(dev, torch.float64, non_blocking=True))
+    scale = world * len(micro_batches)
+    parts = torch.zeros(3, dtype=torch.float64, device=dev)
+    for mb in micro_batches:
+        with phase(timer, "forward"):
+            out = engine(**model_inputs(mb, dev), alpha=alpha, n_judgment=n_judgment, n_interpretation=n_interp)
+        if poison:
+            out = out._replace(loss=type(out.loss)(*(p * float("nan") for p in out.loss)))
+        # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a global
+        # mean, so scale back up to make the update exactly its gradient.
+        with phase(timer, "backward"):
+            engine.backward(out.loss.total * scale)
+        with phase(timer, "optimizer_step"):
+            engine.step()
+        parts += torch.stack(list(out.loss)).detach().double()
+    return parts, counts
+
+
+class LogWindow:
+    """Sums over the steps since the last log line. The sums live in one float64 tensor on the
+    device, so adding a step costs no host sync and logging costs one all-reduce."""
+
+    FIELDS = ("loss", "part_judgment", "part_interpretation", "samples", "tokens", "judgment_tokens",
+              "interpretation_tokens")
+
+    def __init__(self, dev: torch.device) -> None:
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=dev)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps = 0  # steps whose update was applied (skipped steps add no loss)
+        self.seconds = 0.0
+        self.wait_s = 0.0
+
+    def add_step(self, loss_parts: torch.Tensor, samples: int, tokens: int, token_counts: torch.Tensor) -> None:
+        """loss_parts: [loss, judgment, interpretation] on the device; token_counts: host [n_j, n_i]."""
+        n_judgment, n_interp = token_counts.tolist()  # host tensor: no device sync
+        self.sums[:3] += loss_parts
+        self.sums[3] += samples
+        self.sums[4] += tokens
+        self.sums[5] += n_judgment
+        self.sums[6] += n_interp
+        self.steps += 1
+
+    def totals(self) -> dict[str, float]:
+        """The sums over every rank (collective)."""
+        return dict(zip(self.FIELDS, all_reduce_sum(self.sums.clone()).cpu().tolist()))
+
+
+def unweighted_parts(totals: dict[str, float], alpha: float | None) -> tuple[float, float]:
+    """Judgment and interpretation parts of the summed loss as plain mean token CEs, so runs with
+    another alpha (or the plain loss) compare."""
+    part_j, part_i = totals["part_judgment"], totals["part_interpretation"]
+    n_j, n_i = totals["judgment_tokens"], totals["interpretation_tokens"]
+    if alpha is None:  # plain: each part is sum(CE) / (n_j + n_i) per step
+        return (part_j * (n_j + n_i) / n_j if n_j else 0.0), (part_i * (n_j + n_i) / n_i if n_i else 0.0)
+    return (part_j / alpha if alpha > 0 else 0.0), (part_i / (1 - alpha) if alpha < 1 else 0.0)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption) ask the run to stop after the
+    current step. Ranks agree over a gloo group on the host, so checking costs no device sync."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.received: int | None = None
+        self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, group=self.group)
+        return flag.item() > 0
+
+
+def skipped_counts(state: StreamState) -> dict[str, int]:
+    """Bad samples skipped so far, summed over ranks, per reason (collective)."""
+    local = state.skipped_total()
+    totals = all_reduce_sum(torch.tensor([float(local.get(r, 0)) for r in SKIP_REASONS], dtype=torch.float64))
+    return {r: int(v) for r, v in zip(SKIP_REASONS, totals.tolist())}
+
+
+def training_batches(cfg: RunConfig, train_urls: list[str], model: IFASModel, tokenizer, info: WorldInfo,
+                     state: StreamState):
+    """(prompt builder, image transform, iterator of this rank's training batches from ``state``)."""
+    arch = model.arch
+    caption_prompt = None
+    if cfg.data.task == "caption":  # the prompt the exported captioner will be given (shards/scf.py)
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(RunDir(cfg.train.output_dir).processor))
+        caption_prompt = captioner_prompt(processor, cfg.data.caption_prompt)
+    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt)
+    transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
+    stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
+                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=cfg.data.num_workers,
+                         caption_source=cfg.data.caption_source)
+    return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
+
+
+def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    info = init_distributed(cfg.train.collective_timeout_s)
+    setup_logging(info.rank, force=True)
+    dev = device()
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    run = RunDir(cfg.train.output_dir)
+    stop_request = StopRequest()
+
+    model, tokenizer, engine, optimizer = build_engine(cfg, tokenizer, info, dev)
+    if info.is_main:
+        run.preempted.unlink(missing_ok=True)
+
+    checkpointer = Checkpointer(run.checkpoints, cfg.train.keep_last, info.is_main)
+    start_step, stream_state = 0, StreamState()
+    layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
+    client = checkpointer.load(engine, layout) if cfg.train.resume else None
+    if client is not None:
+        start_step = client["step"]
+        stream_state = StreamState.from_state_dict(client["data"]["streams"][info.rank])
+        log.info("resumed from step %d", start_step)
+
+    builder, transform, batches = training_batches(cfg, train_urls, model, tokenizer, info, stream_state)
+
+    def save(step: int) -> None:
+        client_state = {"step": step, "config": cfg.to_dict(),
+                        "data": {"world_size": info.world_size, "num_workers": cfg.data.num_workers,
+                                 "streams": gather_objects(stream_state.state_dict(), info)}}
+        checkpointer.save(engine, step, client_state, layout)
+
+    writer = MetricsWriter(run.tensorboard if info.is_main else None)
+    evaluator = (PeriodicEvaluator(cfg, {"held-out": eval_urls}, builder, transform, info, tokenizer.pad_token_id,
+                                   writer, run.root) if eval_urls else None)
+    keys_log = None
+    if cfg.train.log_sample_keys:
+        run.sample_keys.mkdir(parents=True, exist_ok=True)
+        keys_log = open(run.sample_keys / f"rank{info.rank}.jsonl", "a")
+    nan_steps = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
+    alpha = loss_alpha(cfg.loss.mode, cfg.loss.alpha)  # None: the plain LM loss of the ablation
+    gas, world = cfg.train.grad_accum, info.world_size
+    history: list[dict[str, Any]] = []
+    window = LogWindow(dev)
+    skipped_steps, skipped_in_a_row = 0, 0
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not info.is_main, desc="train", unit="step")
+    engine.train()
+    last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
+    done = start_step
+    for step in range(start_step, last_step):
+        if stop_request.any_rank():
+            log.warning("stop requested by a signal: saving a checkpoint at step %d and exiting", done)
+            save(done)
+            if info.is_main:
+                run.preempted.write_text(f"{done}\n")
+            return {"history": history, "preempted": True}
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(gas)]
+        t_data = time.perf_counter()
+        lr_used = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
+        step_parts, step_tokens = train_step(engine, micro, dev, alpha, world, poison=(step + 1) in nan_steps)
+        for mb in micro:
+            stream_state.update(mb)
+        done = step + 1
+        # DeepSpeed skips an update whose gradient norm is not finite (the norm is all-reduced, so
+        # every rank agrees); the flag is already on the host.
+        if engine.optimizer.overflow:
+            skipped_steps += 1
+            skipped_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", done, skipped_in_a_row)
+            if skipped_in_a_row >= cfg.train.max_bad_steps:
+                save(done)
+                raise TrainingHalted(
+                    f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (up to step {done}); "
+                    f"saved a checkpoint. Lower optim.lr, check the data, or raise train.max_bad_steps")
+        else:
+            skipped_in_a_row = 0
+            tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
+            window.add_step(step_parts, gas * cfg.train.micro_batch_size, tokens, step_tokens)
+        if keys_log is not None:
+            keys_log.write(json.dumps({"step": done, "keys": [k for mb in micro for k in mb["keys"]]}) + "\n")
+            keys_log.flush()
+        window.seconds += time.perf_counter() - t0
+        window.wait_s += t_data - t0
+        bar.update(1)
+        if done % cfg.train.log_every == 0 or done == last_step:
+            totals = window.totals()
+            n = max(window.steps, 1)
+            ce_judgment, ce_interp = unweighted_parts(totals, alpha)
+            rec = {"step": done, "loss": totals["loss"] / n, "loss_judgment": ce_judgment / n,
+                   "loss_interpretation": ce_interp / n,
+                   "lr": lr_used[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "samples_per_s": totals["samples"] / window.seconds,
+                   "tokens_per_s": totals["tokens"] / window.seconds, "data_wait_frac": window.wait_s / window.seconds,
+                   "skipped_steps": skipped_steps, "skipped_samples": skipped_counts(stream_state)}
+            history.append(rec)
+            lrs = {g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)}
+            log_system_scalars(writer, done, info, dev, lrs=lrs)  # memory per rank (collective), lr per group
+            writer.train_window(rec, done)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", judg=f"{rec['loss_judgment']:.3f}")
+            window.reset()
+        saved = done % cfg.train.save_every == 0 or done == last_step
+        if saved:
+            save(done)
+        # Periodic held-out evaluation (collective: every rank runs it); its best step's checkpoint
+        # is saved and kept out of keep_last pruning.
+        if evaluator is not None and done != cfg.train.max_steps and evaluator.maybe_run(engine, done) is not None:
+            if evaluator.last_was_best:
+                checkpointer.protected = {tag_for(done)}
+                if not saved:
+                    save(done)
+    bar.close()
+    if keys_log is not None:
+        keys_log.close()
+
+    result: dict[str, Any] = {"history": history}
+    if evaluator is not None and cfg.eval.at_end and done == cfg.train.max_steps:
+        result["eval"] = evaluator.run(engine, done, final=True)["held-out"]
+    writer.close()
+    if info.is_main:
+        run.train_result.write_text(json.dumps(
+            {"history": history, "eval": result["eval"].as_dict() if "eval" in result else None}, indent=2))
+    return result
