@@ -10,7 +10,7 @@ DEMO_SAMPLES ?= 1000
 NUM_RANKS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo-data train test bench clean
+.PHONY: install demo-data train lint test bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 
 install: $(BIN)/.installed
 
-$(DEMO_DATA)/domain_d/manifest.json: $(BIN)/.installed
+$(DEMO_DATA)/domain_d/manifest.json: | $(BIN)/.installed
 	$(BIN)/ifas-shards synth --out $(DEMO_DATA) --samples-per-domain $(DEMO_SAMPLES) --seed 0 --workers 2
 
 demo-data: $(DEMO_DATA)/domain_d/manifest.json
@@ -30,7 +30,10 @@ demo-data: $(DEMO_DATA)/domain_d/manifest.json
 train: install demo-data
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 deepspeed --num_gpus $(NUM_RANKS) launch/train.sh --config launch/configs/demo.yaml $(ARGS)
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 bench: install

@@ -7,7 +7,7 @@
 - :class:`FusedLMHeadLoss`: the fused loss as a module that works under DeepSpeed ZeRO-3.
 
 This package shares its import name with the Hugging Face Hub package ``kernels``, which
-transformers probes for (DESIGN.md 5). Keep this file light: no torch/triton/deepspeed import at
+transformers probes for (docs/architecture.md, "Known traps"). Keep this file light: no torch/triton/deepspeed import at
 package import time, and no ``__version__`` (transformers reads it to decide whether the Hub
 package is installed; without one our package never looks like a usable version).
 Submodules are imported lazily, on first use.

@@ -1,7 +1,7 @@
 """The fused LM-head loss as a module that is correct under DeepSpeed ZeRO-3.
 
 Under ZeRO-3 ``lm_head.weight`` is an empty shard outside the forward of a module that owns or
-has registered it (DESIGN.md 5). :class:`FusedLMHeadLoss` registers the head's parameters as
+has registered it (docs/architecture.md, "Known traps"). :class:`FusedLMHeadLoss` registers the head's parameters as
 external parameters of itself (``deepspeed.zero.register_external_parameter``), so DeepSpeed
 gathers them around its forward (and backward), and the gradient the fused op returns for the
 weight lands on the parameter, where ZeRO's gradient hooks reduce-scatter it into the partition.

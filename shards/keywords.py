@@ -1,6 +1,6 @@
 """The spoof-keyword dictionary of SCF (``shards/data/keywords.json``, editable) and the matcher
 that finds which cues a caption or an explanation names. Shared by the SCF caption filter
-(shards.scf) and the explanation metrics (trainer.explain), so both count cues the same way.
+(shards.scf) and the explanation metrics (trainer.eval.explain), so both count cues the same way.
 """
 from __future__ import annotations
 

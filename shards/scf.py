@@ -1,4 +1,4 @@
-"""Spoof-aware Captioning and Filtering (SCF, DESIGN.md section 1) over shard sets.
+"""Spoof-aware Captioning and Filtering (SCF, docs/architecture.md "Method") over shard sets.
 
     # 3-4: general captioner C_G on spoof images; keep captions naming their attack's keywords
     ifas-shards caption data/shards/oulu_npu/train --out data/scf/general/oulu_npu --captioner /models/C_G \

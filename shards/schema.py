@@ -1,4 +1,4 @@
-"""The sample schema every shard in this project follows (DESIGN.md section 3).
+"""The sample schema every shard in this project follows (docs/architecture.md, "Parts").
 
 A sample is two tar members sharing a key: ``<key>.jpg`` (the face crop) and ``<key>.json``
 (the metadata below). Keys are unique inside a shard set and stable across rebuilds.

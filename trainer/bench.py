@@ -11,7 +11,7 @@ model and data):
   the configured workers vs samples/s the step consumes - target >= 3x, data wait <= 2%;
 - ZeRO-3 memory: parameter + gradient + optimizer-state bytes held per rank - target at world
   size 2 <= 0.55x world size 1;
-- model FLOPs per step (trainer.flops) and MFU against the device's peak (on CPU: against a
+- model FLOPs per step (trainer.model.flops) and MFU against the device's peak (on CPU: against a
   measured fp32 matmul peak, stated as such).
 
 Writes JSON and replaces the ``## Trainer`` section of BENCHMARKS.md. Each world size runs as

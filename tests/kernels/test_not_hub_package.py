@@ -2,7 +2,7 @@
 
 transformers probes ``is_kernels_available()`` (find_spec("kernels") + a version check) and, when
 True, does ``from kernels import get_kernel, kernelize, ...``, which would break on our package
-(DESIGN.md 5). Checks run in a fresh interpreter with the repository root on sys.path, so the
+(docs/architecture.md, "Known traps"). Checks run in a fresh interpreter with the repository root on sys.path, so the
 probe finds our package (and its lru_cache starts empty).
 """
 from __future__ import annotations

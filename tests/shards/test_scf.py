@@ -142,7 +142,7 @@ def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [h["loss"] for h in json.loads((run / "train_result.json").read_text())["history"]]
     assert losses[-1] < 0.2 * losses[0], losses
-    proc = subprocess.run([sys.executable, "-m", "trainer.export", str(run), "--format", "llava"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli.export", str(run), "--format", "llava"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -18,7 +18,7 @@ from shards.synth import ALL_DOMAINS, BASE_CUES, DOMAINS, face_sources, make_sam
 
 
 def _keywords() -> dict[str, list[str]]:
-    """The SCF keyword dictionary K (DESIGN.md section 1) shipped with the shards package."""
+    """The SCF keyword dictionary K (docs/architecture.md, "Method") shipped with the shards package."""
     path = Path(str(importlib.resources.files("shards") / "data" / "keywords.json"))
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 

@@ -1,10 +1,10 @@
 """Result tables in the paper's layouts, with the paper's published figures printed beside ours.
 
-Two protocols (DESIGN.md section 2): OCIM leave-one-out (columns M, C, I, O + average; each
+Two protocols (docs/architecture.md, "Paper figures"): OCIM leave-one-out (columns M, C, I, O + average; each
 column is a different model, trained on the other three) and One to Eleven (11 test sets +
 average, one model trained on CelebA-Spoof). A test set lands in a column when its name (the
 shard-set directory, or ``NAME=PATH`` on the ifas-eval command line) or its samples' ``dataset``
-field matches one of the column's aliases. A figure the paper does not give (DESIGN.md has FLIP
+field matches one of the column's aliases. A figure the paper does not give (the paper has FLIP
 only as an average for One to Eleven) prints as "-".
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ Inputs are image files, folders (searched recursively for images) or shard sets 
 with manifest.json or .tar shards, or a .tar file). The score is P(Yes) among {Yes, No} at the
 first answer position (one forward pass); the judgment is score >= threshold, with the threshold
 given, read from an ifas-eval output (calibration.json or eval_metrics.json), or 0.5. The
-explanation is generated after that judgment (see trainer.explain); --no-explain skips it.
+explanation is generated after that judgment (see trainer.eval.explain); --no-explain skips it.
 --face-crop finds the largest frontal face in a raw photo first with the shards' face detector
 (``shards.faces``) and scores the crop made by the shards' crop rule, as the shards hold face crops.
 """

@@ -1,4 +1,4 @@
-"""Globally Aware Connector (GAC) of I-FAS (DESIGN.md section 1).
+"""Globally Aware Connector (GAC) of I-FAS (docs/architecture.md, "Method").
 
 The per-layer global token g_l of every vision-encoder layer (class token, or mean over patches
 for encoders without one) is layer-normalised and projected to queries Q_V; learnable prefix

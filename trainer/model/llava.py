@@ -117,7 +117,7 @@ def llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: st
 def write_llava(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], processor, directory: str | Path,
                 max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write a model (its config dict and state dict, or DeepSpeed's lazy one) as a transformers LLaVA
-    directory: weights streamed through trainer.weights, config, ``processor`` and a generation config
+    directory: weights streamed through trainer.model.weights, config, ``processor`` and a generation config
     that stops at the EOS every trained answer ends with; then check the weights against the config."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration

@@ -184,7 +184,7 @@ def test_two_rank_eval_equals_one_rank(tiny_model_dir, small_shards, eval_run, t
     env = launch_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "trainer.evaluate", "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "16",
+         "-m", "trainer.cli.eval", "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "16",
          "--dev-shards", d["domain_a"], d["domain_b"], "--dev-split", "", "--explain-samples", "4",
          "--max-new-tokens", "6", f"M={d['domain_d']}", d["domain_c"]],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)

@@ -14,7 +14,7 @@ def keywords():
 
 def test_dictionary_groups(keywords):
     assert {"print", "replay", "mask", "live"} <= set(keywords)
-    # DESIGN.md's dictionary K is in it
+    # the method's dictionary K (docs/architecture.md) is in it
     for group, words in {"replay": ["screen", "display", "monitor", "moire", "pixel", "reflection"],
                          "print": ["paper", "printed", "photo", "print"],
                          "mask": ["mask", "mannequin", "silicone", "resin", "3d"]}.items():

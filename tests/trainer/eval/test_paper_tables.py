@@ -1,4 +1,4 @@
-"""Paper-layout tables: our figures beside the paper's (DESIGN.md section 2), "-" where none."""
+"""Paper-layout tables: our figures beside the paper's (docs/architecture.md, "Paper figures"), "-" where none."""
 import pytest
 
 from trainer.eval.paper_tables import OCIM, ONE_TO_ELEVEN, match_column, normalise, paper_tables, protocol_table
