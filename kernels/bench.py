@@ -12,6 +12,7 @@ Writes a JSON file and replaces the ``## Kernels`` section of BENCHMARKS.md (bet
 comments). Exits 1 if a fused result differs from its reference (targets missed do not fail the
 run; they are reported pass/fail).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -136,7 +137,9 @@ class RssMeter:
     keeps (and silently reuses) freed memory.
     """
 
-    method = "peak RSS (VmHWM, reset through /proc/self/clear_refs) above RSS before the call; glibc mmap threshold 128 KiB"
+    method = (
+        "peak RSS (VmHWM, reset through /proc/self/clear_refs) above RSS before the call; glibc mmap threshold 128 KiB"
+    )
 
     def __init__(self) -> None:
         try:
@@ -353,7 +356,8 @@ def bench_gac(case: GACCase, device: str, meter, repeats: int, time_cap: float, 
             t.grad = None
     tol = 1e-4 if case.dtype == "float32" else 3e-2
     res["rel_err"] = {
-        name: rel_err(g, e) for name, g, e in zip(("out", "grad_hidden", "grad_w", "grad_b"), outputs["fused"], outputs["eager"])
+        name: rel_err(g, e)
+        for name, g, e in zip(("out", "grad_hidden", "grad_w", "grad_b"), outputs["fused"], outputs["eager"])
     }
     res["tolerance"] = tol
     res["correct"] = all(e <= tol for e in res["rel_err"].values())
@@ -383,10 +387,18 @@ def _version(dist: str) -> str:
 
 
 def environment(device: str, meter) -> dict:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
-        platform.processor() or "unknown",
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor() or "unknown",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     env = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node(),
@@ -441,14 +453,15 @@ def markdown(report: dict) -> str:
         f"GPU: {env['gpu'] or 'none'}.",
         f"- Versions: Python {v['python']}, torch {v['torch']}, triton {v['triton']}, deepspeed {v['deepspeed']}, "
         f"transformers {v['transformers']}, liger-kernel {v['liger-kernel']}.",
-        f"- Memory: {env['memory_method']}. \"Peak extra\" counts everything the loss adds, the gradients of "
+        f'- Memory: {env["memory_method"]}. "Peak extra" counts everything the loss adds, the gradients of '
         "hidden and weight included (both paths must produce them; the targets use this figure); "
-        "\"workspace\" is peak extra minus those gradients.",
+        '"workspace" is peak extra minus those gradients.',
         f"- Timing: forward+backward, minimum over up to {report['repeats']} calls (fewer when one call exceeds "
         f"{report['time_cap_s']:.0f} s); the machine is shared, so CPU times are noisy.",
         "- Unfused = transformers' path with per-token weights: full `[T, V]` logits from the head, held "
-        "(as the model output is) through backward, fp32 upcast, `F.cross_entropy(reduction='none')` * weights. Fused = `kernels.fused_linear_lopsided_ce` "
-        "(torch chunked path on CPU, Triton on CUDA). \"Unfused, logits not kept\" is the leanest unfused "
+        "(as the model output is) through backward, fp32 upcast, `F.cross_entropy(reduction='none')` * weights. "
+        "Fused = `kernels.fused_linear_lopsided_ce` "
+        '(torch chunked path on CPU, Triton on CUDA). "Unfused, logits not kept" is the leanest unfused '
         "variant (the logits die with the loss), shown for memory (one call). Ratios are against the first "
         "row. Correctness = relative L2 error of the three losses and both gradients vs unfused.",
         "- GAC: eager = one layer at a time, `F.layer_norm` per layer (what a GAC does without the op); "
@@ -457,7 +470,8 @@ def markdown(report: dict) -> str:
         "",
         "### Fused lopsided linear cross entropy",
         "",
-        "| case | T x H x V, dtype | supervised | path | time (s) | peak extra (MiB) | workspace (MiB) | time vs unfused | memory vs unfused | workspace vs unfused | max rel err |",
+        "| case | T x H x V, dtype | supervised | path | time (s) | peak extra (MiB) | workspace (MiB) | "
+        "time vs unfused | memory vs unfused | workspace vs unfused | max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["ce"]:
@@ -476,7 +490,8 @@ def markdown(report: dict) -> str:
             work = m["peak_bytes"] - r["grad_bytes"]
             lines.append(
                 f"| {r['name']} | {shape} | {sup} | {path} | {m['time_s']:.3f} | {m['peak_bytes'] / MiB:.0f} | "
-                f"{work / MiB:.0f} | {m['time_s'] / uf['time_s']:.3f} | {m['peak_bytes'] / max(uf['peak_bytes'], 1):.3f} | "
+                f"{work / MiB:.0f} | {m['time_s'] / uf['time_s']:.3f} | "
+                f"{m['peak_bytes'] / max(uf['peak_bytes'], 1):.3f} | "
                 f"{work / max(uf['peak_bytes'] - r['grad_bytes'], 1):.3f} | {e} |"
             )
         if isinstance(r.get("liger"), str):
@@ -484,7 +499,9 @@ def markdown(report: dict) -> str:
     for case in CE_CASES:
         if case.name not in {r["name"] for r in report["ce"]}:
             shape = f"{case.tokens} x {case.hidden} x {case.vocab}, {case.dtype}"
-            lines.append(f"| {case.name} | {shape} | {case.supervised:.0%} | Triton / unfused / liger | {NO_GPU} | | | | | | |")
+            lines.append(
+                f"| {case.name} | {shape} | {case.supervised:.0%} | Triton / unfused / liger | {NO_GPU} | | | | | | |"
+            )
     lines += ["", "Targets:", "", "| case | device | target | value | pass |", "|---|---|---|---|---|"]
     for t in report["targets"]:
         value = "" if t["value"] is None else f"{t['value']:.3f}"
@@ -494,17 +511,17 @@ def markdown(report: dict) -> str:
         "",
         "### GAC multi-layer pooling + LayerNorm",
         "",
-        "| case | L x B x N x D, dtype | mode | eager fwd (ms) | fused fwd (ms) | eager fwd+bwd (ms) | fused fwd+bwd (ms) | speed-up fwd+bwd | fused GB/s fwd / fwd+bwd | max rel err |",
+        "| case | L x B x N x D, dtype | mode | eager fwd (ms) | fused fwd (ms) | eager fwd+bwd (ms) | "
+        "fused fwd+bwd (ms) | speed-up fwd+bwd | fused GB/s fwd / fwd+bwd | max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["gac"]:
         shape = f"{r['layers']} x {r['batch']} x {r['tokens']} x {r['dim']}, {r['dtype']}"
-        bw = (
-            f"{r['fused_fwd_gbps']:.0f} / {r['fused_fwd_bwd_gbps']:.0f}" if "fused_fwd_gbps" in r else "n/a on CPU"
-        )
+        bw = f"{r['fused_fwd_gbps']:.0f} / {r['fused_fwd_bwd_gbps']:.0f}" if "fused_fwd_gbps" in r else "n/a on CPU"
         err = max(r["rel_err"].values())
         lines.append(
-            f"| {r['name']} | {shape} | {r['mode']} | {_fmt_ms(r['eager']['fwd']['time_s'])} | {_fmt_ms(r['fused']['fwd']['time_s'])} | "
+            f"| {r['name']} | {shape} | {r['mode']} | {_fmt_ms(r['eager']['fwd']['time_s'])} | "
+            f"{_fmt_ms(r['fused']['fwd']['time_s'])} | "
             f"{_fmt_ms(r['eager']['fwd_bwd']['time_s'])} | {_fmt_ms(r['fused']['fwd_bwd']['time_s'])} | "
             f"{r['speedup_fwd_bwd']:.2f}x | {bw} | {err:.1e} ({'ok' if r['correct'] else 'FAIL'}) |"
         )
@@ -522,7 +539,9 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/kernels_bench.json"), help="JSON result file")
-    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), help="file whose '## Kernels' section is replaced")
+    parser.add_argument(
+        "--markdown", type=Path, default=Path("BENCHMARKS.md"), help="file whose '## Kernels' section is replaced"
+    )
     parser.add_argument("--no-markdown", action="store_true", help="do not touch the markdown file")
     parser.add_argument("--quick", action="store_true", help="one call per measurement, no warm-up beyond compilation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -10,6 +10,7 @@ Why it is shaped this way:
   unknown file name is skipped and counted by reason in the manifest (``skipped``), with a few
   example paths (``skipped_examples``), and the counts are printed at the end.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,17 +93,27 @@ def select_image_frames(items: list[Item], n: int) -> list[Item]:
 class _SplitBuild:
     """Writes one split's shard set, resumably."""
 
-    def __init__(self, adapter: Adapter, items: list[Item], out: Path, opts: BuildOptions,
-                 naming_skips: dict[str, Any], overwrite: bool) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        items: list[Item],
+        out: Path,
+        opts: BuildOptions,
+        naming_skips: dict[str, Any],
+        overwrite: bool,
+    ) -> None:
         self.adapter, self.items, self.out, self.opts = adapter, items, out, opts
         self.naming_skips = naming_skips
         self.overwrite = overwrite
         self.cropper = FaceCropper(opts.face, opts.margin, opts.size, opts.center_fallback)
         self.fingerprint = {
-            "adapter": adapter.name, "root": str(adapter.root.resolve()),
+            "adapter": adapter.name,
+            "root": str(adapter.root.resolve()),
             "adapter_options": {k: str(v) for k, v in sorted(adapter.options.items())},
-            "options": asdict(opts) | {"splits": None}, "build_version": BUILD_VERSION,
-            "items": len(items), "items_sha1": hashlib.sha1("\n".join(i.rel for i in items).encode()).hexdigest(),
+            "options": asdict(opts) | {"splits": None},
+            "build_version": BUILD_VERSION,
+            "items": len(items),
+            "items_sha1": hashlib.sha1("\n".join(i.rel for i in items).encode()).hexdigest(),
         }
         self.skipped: Counter = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
@@ -119,7 +130,9 @@ class _SplitBuild:
             return
         state = json.loads(path.read_text())
         if state.get("fingerprint") != self.fingerprint:
-            raise SystemExit(f"{path}: left by a build with other inputs or options; rerun with --overwrite to start over")
+            raise SystemExit(
+                f"{path}: left by a build with other inputs or options; rerun with --overwrite to start over"
+            )
         for s in state["shards"]:  # keep the longest prefix of intact shards
             f = self.out / s["entry"]["file"]
             if not f.is_file() or f.stat().st_size != s["entry"]["bytes"] or sha256_file(f) != s["entry"]["sha256"]:
@@ -135,10 +148,18 @@ class _SplitBuild:
 
     def _on_shard(self, entry: dict[str, Any]) -> None:
         assert self.writer is not None
-        self.state.append({"entry": entry, "counts": self.writer.counts,  # of every finished shard so far
-                           "cursor": list(self.cursor), "skipped": dict(self.skipped),
-                           "examples": {k: list(v) for k, v in self.examples.items()}})
-        atomic_write_text(self.out / STATE_NAME, json.dumps({"fingerprint": self.fingerprint, "shards": self.state}) + "\n")
+        self.state.append(
+            {
+                "entry": entry,
+                "counts": self.writer.counts,  # of every finished shard so far
+                "cursor": list(self.cursor),
+                "skipped": dict(self.skipped),
+                "examples": {k: list(v) for k, v in self.examples.items()},
+            }
+        )
+        atomic_write_text(
+            self.out / STATE_NAME, json.dumps({"fingerprint": self.fingerprint, "shards": self.state}) + "\n"
+        )
         self.new_shards += 1
         if self.stop_after is not None and self.new_shards >= self.stop_after:
             raise _Stop()
@@ -175,11 +196,22 @@ class _SplitBuild:
                 key = sample_key(self.adapter.name, item.rel, fidx)
                 buf = io.BytesIO()
                 Image.fromarray(crop).save(buf, format="JPEG", quality=self.opts.jpeg_quality)
-                meta = {"label": item.label, "attack": item.attack, "dataset": self.adapter.dataset,
-                        "subject": item.subject, "video": item.video, "frame": fidx, "split": item.split,
-                        "session": item.session, "device": item.device, "spoof_type": item.spoof_type,
-                        "source": item.rel, "caption": template_caption(item.attack, key), "caption_source": "template",
-                        **{k: v for k, v in item.extra.items() if isinstance(v, (str, int, float))}}
+                meta = {
+                    "label": item.label,
+                    "attack": item.attack,
+                    "dataset": self.adapter.dataset,
+                    "subject": item.subject,
+                    "video": item.video,
+                    "frame": fidx,
+                    "split": item.split,
+                    "session": item.session,
+                    "device": item.device,
+                    "spoof_type": item.spoof_type,
+                    "source": item.rel,
+                    "caption": template_caption(item.attack, key),
+                    "caption_source": "template",
+                    **{k: v for k, v in item.extra.items() if isinstance(v, (str, int, float))},
+                }
                 yield key, buf.getvalue(), meta
         self.cursor = (len(self.items), 0)
 
@@ -190,13 +222,20 @@ class _SplitBuild:
             if m.get("build", {}).get("fingerprint") == self.fingerprint:
                 log.info("%s: already complete", self.out)
                 return m
-            raise SystemExit(f"{self.out}: holds a shard set built from other inputs or options; pass --overwrite to replace it")
+            raise SystemExit(
+                f"{self.out}: holds a shard set built from other inputs or options; pass --overwrite to replace it"
+            )
         self._load_state()
         self.stop_after = stop_after_shards
         writer = self.writer = ShardWriter(
-            self.out, max_samples=self.opts.max_samples, max_bytes=self.opts.max_bytes, overwrite=True,
+            self.out,
+            max_samples=self.opts.max_samples,
+            max_bytes=self.opts.max_bytes,
+            overwrite=True,
             resume_shards=[s["entry"] for s in self.state],
-            resume_counts=self.state[-1]["counts"] if self.state else None, on_shard=self._on_shard)
+            resume_counts=self.state[-1]["counts"] if self.state else None,
+            on_shard=self._on_shard,
+        )
         try:
             for key, jpg, meta in self.samples():
                 writer.write(key, jpg, meta)
@@ -218,8 +257,14 @@ class _SplitBuild:
         return manifest
 
 
-def build_dataset(adapter: Adapter, out: str | os.PathLike, opts: BuildOptions | None = None, *,
-                  overwrite: bool = False, stop_after_shards: int | None = None) -> dict[str, dict[str, Any] | None]:
+def build_dataset(
+    adapter: Adapter,
+    out: str | os.PathLike,
+    opts: BuildOptions | None = None,
+    *,
+    overwrite: bool = False,
+    stop_after_shards: int | None = None,
+) -> dict[str, dict[str, Any] | None]:
     """Build ``<out>/<split>/`` shard sets from an adapter; returns {split: manifest or None if stopped}.
 
     Files the adapter cannot name (``unknown_naming`` etc.) belong to no split; their counts go
@@ -238,8 +283,10 @@ def build_dataset(adapter: Adapter, out: str | os.PathLike, opts: BuildOptions |
     for reason, n in naming.items():
         log.warning("%s: %d file(s) skipped (%s), e.g. %s", adapter.root, n, reason, naming_examples[reason][0])
     if not by_split:
-        raise SystemExit(f"{adapter.root}: no usable {adapter.dataset} files found "
-                         f"(skipped: {dict(naming) or 'none'}); check the root folder against docs/datasets.md")
+        raise SystemExit(
+            f"{adapter.root}: no usable {adapter.dataset} files found "
+            f"(skipped: {dict(naming) or 'none'}); check the root folder against docs/datasets.md"
+        )
     naming_skips = {"counts": dict(sorted(naming.items())), "examples": dict(sorted(naming_examples.items()))}
     out = Path(out)
     result = {}
@@ -259,8 +306,10 @@ def format_report(result: dict[str, dict[str, Any] | None], out: str | os.PathLi
             lines.append(f"{Path(out) / split}: interrupted; rerun the same command to finish")
             continue
         c = m["counts"]
-        lines.append(f"{Path(out) / split}: {m['num_samples']} samples in {len(m['shards'])} shards; "
-                     f"label {c.get('label', {})}; attack {c.get('attack', {})}")
+        lines.append(
+            f"{Path(out) / split}: {m['num_samples']} samples in {len(m['shards'])} shards; "
+            f"label {c.get('label', {})}; attack {c.get('attack', {})}"
+        )
         if m.get("skipped"):
             lines.append(f"  skipped samples: {m['skipped']}")
     first = next((m for m in result.values() if m), None)

@@ -1,11 +1,12 @@
 """``ifas-shards``: generate synthetic shard sets, verify shard sets, print their statistics.
 
-    ifas-shards synth --out data/synth [--samples-per-domain 1000] [--seed 0] [--domains domain_a ...]
-    ifas-shards verify data/synth/domain_a data/synth/domain_b
-    ifas-shards stats data/synth/*
-    ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
-    ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train --captioner /models/llava
+ifas-shards synth --out data/synth [--samples-per-domain 1000] [--seed 0] [--domains domain_a ...]
+ifas-shards verify data/synth/domain_a data/synth/domain_b
+ifas-shards stats data/synth/*
+ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
+ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train --captioner /models/llava
 """
+
 from __future__ import annotations
 
 import argparse
@@ -138,9 +139,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from shards.synth import generate_demo
 
-    dirs = generate_demo(args.out, samples_per_domain=args.samples_per_domain, seed=args.seed,
-                         image_size=args.image_size, domains=args.domains, samples_per_shard=args.samples_per_shard,
-                         frames_per_video=args.frames_per_video, overwrite=args.overwrite, workers=args.workers)
+    dirs = generate_demo(
+        args.out,
+        samples_per_domain=args.samples_per_domain,
+        seed=args.seed,
+        image_size=args.image_size,
+        domains=args.domains,
+        samples_per_shard=args.samples_per_shard,
+        frames_per_video=args.frames_per_video,
+        overwrite=args.overwrite,
+        workers=args.workers,
+    )
     for d in dirs:
         print(d)
     return 0
@@ -158,16 +167,33 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from shards.adapters import AdapterError, get_adapter
     from shards.build import BuildOptions, build_dataset, format_report
 
-    options = {k: v for k, v in {"list": args.list, "live_label": args.live_label, "split": args.split,
-                                 "dataset": args.dataset_name}.items() if v is not None}
+    options = {
+        k: v
+        for k, v in {
+            "list": args.list,
+            "live_label": args.live_label,
+            "split": args.split,
+            "dataset": args.dataset_name,
+        }.items()
+        if v is not None
+    }
     try:
         adapter = get_adapter(args.dataset, args.root, **options)
     except AdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = BuildOptions(frames=args.frames, image_frames=args.image_frames, face=args.face, margin=args.margin,
-                        size=args.size, center_fallback=args.center_fallback, jpeg_quality=args.jpeg_quality,
-                        max_samples=args.samples_per_shard, max_bytes=args.shard_bytes, splits=args.splits)
+    opts = BuildOptions(
+        frames=args.frames,
+        image_frames=args.image_frames,
+        face=args.face,
+        margin=args.margin,
+        size=args.size,
+        center_fallback=args.center_fallback,
+        jpeg_quality=args.jpeg_quality,
+        max_samples=args.samples_per_shard,
+        max_bytes=args.shard_bytes,
+        splits=args.splits,
+    )
     result = build_dataset(adapter, args.out, opts, overwrite=args.overwrite, stop_after_shards=args.stop_after_shards)
     print(format_report(result, args.out))
     return 0 if all(m is not None for m in result.values()) else 3
@@ -204,9 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     from shards.faces import FACE_MODES
 
     layouts = "\n".join(f"  {name}: {adapter.layout}" for name, adapter in ADAPTERS.items())
-    b = sub.add_parser("build", help="turn one dataset folder into shard sets <out>/<split>/ (see docs/datasets.md)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=f"expected layouts (details and commands: docs/datasets.md):\n{layouts}")
+    b = sub.add_parser(
+        "build",
+        help="turn one dataset folder into shard sets <out>/<split>/ (see docs/datasets.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"expected layouts (details and commands: docs/datasets.md):\n{layouts}",
+    )
     b.add_argument("dataset", choices=list(ADAPTERS), help="adapter: a public dataset, 'list' or 'folder'")
     b.add_argument("root", help="the dataset folder as distributed")
     b.add_argument("--out", required=True, help="output folder; gets one shard set per split")
@@ -217,11 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--splits", nargs="+", help="build only these splits (default: all the adapter finds)")
     b.add_argument("--frames", type=int, default=10, help="frames per video, evenly spaced")
     b.add_argument("--image-frames", type=int, default=0, help="images kept per frame folder, evenly spaced (0: all)")
-    b.add_argument("--face", default="auto", choices=FACE_MODES,
-                   help="auto: dataset boxes, else the bundled LBP face detector; center/full: no detection")
+    b.add_argument(
+        "--face",
+        default="auto",
+        choices=FACE_MODES,
+        help="auto: dataset boxes, else the bundled LBP face detector; center/full: no detection",
+    )
     b.add_argument("--margin", type=float, default=0.25, help="margin around the face box, per side, in box sizes")
     b.add_argument("--size", type=int, default=224, help="output crop size (pixels)")
-    b.add_argument("--center-fallback", action="store_true", help="centre crop frames without a detected face (else skipped)")
+    b.add_argument(
+        "--center-fallback", action="store_true", help="centre crop frames without a detected face (else skipped)"
+    )
     b.add_argument("--jpeg-quality", type=int, default=95)
     b.add_argument("--samples-per-shard", type=int, default=1000)
     b.add_argument("--shard-bytes", type=_size_arg, default=256 << 20, help="target shard size, e.g. 256MB")

@@ -3,6 +3,7 @@
 The detector is scikit-image's LBP frontal-face cascade (``skimage.data.lbp_frontal_face_cascade_filename``):
 its model file ships inside the scikit-image wheel, so nothing is downloaded at run time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,12 +34,19 @@ def detect_face(rgb: np.ndarray, max_side: int = 320) -> tuple[float, float, flo
 
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))
-    small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
+    small = (
+        rgb
+        if scale == 1.0
+        else np.asarray(
+            Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        )
+    )
     sh, sw = small.shape[:2]
     if min(sh, sw) < 24:
         return None
-    dets = _cascade().detect_multi_scale(img=rgb2gray(small), scale_factor=1.2, step_ratio=1,
-                                         min_size=(24, 24), max_size=(sh, sw))
+    dets = _cascade().detect_multi_scale(
+        img=rgb2gray(small), scale_factor=1.2, step_ratio=1, min_size=(24, 24), max_size=(sh, sw)
+    )
     if not dets:
         return None
     d = max(dets, key=lambda d: d["width"] * d["height"])

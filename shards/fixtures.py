@@ -4,6 +4,7 @@ Files hold a real face (scikit-image's astronaut, which the bundled detector fin
 exercises decoding, frame sampling and face cropping end to end. ``FIXTURES[name]`` lists
 ``(relative path, expected label/attack/subject/split)``; ``write_tree`` writes them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,7 +55,13 @@ def write_file(root: Path, rel: str) -> None:
 
 
 def _e(attack: str, subject: str, split: str, **extra: Any) -> dict[str, Any]:
-    return {"label": "live" if attack == "none" else "spoof", "attack": attack, "subject": subject, "split": split, **extra}
+    return {
+        "label": "live" if attack == "none" else "spoof",
+        "attack": attack,
+        "subject": subject,
+        "split": split,
+        **extra,
+    }
 
 
 # (relative path, expected fields); None = the adapter must skip it as unknown naming.
@@ -77,14 +84,22 @@ FIXTURES: dict[str, list[tuple[str, dict[str, Any] | None]]] = {
     "replay_attack": [
         ("train/real/client001_session01_webcam_authenticate_adverse_1.mov", _e("none", "001", "train", session="01")),
         ("devel/attack/fixed/attack_print_client003_session01_highdef_photo_controlled.mov", _e("print", "003", "dev")),
-        ("test/attack/hand/attack_highdef_client007_session01_highdef_video_adverse.mov",
-         _e("replay", "007", "test", spoof_type="highdef_video")),
-        ("test/attack/hand/attack_mobile_client007_session01_mobile_photo_adverse.mov", _e("replay", "007", "test", device="mobile")),
+        (
+            "test/attack/hand/attack_highdef_client007_session01_highdef_video_adverse.mov",
+            _e("replay", "007", "test", spoof_type="highdef_video"),
+        ),
+        (
+            "test/attack/hand/attack_mobile_client007_session01_mobile_photo_adverse.mov",
+            _e("replay", "007", "test", device="mobile"),
+        ),
         ("test/real/client007_webcam.mov", None),
     ],
     "msu_mfsd": [
         ("scene01/real/real_client002_android_SD_scene01.mp4", _e("none", "002", "train", device="android")),
-        ("scene01/attack/attack_client002_laptop_SD_printed_photo_scene01.mp4", _e("print", "002", "train", device="laptop")),
+        (
+            "scene01/attack/attack_client002_laptop_SD_printed_photo_scene01.mp4",
+            _e("print", "002", "train", device="laptop"),
+        ),
         ("scene01/attack/attack_client001_android_SD_ipad_video_scene01.mov", _e("replay", "001", "test")),
         ("scene01/attack/attack_client013_laptop_SD_iphone_video_scene01.mov", _e("replay", "013", "test")),
         ("scene01/attack/client013_laptop.mp4", None),

@@ -16,6 +16,7 @@ captions what is missing; the new shard set is written at the end (originals are
 with ``caption_source`` set and the kept/dropped report (per dataset and attack) in its manifest.
 The keyword dictionary is ``shards/data/keywords.json`` (editable; ``--keywords`` for another).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ def captioner_prompt(processor, prompt: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
     elif getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": f"{image_token}\n{prompt}"}],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": f"{image_token}\n{prompt}"}], add_generation_prompt=True, tokenize=False
+        )
     if text.count(image_token) != 1:  # no template, or one that drops (or repeats) the image slot
         text = f"{image_token}\n{prompt}\n"
     return text
@@ -70,14 +72,17 @@ def captioner_prompt(processor, prompt: str) -> str:
 class Captioner:
     """A local image-text-to-text checkpoint (processor + model) that captions batches of images."""
 
-    def __init__(self, path: str | Path, device: str = "auto", prompt: str = CAPTION_PROMPT,
-                 max_new_tokens: int = 64) -> None:
+    def __init__(
+        self, path: str | Path, device: str = "auto", prompt: str = CAPTION_PROMPT, max_new_tokens: int = 64
+    ) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         p = Path(path)
         if not p.is_dir():
-            raise SystemExit(f"{p}: captioner checkpoint directory not found (pass a local transformers checkpoint dir)")
+            raise SystemExit(
+                f"{p}: captioner checkpoint directory not found (pass a local transformers checkpoint dir)"
+            )
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.processor = AutoProcessor.from_pretrained(p)
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
@@ -94,9 +99,10 @@ class Captioner:
         inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt", padding=True)
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -107,9 +113,19 @@ def _samples(src: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
         yield s["__key__"], s["jpg"], json.loads(s["json"])
 
 
-def caption_shard_set(src: str | Path, out: str | Path, captioner: Captioner, *, live_captioner: Captioner | None = None,
-                      only: str = "all", source: str = "general", filter_spoof: bool = False,
-                      keywords_path: str | None = None, batch_size: int = 8, max_samples: int = 1000) -> dict[str, Any]:
+def caption_shard_set(
+    src: str | Path,
+    out: str | Path,
+    captioner: Captioner,
+    *,
+    live_captioner: Captioner | None = None,
+    only: str = "all",
+    source: str = "general",
+    filter_spoof: bool = False,
+    keywords_path: str | None = None,
+    batch_size: int = 8,
+    max_samples: int = 1000,
+) -> dict[str, Any]:
     """Caption ``src`` into a new shard set ``out``; returns its manifest (``scf`` holds the report)."""
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +174,14 @@ def caption_shard_set(src: str | Path, out: str | Path, captioner: Captioner, *,
                 continue
             src_name = "general" if (meta["label"] == "live" and live_captioner is not None) else source
             w.write(k, jpg, {**meta, "caption": caption, "caption_source": src_name})
-        w.extra = {"scf": {"source_set": str(src), "filtered": filter_spoof, "only": only,
-                           "report": {d: {a: dict(c) for a, c in sorted(v.items())} for d, v in sorted(report.items())}}}
+        w.extra = {
+            "scf": {
+                "source_set": str(src),
+                "filtered": filter_spoof,
+                "only": only,
+                "report": {d: {a: dict(c) for a, c in sorted(v.items())} for d, v in sorted(report.items())},
+            }
+        }
     return w.manifest  # type: ignore[return-value]
 
 
@@ -174,10 +196,17 @@ def format_scf_report(manifest: dict[str, Any]) -> str:
 def add_caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="shard set to caption (left untouched)")
     p.add_argument("--out", required=True, help="new shard set with the captions")
-    p.add_argument("--captioner", help="local image-text-to-text checkpoint dir (spoof images; all if no --live-captioner)")
+    p.add_argument(
+        "--captioner", help="local image-text-to-text checkpoint dir (spoof images; all if no --live-captioner)"
+    )
     p.add_argument("--live-captioner", help="checkpoint dir for live images (SCF step 6: the general captioner)")
     p.add_argument("--only", choices=["all", "spoof", "live"], default="all", help="caption and keep only these labels")
-    p.add_argument("--source", choices=["general", "spoof_aware"], default="general", help="caption_source of --captioner's captions")
+    p.add_argument(
+        "--source",
+        choices=["general", "spoof_aware"],
+        default="general",
+        help="caption_source of --captioner's captions",
+    )
     p.add_argument("--filter", action="store_true", help="drop spoof captions without their attack type's keywords")
     p.add_argument("--keywords", help="keyword dictionary JSON (default shards/data/keywords.json)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -191,8 +220,19 @@ def main_caption(args: argparse.Namespace) -> int:
         print("no --captioner given: the shards keep their template captions (caption_source=template)")
         return 0
     cap = Captioner(args.captioner, args.device, args.prompt, args.max_new_tokens)
-    live = Captioner(args.live_captioner, args.device, args.prompt, args.max_new_tokens) if args.live_captioner else None
-    manifest = caption_shard_set(args.src, args.out, cap, live_captioner=live, only=args.only, source=args.source,
-                                 filter_spoof=args.filter, keywords_path=args.keywords, batch_size=args.batch_size)
+    live = (
+        Captioner(args.live_captioner, args.device, args.prompt, args.max_new_tokens) if args.live_captioner else None
+    )
+    manifest = caption_shard_set(
+        args.src,
+        args.out,
+        cap,
+        live_captioner=live,
+        only=args.only,
+        source=args.source,
+        filter_spoof=args.filter,
+        keywords_path=args.keywords,
+        batch_size=args.batch_size,
+    )
     print(format_scf_report(manifest))
     return 0

@@ -8,6 +8,7 @@
   data < eval < training < commands (cli/, bench); nothing imports ``trainer.cli``.
 The rules are also checked on synthetic graphs, so a broken checker cannot pass silently.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,8 +17,16 @@ from pathlib import Path
 from tests.helpers import ROOT
 
 PACKAGES = ("trainer", "kernels", "shards")
-TRAINER_MAY_USE_FROM_SHARDS = {"shards", "shards.schema", "shards.manifest", "shards.io", "shards.captions",
-                               "shards.keywords", "shards.faces", "shards.scf"}
+TRAINER_MAY_USE_FROM_SHARDS = {
+    "shards",
+    "shards.schema",
+    "shards.manifest",
+    "shards.io",
+    "shards.captions",
+    "shards.keywords",
+    "shards.faces",
+    "shards.scf",
+}
 FOUNDATION = {"trainer", "trainer.config", "trainer.dist", "trainer.logs", "trainer.run_dir"}
 TRAINER_LAYERS = ("model", "data", "eval", "training", "cli")  # each may import only those before it
 
@@ -80,7 +89,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -106,7 +115,9 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             elif top == "shards" and dst_top == "trainer":
                 found.append(f"{src} imports {dst}: shards/ never imports trainer/")
             elif top == "trainer" and dst_top == "shards" and dst not in TRAINER_MAY_USE_FROM_SHARDS:
-                found.append(f"{src} imports {dst}: trainer/ uses shards/ only for {sorted(TRAINER_MAY_USE_FROM_SHARDS)}")
+                found.append(
+                    f"{src} imports {dst}: trainer/ uses shards/ only for {sorted(TRAINER_MAY_USE_FROM_SHARDS)}"
+                )
             elif dst.startswith("trainer.cli.") or dst == "trainer.cli":
                 if not (src == "trainer.cli" or dst == "trainer.cli" and src.startswith("trainer.cli.")):
                     found.append(f"{src} imports {dst}: nothing imports the commands in trainer/cli/")
@@ -118,15 +129,22 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
 def test_the_project_follows_its_dependency_rules():
     graph = import_graph()
     assert {"trainer.cli.train", "trainer.model.ifas", "kernels.bench", "shards.writer"} <= graph.keys()
-    assert "trainer.model.ifas" in graph["trainer.training.engine"] or "trainer.model.build" in graph[
-        "trainer.training.engine"]  # the parser sees real imports
+    assert (
+        "trainer.model.ifas" in graph["trainer.training.engine"]
+        or "trainer.model.build" in graph["trainer.training.engine"]
+    )  # the parser sees real imports
     assert violations(graph) == []
 
 
 def test_rules_catch_a_cycle_and_each_forbidden_import():
-    ok = {"trainer.cli.train": {"trainer.training.loop"}, "trainer.training.loop": {"trainer.model.ifas", "kernels"},
-          "trainer.model.ifas": {"trainer.config", "shards.schema"}, "trainer.config": set(), "kernels": set(),
-          "shards.schema": set()}
+    ok = {
+        "trainer.cli.train": {"trainer.training.loop"},
+        "trainer.training.loop": {"trainer.model.ifas", "kernels"},
+        "trainer.model.ifas": {"trainer.config", "shards.schema"},
+        "trainer.config": set(),
+        "kernels": set(),
+        "shards.schema": set(),
+    }
     assert violations(ok) == []
     bad = {**ok, "trainer.model.ifas": {"trainer.training.loop"}}
     found = violations(bad)
@@ -139,6 +157,9 @@ def test_rules_catch_a_cycle_and_each_forbidden_import():
 
 
 def test_no_trainer_module_is_over_400_lines():
-    long = {name: n for name, p in project_modules().items()
-            if name.startswith("trainer") and (n := len(p.read_text().splitlines())) > 400}
+    long = {
+        name: n
+        for name, p in project_modules().items()
+        if name.startswith("trainer") and (n := len(p.read_text().splitlines())) > 400
+    }
     assert long == {}

@@ -4,6 +4,7 @@ Every run (train, eval, predict) is described by one ``RunConfig``. Loading refu
 keys and values of the wrong type with a one-line error naming the key, so a typo stops the
 run before any rank starts work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -272,7 +273,9 @@ def validate(cfg: RunConfig) -> None:
     if set(cfg.optim.freeze) >= set(MODULE_GROUPS):
         raise ConfigError("optim.freeze freezes every module: nothing would train")
     if set(cfg.model.gradient_checkpointing) - {"vision", "llm"}:
-        raise ConfigError(f"model.gradient_checkpointing takes vision and/or llm, got {cfg.model.gradient_checkpointing}")
+        raise ConfigError(
+            f"model.gradient_checkpointing takes vision and/or llm, got {cfg.model.gradient_checkpointing}"
+        )
     if cfg.model.pooling not in ("auto", "cls", "mean"):
         raise ConfigError(f"model.pooling must be auto, cls or mean, got {cfg.model.pooling!r}")
     if cfg.model.fused_kernels not in ("auto", True, False):
@@ -297,10 +300,15 @@ def validate(cfg: RunConfig) -> None:
 def _validate_captioning(cfg: RunConfig) -> None:
     """data.task=caption trains a LLaVA captioner: no judgment token, no liveness evaluation."""
     if cfg.loss.mode != "plain":
-        raise ConfigError("data.task=caption has no judgment token for the lopsided loss to weight; set loss.mode=plain")
+        raise ConfigError(
+            "data.task=caption has no judgment token for the lopsided loss to weight; set loss.mode=plain"
+        )
     if cfg.model.gac or cfg.model.projector_merge != 1:
-        raise ConfigError("data.task=caption trains a LLaVA-form captioner (ifas-export --format llava); "
-                          "set model.gac=false and model.projector_merge=1")
+        raise ConfigError(
+            "data.task=caption trains a LLaVA-form captioner (ifas-export --format llava); "
+            "set model.gac=false and model.projector_merge=1"
+        )
     if cfg.data.eval_shards or cfg.eval.dev_shards or cfg.eval.every:
-        raise ConfigError("data.task=caption has no liveness evaluation; drop data.eval_shards, eval.dev_shards "
-                          "and eval.every")
+        raise ConfigError(
+            "data.task=caption has no liveness evaluation; drop data.eval_shards, eval.dev_shards and eval.every"
+        )

@@ -3,6 +3,7 @@
 A per-dataset adapter only holds naming rules (``parse``); walking, filtering by extension,
 skip bookkeeping and the output record (``Item``) live here once.
 """
+
 from __future__ import annotations
 
 import re
@@ -75,7 +76,10 @@ class Adapter:
     def __init__(self, root: str | Path, **options: Any) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise AdapterError(f"{self.root}: dataset root is not a directory (pass the folder that holds {self.dataset or 'the data'})")
+            raise AdapterError(
+                f"{self.root}: dataset root is not a directory "
+                f"(pass the folder that holds {self.dataset or 'the data'})"
+            )
         self.options = options
 
     # -- walking -----------------------------------------------------------------------------
@@ -83,7 +87,11 @@ class Adapter:
         """Media files under the root, relative and sorted (the build's stable sample order)."""
         out = []
         for p in self.root.rglob("*"):
-            if p.suffix.lower() in self.exts and p.is_file() and not any(s.startswith(".") for s in p.relative_to(self.root).parts):
+            if (
+                p.suffix.lower() in self.exts
+                and p.is_file()
+                and not any(s.startswith(".") for s in p.relative_to(self.root).parts)
+            ):
                 out.append(PurePosixPath(p.relative_to(self.root).as_posix()))
         return sorted(out)
 

@@ -1,4 +1,5 @@
 """Adapters for data that follows no dataset's own naming: list files and live/spoof folders."""
+
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
@@ -14,9 +15,11 @@ SPOOF_WORDS = {"spoof", "attack", "fake", "imposter", "impostor"}
 def attack_from_words(parts: list[str] | tuple[str, ...], default: str = "other") -> str:
     """Guess the attack type from path words (``print``/``replay``/``mask``...)."""
     text = " ".join(parts).lower()
-    for attack, words in (("print", ("print", "paper", "photo")),
-                          ("replay", ("replay", "video", "screen", "display", "ipad", "iphone")),
-                          ("mask", ("mask", "3d", "silicone", "resin", "mannequin"))):
+    for attack, words in (
+        ("print", ("print", "paper", "photo")),
+        ("replay", ("replay", "video", "screen", "display", "ipad", "iphone")),
+        ("mask", ("mask", "3d", "silicone", "resin", "mannequin")),
+    ):
         if any(w in text for w in words):
             return attack
     return default
@@ -82,9 +85,12 @@ class FolderAdapter(Adapter):
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         parts = [p.lower() for p in rel.parts[:-1]]
-        split = self.split_from_parts(rel, {"train": "train", "dev": "dev", "devel": "dev", "val": "dev", "test": "test"}) or "all"
+        split = (
+            self.split_from_parts(rel, {"train": "train", "dev": "dev", "devel": "dev", "val": "dev", "test": "test"})
+            or "all"
+        )
         for i, p in enumerate(parts):
-            rest = list(rel.parts[i + 1:-1])
+            rest = list(rel.parts[i + 1 : -1])
             if p in LIVE_WORDS:
                 attack = "none"
             elif p in SPOOF_WORDS:

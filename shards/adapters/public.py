@@ -4,6 +4,7 @@ Each class holds only its dataset's conventions (see docs/datasets.md for the la
 commands). Where a naming field is not part of a release (e.g. no official split), the sample
 gets split ``all``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,21 @@ from shards.video import IMAGE_EXTS, VIDEO_EXTS
 
 log = logging.getLogger(__name__)
 
-_SPLIT_WORDS = {"train": "train", "training": "train", "train_files": "train", "train_release": "train",
-                "dev": "dev", "devel": "dev", "val": "dev", "valid": "dev", "dev_files": "dev",
-                "test": "test", "testing": "test", "test_files": "test", "test_release": "test"}
+_SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "train_files": "train",
+    "train_release": "train",
+    "dev": "dev",
+    "devel": "dev",
+    "val": "dev",
+    "valid": "dev",
+    "dev_files": "dev",
+    "test": "test",
+    "testing": "test",
+    "test_files": "test",
+    "test_release": "test",
+}
 
 
 class OuluNPU(Adapter):
@@ -29,7 +42,13 @@ class OuluNPU(Adapter):
     name, dataset = "oulu_npu", "OULU-NPU"
     exts = (".avi", ".mp4", ".mov")
     layout = "root/{Train_files,Dev_files,Test_files}/<Phone 1-6>_<Session 1-3>_<User 01-55>_<File 1-5>.avi"
-    FILE_ATTACK = {1: ("none", ""), 2: ("print", "print1"), 3: ("print", "print2"), 4: ("replay", "replay1"), 5: ("replay", "replay2")}
+    FILE_ATTACK = {
+        1: ("none", ""),
+        2: ("print", "print1"),
+        3: ("print", "print2"),
+        4: ("replay", "replay1"),
+        5: ("replay", "replay2"),
+    }
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         m = self.match(r"(\d)_(\d)_(\d{1,2})_(\d)", rel.stem)
@@ -38,8 +57,14 @@ class OuluNPU(Adapter):
         phone, session, user, f = int(m[1]), int(m[2]), int(m[3]), int(m[4])
         split = self.split_from_parts(rel, _SPLIT_WORDS) or ("train" if user <= 20 else "dev" if user <= 35 else "test")
         attack, spoof_type = self.FILE_ATTACK[f]
-        return {"attack": attack, "spoof_type": spoof_type, "subject": f"{user:02d}", "split": split,
-                "session": str(session), "device": f"phone{phone}"}
+        return {
+            "attack": attack,
+            "spoof_type": spoof_type,
+            "subject": f"{user:02d}",
+            "split": split,
+            "session": str(session),
+            "device": f"phone{phone}",
+        }
 
 
 class CasiaMFSD(Adapter):
@@ -48,11 +73,20 @@ class CasiaMFSD(Adapter):
     name, dataset = "casia_mfsd", "CASIA-MFSD"
     exts = (".avi", ".mp4", ".mov")
     layout = "root/{train_release,test_release}/<subject>/{1..8,HR_1..HR_4}.avi"
-    NAME_ATTACK = {"1": ("none", "", "low"), "2": ("none", "", "normal"), "hr_1": ("none", "", "high"),
-                   "3": ("print", "warped_photo", "low"), "4": ("print", "warped_photo", "normal"),
-                   "hr_2": ("print", "warped_photo", "high"), "5": ("print", "cut_photo", "low"),
-                   "6": ("print", "cut_photo", "normal"), "hr_3": ("print", "cut_photo", "high"),
-                   "7": ("replay", "video", "low"), "8": ("replay", "video", "normal"), "hr_4": ("replay", "video", "high")}
+    NAME_ATTACK = {
+        "1": ("none", "", "low"),
+        "2": ("none", "", "normal"),
+        "hr_1": ("none", "", "high"),
+        "3": ("print", "warped_photo", "low"),
+        "4": ("print", "warped_photo", "normal"),
+        "hr_2": ("print", "warped_photo", "high"),
+        "5": ("print", "cut_photo", "low"),
+        "6": ("print", "cut_photo", "normal"),
+        "hr_3": ("print", "cut_photo", "high"),
+        "7": ("replay", "video", "low"),
+        "8": ("replay", "video", "normal"),
+        "hr_4": ("replay", "video", "high"),
+    }
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         rule = self.NAME_ATTACK.get(rel.stem.lower())
@@ -61,8 +95,13 @@ class CasiaMFSD(Adapter):
             return None
         attack, spoof_type, quality = rule
         # Test subjects are numbered from 1 again but are other people: keep the split in the id.
-        return {"attack": attack, "spoof_type": spoof_type, "subject": f"{split}_{int(rel.parts[-2]):02d}",
-                "split": split, "device": quality}
+        return {
+            "attack": attack,
+            "spoof_type": spoof_type,
+            "subject": f"{split}_{int(rel.parts[-2]):02d}",
+            "split": split,
+            "device": quality,
+        }
 
 
 class ReplayAttack(Adapter):
@@ -81,15 +120,31 @@ class ReplayAttack(Adapter):
             return None
         m = self.match(r"client(\d+)_session(\d+)_webcam_authenticate_(adverse|controlled)_(\d+)", rel.stem)
         if m:
-            return {"attack": "none", "subject": f"{int(m[1]):03d}", "split": split, "session": m[2],
-                    "device": "webcam", "lighting": m[3]}
-        m = self.match(r"attack_(highdef|mobile|print)_client(\d+)_session(\d+)_(highdef|mobile)_(photo|video)_(adverse|controlled)", rel.stem)
+            return {
+                "attack": "none",
+                "subject": f"{int(m[1]):03d}",
+                "split": split,
+                "session": m[2],
+                "device": "webcam",
+                "lighting": m[3],
+            }
+        m = self.match(
+            r"attack_(highdef|mobile|print)_client(\d+)_session(\d+)_(highdef|mobile)_(photo|video)_(adverse|controlled)",
+            rel.stem,
+        )
         if not m:
             return None
         support = next((p.lower() for p in rel.parts[:-1] if p.lower() in ("fixed", "hand")), "")
-        return {"attack": "print" if m[1] == "print" else "replay", "spoof_type": f"{m[1]}_{m[5]}",
-                "subject": f"{int(m[2]):03d}", "split": split, "session": m[3], "device": m[4],
-                "lighting": m[6], "support": support}
+        return {
+            "attack": "print" if m[1] == "print" else "replay",
+            "spoof_type": f"{m[1]}_{m[5]}",
+            "subject": f"{int(m[2]):03d}",
+            "split": split,
+            "session": m[3],
+            "device": m[4],
+            "lighting": m[6],
+            "support": support,
+        }
 
 
 class MsuMFSD(Adapter):
@@ -113,14 +168,23 @@ class MsuMFSD(Adapter):
                         self.split_of[int(tok)] = split
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
-        m = self.match(r"(real|attack)_client(\d+)_(android|laptop)_(sd|hd)(?:_(printed_photo|ipad_video|iphone_video))?_(scene\d+)", rel.stem)
+        m = self.match(
+            r"(real|attack)_client(\d+)_(android|laptop)_(sd|hd)(?:_(printed_photo|ipad_video|iphone_video))?_(scene\d+)",
+            rel.stem,
+        )
         if not m or (m[1].lower() == "attack") != bool(m[5]):
             return None
         client = int(m[2])
         split = self.split_of.get(client) or ("train" if client in self.TRAIN else "test")
         attack = "none" if m[1].lower() == "real" else self.TYPES[m[5].lower()]
-        return {"attack": attack, "spoof_type": (m[5] or "").lower(), "subject": f"{client:03d}", "split": split,
-                "device": m[3].lower(), "session": m[6].lower()}
+        return {
+            "attack": attack,
+            "spoof_type": (m[5] or "").lower(),
+            "subject": f"{client:03d}",
+            "split": split,
+            "device": m[3].lower(),
+            "session": m[6].lower(),
+        }
 
 
 class CelebASpoof(Adapter):
@@ -129,11 +193,24 @@ class CelebASpoof(Adapter):
 
     name, dataset = "celeba_spoof", "CelebA-Spoof"
     exts = IMAGE_EXTS
-    layout = "root/Data/{train,test}/<id>/{live,spoof}/<n>.jpg + <n>_BB.txt; root/metas/intra_test/{train,test}_label.json"
-    # index 40: 0 live, 1 photo, 2 poster, 3 A4, 4 face mask, 5 upper-body mask, 6 region mask, 7 PC, 8 pad, 9 phone, 10 3D mask
-    SPOOF_TYPES = {0: ("none", "live"), 1: ("print", "photo"), 2: ("print", "poster"), 3: ("print", "A4"),
-                   4: ("mask", "face_mask"), 5: ("mask", "upper_body_mask"), 6: ("mask", "region_mask"),
-                   7: ("replay", "pc"), 8: ("replay", "pad"), 9: ("replay", "phone"), 10: ("mask", "3d_mask")}
+    layout = (
+        "root/Data/{train,test}/<id>/{live,spoof}/<n>.jpg + <n>_BB.txt; root/metas/intra_test/{train,test}_label.json"
+    )
+    # index 40: 0 live, 1 photo, 2 poster, 3 A4, 4 face mask, 5 upper-body mask, 6 region mask, 7 PC, 8 pad,
+    # 9 phone, 10 3D mask
+    SPOOF_TYPES = {
+        0: ("none", "live"),
+        1: ("print", "photo"),
+        2: ("print", "poster"),
+        3: ("print", "A4"),
+        4: ("mask", "face_mask"),
+        5: ("mask", "upper_body_mask"),
+        6: ("mask", "region_mask"),
+        7: ("replay", "pc"),
+        8: ("replay", "pad"),
+        9: ("replay", "phone"),
+        10: ("mask", "3d_mask"),
+    }
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         super().__init__(root, **options)
@@ -157,8 +234,13 @@ class CelebASpoof(Adapter):
                 raise SkipFile("label_conflict")
         else:
             attack, spoof_type = ("none", "live") if folder_live else ("other", "unknown")
-        return {"attack": attack, "spoof_type": spoof_type, "subject": rel.parts[-3], "split": parts[-4],
-                "bbox": self._bbox(self.root / rel)}
+        return {
+            "attack": attack,
+            "spoof_type": spoof_type,
+            "subject": rel.parts[-3],
+            "split": parts[-4],
+            "bbox": self._bbox(self.root / rel),
+        }
 
     @staticmethod
     def _bbox(image: Path) -> tuple[float, float, float, float] | None:
@@ -178,8 +260,14 @@ class SiW(Adapter):
     name, dataset = "siw", "SiW"
     exts = (".mov", ".mp4", ".avi")
     layout = "root/{Train,Test}/{live,spoof}/<subject>/<SSS>-<sensor>-<type 1-3>-<medium>-<session>.mov"
-    MEDIA = {(2, 1): "print_hq", (2, 2): "print_lq", (3, 1): "ipad_pro", (3, 2): "iphone7",
-             (3, 3): "galaxy_s8", (3, 4): "asus_mb168b"}
+    MEDIA = {
+        (2, 1): "print_hq",
+        (2, 2): "print_lq",
+        (3, 1): "ipad_pro",
+        (3, 2): "iphone7",
+        (3, 3): "galaxy_s8",
+        (3, 4): "asus_mb168b",
+    }
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         m = self.match(r"(\d+)-(\d)-([123])-(\d)-(\d)", rel.stem)
@@ -188,8 +276,14 @@ class SiW(Adapter):
             return None
         t, medium = int(m[3]), int(m[4])
         attack = {1: "none", 2: "print", 3: "replay"}[t]
-        return {"attack": attack, "spoof_type": self.MEDIA.get((t, medium), "") if t > 1 else "",
-                "subject": f"{int(m[1]):03d}", "split": split, "device": f"sensor{m[2]}", "session": m[5]}
+        return {
+            "attack": attack,
+            "spoof_type": self.MEDIA.get((t, medium), "") if t > 1 else "",
+            "subject": f"{int(m[1]):03d}",
+            "split": split,
+            "device": f"sensor{m[2]}",
+            "session": m[5],
+        }
 
 
 class SiWMV2(Adapter):
@@ -210,8 +304,15 @@ class SiWMV2(Adapter):
             return None
         kind = rel.parts[parts.index("spoof") + 1]
         k = kind.lower()
-        attack = ("print" if k.startswith("print") else "replay" if k.startswith("replay")
-                  else "mask" if k.startswith("mask") or "mannequin" in k or "silicone" in k else "other")
+        attack = (
+            "print"
+            if k.startswith("print")
+            else "replay"
+            if k.startswith("replay")
+            else "mask"
+            if k.startswith("mask") or "mannequin" in k or "silicone" in k
+            else "other"
+        )
         return {"attack": attack, "spoof_type": kind, "subject": subject, "split": split}
 
 
@@ -229,9 +330,16 @@ class HiFiMask(Adapter):
         if not m or int(m[3]) not in self.TYPES:
             return None
         attack, spoof_type = self.TYPES[int(m[3])]
-        return {"attack": attack, "spoof_type": spoof_type, "subject": f"{int(m[2]):02d}",
-                "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all", "video": video,
-                "session": f"scene{m[4]}_light{m[5]}", "device": f"sensor{m[6]}", "skin": m[1]}
+        return {
+            "attack": attack,
+            "spoof_type": spoof_type,
+            "subject": f"{int(m[2]):02d}",
+            "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all",
+            "video": video,
+            "session": f"scene{m[4]}_light{m[5]}",
+            "device": f"sensor{m[6]}",
+            "skin": m[1],
+        }
 
 
 class _KeywordLayout(Adapter):
@@ -251,8 +359,13 @@ class _KeywordLayout(Adapter):
         if num is None:
             return None
         attack = "none" if spoof is None else attack_from_words([spoof], self.default_attack)
-        return {"attack": attack, "spoof_type": spoof or "", "subject": f"{int(num):02d}", "video": self.clip_of(rel)[1],
-                "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all"}
+        return {
+            "attack": attack,
+            "spoof_type": spoof or "",
+            "subject": f"{int(num):02d}",
+            "video": self.clip_of(rel)[1],
+            "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all",
+        }
 
 
 class CasiaSurf3DMask(_KeywordLayout):
@@ -276,7 +389,16 @@ class RoseYoutu(Adapter):
     name, dataset = "rose_youtu", "Rose-Youtu"
     exts = VIDEO_EXTS
     layout = "root/[train|test/]<client>/<G|Ps|Pq|Vl|Vm|Mc|Mf|Mu>_<talk>_<device>_<...>_<client>_<n>.mp4"
-    TYPES = {"g": "none", "ps": "print", "pq": "print", "vl": "replay", "vm": "replay", "mc": "mask", "mf": "mask", "mu": "mask"}
+    TYPES = {
+        "g": "none",
+        "ps": "print",
+        "pq": "print",
+        "vl": "replay",
+        "vm": "replay",
+        "mc": "mask",
+        "mf": "mask",
+        "mu": "mask",
+    }
     DEVICES = {"hs", "hw", "ip", "5s", "zte"}
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
@@ -284,9 +406,13 @@ class RoseYoutu(Adapter):
         if len(toks) < 4 or toks[0].lower() not in self.TYPES or not toks[-2].isdigit():
             return None
         device = next((t.lower() for t in toks[1:-2] if t.lower() in self.DEVICES), "")
-        return {"attack": self.TYPES[toks[0].lower()], "spoof_type": toks[0] if toks[0].lower() != "g" else "",
-                "subject": f"{int(toks[-2]):02d}", "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all",
-                "device": device}
+        return {
+            "attack": self.TYPES[toks[0].lower()],
+            "spoof_type": toks[0] if toks[0].lower() != "g" else "",
+            "subject": f"{int(toks[-2]):02d}",
+            "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all",
+            "device": device,
+        }
 
 
 class WMCA(Adapter):
@@ -297,8 +423,16 @@ class WMCA(Adapter):
     name, dataset = "wmca", "WMCA"
     exts = VIDEO_EXTS + IMAGE_EXTS + (".hdf5", ".h5")
     layout = "root/**/<client>_<session>_<presenter>_<type>_<pai>.{mp4,avi} or .../<that name>/<frame>.png"
-    TYPES = {0: ("none", "bonafide"), 1: ("other", "glasses"), 2: ("mask", "fake_head"), 3: ("print", "print"),
-             4: ("replay", "replay"), 5: ("mask", "rigid_mask"), 6: ("mask", "flexible_mask"), 7: ("mask", "paper_mask")}
+    TYPES = {
+        0: ("none", "bonafide"),
+        1: ("other", "glasses"),
+        2: ("mask", "fake_head"),
+        3: ("print", "print"),
+        4: ("replay", "replay"),
+        5: ("mask", "rigid_mask"),
+        6: ("mask", "flexible_mask"),
+        7: ("mask", "paper_mask"),
+    }
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         if rel.suffix.lower() in (".hdf5", ".h5"):
@@ -308,5 +442,12 @@ class WMCA(Adapter):
         if not m or int(m[4]) not in self.TYPES:
             return None
         attack, spoof_type = self.TYPES[int(m[4])]
-        return {"attack": attack, "spoof_type": spoof_type, "subject": f"{int(m[1]):03d}", "video": video,
-                "session": m[2], "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all", "pai": m[5]}
+        return {
+            "attack": attack,
+            "spoof_type": spoof_type,
+            "subject": f"{int(m[1]):03d}",
+            "video": video,
+            "session": m[2],
+            "split": self.split_from_parts(rel, _SPLIT_WORDS) or "all",
+            "pai": m[5],
+        }

@@ -3,6 +3,7 @@
 Both backends run here: the vectorised torch path, and the Triton kernels in the CPU
 interpreter (TRITON_INTERPRET=1, small shapes).
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -21,7 +22,8 @@ FP32_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 @pytest.fixture(scope="module")
 def interpreted_triton():
-    """The Triton module in the CPU interpreter, with a tiny token tile (the token loop of the mean mode runs with a tail)."""
+    """The Triton module in the CPU interpreter, with a tiny token tile (the token loop of the mean mode
+    runs with a tail)."""
     with interpreted_triton_module("gac_pool_triton", MAX_TILE=64) as module:
         yield module
 
@@ -78,7 +80,9 @@ def test_strided_input(backend: str, mode: str) -> None:
     strided = hs.transpose(0, 1).contiguous().transpose(0, 1)
     assert not strided.is_contiguous()
     want, want_grads = forward_backward(kernels.multi_layer_pool_layernorm_reference, hs, weight, bias, dout, mode)
-    got, got_grads = forward_backward(kernels.multi_layer_pool_layernorm, strided, weight, bias, dout, mode, backend=backend)
+    got, got_grads = forward_backward(
+        kernels.multi_layer_pool_layernorm, strided, weight, bias, dout, mode, backend=backend
+    )
     torch.testing.assert_close(got, want, **FP32_TOL)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, **FP32_TOL)

@@ -3,6 +3,7 @@
 Both backends run here: the torch chunked path, and the Triton kernels in the CPU interpreter
 (TRITON_INTERPRET=1, small shapes).
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -68,10 +69,17 @@ def trainer_reference(hidden, weight, targets, token_weights, groups, bias=None)
 
 def run(fn, case: dict, grad_scale: float = 1.0, **kwargs):
     """Losses and the gradients of ``grad_scale * total`` w.r.t. hidden, weight, bias."""
-    leaves = {k: case[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias") if case[k] is not None}
+    leaves = {
+        k: case[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias") if case[k] is not None
+    }
     out = fn(
-        leaves["hidden"], leaves["weight"], case["targets"], case["token_weights"], case["groups"],
-        bias=leaves.get("bias"), **kwargs,
+        leaves["hidden"],
+        leaves["weight"],
+        case["targets"],
+        case["token_weights"],
+        case["groups"],
+        bias=leaves.get("bias"),
+        **kwargs,
     )
     (out.total * grad_scale).backward()
     grads = {k: v.grad for k, v in leaves.items()}
@@ -210,7 +218,9 @@ def test_part_gradients(backend: str) -> None:
         (0.5 * out.total + 2.0 * out.judgment - 3.0 * out.interpretation).backward()
         return [t.grad for t in leaves]
 
-    for got, want in zip(combo(kernels.fused_linear_lopsided_ce, backend=backend, chunk_size=8), combo(trainer_reference)):
+    for got, want in zip(
+        combo(kernels.fused_linear_lopsided_ce, backend=backend, chunk_size=8), combo(trainer_reference)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -226,7 +236,9 @@ def test_no_grad_forward(backend: str) -> None:
 def test_double_backward_raises() -> None:
     case = make_case()
     hidden = case["hidden"].clone().requires_grad_(True)
-    out = kernels.fused_linear_lopsided_ce(hidden, case["weight"], case["targets"], case["token_weights"], case["groups"])
+    out = kernels.fused_linear_lopsided_ce(
+        hidden, case["weight"], case["targets"], case["token_weights"], case["groups"]
+    )
     out.total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         out.total.backward()
@@ -235,10 +247,14 @@ def test_double_backward_raises() -> None:
 def test_only_hidden_requires_grad() -> None:
     case = make_case()
     hidden = case["hidden"].clone().requires_grad_(True)
-    out = kernels.fused_linear_lopsided_ce(hidden, case["weight"], case["targets"], case["token_weights"], case["groups"])
+    out = kernels.fused_linear_lopsided_ce(
+        hidden, case["weight"], case["targets"], case["token_weights"], case["groups"]
+    )
     out.total.backward()
     ref_hidden = case["hidden"].clone().requires_grad_(True)
-    trainer_reference(ref_hidden, case["weight"], case["targets"], case["token_weights"], case["groups"]).total.backward()
+    trainer_reference(
+        ref_hidden, case["weight"], case["targets"], case["token_weights"], case["groups"]
+    ).total.backward()
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-6)
 
 

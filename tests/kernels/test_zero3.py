@@ -6,6 +6,7 @@ ZeRO-3 and torch AdamW, once with the reference loss (full logits through the he
 trainer.model.loss.weighted_cross_entropy) and once with kernels.FusedLMHeadLoss; per-step losses and
 the consolidated updated weights must agree to 1e-5.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,9 @@ class TinyLM(nn.Module):
         from trainer.model.loss import weighted_cross_entropy
 
         logits = self.head(hidden)
-        return weighted_cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), weights.reshape(-1), groups.reshape(-1))
+        return weighted_cross_entropy(
+            logits.reshape(-1, VOCAB), targets.reshape(-1), weights.reshape(-1), groups.reshape(-1)
+        )
 
 
 def make_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,8 +135,16 @@ def test_fused_loss_under_zero3_matches_reference(tmp_path: Path) -> None:
         env.pop("TRITON_INTERPRET", None)
         log = open(tmp_path / f"rank{rank}.log", "w")
         procs.append(
-            (subprocess.Popen([sys.executable, __file__, "--worker", str(tmp_path)], env=env, cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT), log)
+            (
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(tmp_path)],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
         )
     try:
         for proc, _ in procs:
@@ -152,7 +163,9 @@ def test_fused_loss_under_zero3_matches_reference(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
         for step, (g_ref, g_fused) in enumerate(zip(ref["grads"], fused["grads"])):
             for name, value in g_ref.items():
-                torch.testing.assert_close(g_fused[name], value, rtol=1e-5, atol=1e-7, msg=f"{variant}: grad {name} step {step}")
+                torch.testing.assert_close(
+                    g_fused[name], value, rtol=1e-5, atol=1e-7, msg=f"{variant}: grad {name} step {step}"
+                )
         assert ref["state"].keys() == fused["state"].keys()
         for name, value in ref["state"].items():
             assert value.numel() > 0

@@ -1,5 +1,6 @@
 """``ifas-shards build``: generic adapters, frame sampling, face crops, skip accounting, size
 targets and resuming an interrupted build."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ from shards.video import frame_indices, read_video_frames
 
 
 def _metas(shard_dir: Path) -> list[dict]:
-    return [json.loads(s["json"]) for s in wds.WebDataset(shard_paths(shard_dir), shardshuffle=False, empty_check=False)]
+    return [
+        json.loads(s["json"]) for s in wds.WebDataset(shard_paths(shard_dir), shardshuffle=False, empty_check=False)
+    ]
 
 
 def test_frame_indices_evenly_spaced() -> None:
@@ -51,8 +54,10 @@ def test_list_adapter_label_polarity(tmp_path: Path, live_label: str) -> None:
         write_image(tmp_path / rel)
     spoof_label = "0" if live_label == "1" else "1"
     lst = tmp_path / "casia_train.txt"
-    lst.write_text(f"frames/live/s1/001.png {live_label}\nframes/print/s1/001.png {spoof_label}\n"
-                   f"frames/replay/s2/001.png {spoof_label}\nframes/missing.png 1\nbroken_line\n")
+    lst.write_text(
+        f"frames/live/s1/001.png {live_label}\nframes/print/s1/001.png {spoof_label}\n"
+        f"frames/replay/s2/001.png {spoof_label}\nframes/missing.png 1\nbroken_line\n"
+    )
     adapter = get_adapter("list", str(tmp_path), list=str(lst), live_label=live_label, split="train")
     m = build_dataset(adapter, tmp_path / "out", BuildOptions(size=32))["train"]
     by_src = {x["source"]: x for x in _metas(tmp_path / "out" / "train")}
@@ -93,17 +98,22 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path, capsys) -> None:
     report = capsys.readouterr().out
     assert "no_face" in report and "unreadable_video" in report and "unknown_naming" in report
     # the centre-crop fallback is opt-in
-    build_dataset(get_adapter("oulu_npu", str(raw)), tmp_path / "out2", BuildOptions(frames=2, size=32, center_fallback=True))
+    build_dataset(
+        get_adapter("oulu_npu", str(raw)), tmp_path / "out2", BuildOptions(frames=2, size=32, center_fallback=True)
+    )
     assert read_manifest(tmp_path / "out2/train")["num_samples"] == 4
 
 
 def test_shards_size_targeted_by_count_and_bytes(tmp_path: Path) -> None:
     for i in range(6):
         write_image(tmp_path / f"raw/live/s{i}/0.png")
-    a = build_dataset(get_adapter("folder", str(tmp_path / "raw")), tmp_path / "a", BuildOptions(size=48, max_samples=4))["all"]
+    a = build_dataset(
+        get_adapter("folder", str(tmp_path / "raw")), tmp_path / "a", BuildOptions(size=48, max_samples=4)
+    )["all"]
     assert [s["num_samples"] for s in a["shards"]] == [4, 2]
-    b = build_dataset(get_adapter("folder", str(tmp_path / "raw")), tmp_path / "b",
-                      BuildOptions(size=48, max_bytes=10240 * 2))["all"]
+    b = build_dataset(
+        get_adapter("folder", str(tmp_path / "raw")), tmp_path / "b", BuildOptions(size=48, max_bytes=10240 * 2)
+    )["all"]
     assert len(b["shards"]) > 1 and all(s["bytes"] <= 10240 * 2 for s in b["shards"])
 
 

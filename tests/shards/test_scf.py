@@ -1,5 +1,6 @@
 """SCF: a tiny captioner saved with save_pretrained captions a shard set end to end (resumably),
 and the keyword filter keeps/drops the right captions."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,18 @@ from shards.manifest import read_manifest, shard_paths
 from shards.scf import CACHE_NAME, Captioner, caption_shard_set, keeps
 
 
-@pytest.mark.parametrize("caption,attack,kept", [
-    ("A printed photo on paper with halftone dots.", "print", True),
-    ("The face is shown on a phone screen with moiré.", "replay", True),
-    ("The face is shown on a phone screen with moiré.", "print", False),  # wrong attack's keywords
-    ("A man in a white suit smiling.", "print", False),
-    ("No screen or pixel grid is visible.", "replay", False),  # negated keywords do not count
-    ("Smooth silicone masks with seams.", "mask", True),  # plural
-    ("A face behind a plastic shape.", "other", True),  # no own group: any attack keyword
-])
+@pytest.mark.parametrize(
+    "caption,attack,kept",
+    [
+        ("A printed photo on paper with halftone dots.", "print", True),
+        ("The face is shown on a phone screen with moiré.", "replay", True),
+        ("The face is shown on a phone screen with moiré.", "print", False),  # wrong attack's keywords
+        ("A man in a white suit smiling.", "print", False),
+        ("No screen or pixel grid is visible.", "replay", False),  # negated keywords do not count
+        ("Smooth silicone masks with seams.", "mask", True),  # plural
+        ("A face behind a plastic shape.", "other", True),  # no own group: any attack keyword
+    ],
+)
 def test_keyword_filter(caption: str, attack: str, kept: bool) -> None:
     from shards.keywords import load_keywords
 
@@ -46,17 +50,31 @@ def tiny_captioner(tmp_path_factory) -> Path:
 
     tok = build_demo_tokenizer(["a printed photo on paper", "a face on a screen", "a real person"], vocab_size=300)
     d = tmp_path_factory.mktemp("captioner")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    text = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                      image_token_index=tok.convert_tokens_to_ids("<image>")))
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    )
     model.save_pretrained(d)
-    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, image_token="<image>")
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
     proc.save_pretrained(d)
     return d
 
@@ -87,7 +105,10 @@ def test_caption_shard_set_end_to_end(tmp_path: Path, tiny_captioner: Path) -> N
     m = caption_shard_set(src, final, cap, live_captioner=cap, source="spoof_aware", batch_size=4)
     metas = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(shard_paths(final), shardshuffle=False)}
     assert len(metas) == 5 and metas[first_key]["caption"] == "cached caption"
-    assert {(x["label"], x["caption_source"]) for x in metas.values()} == {("live", "general"), ("spoof", "spoof_aware")}
+    assert {(x["label"], x["caption_source"]) for x in metas.values()} == {
+        ("live", "general"),
+        ("spoof", "spoof_aware"),
+    }
     assert all(isinstance(x["caption"], str) for x in metas.values())
     assert len((final / CACHE_NAME).read_text().splitlines()) == 5
 
@@ -134,23 +155,46 @@ def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path
     # step 5: fine-tune C_G on the kept captions with this project's trainer
     run = tmp_path / "run"
     env = launch_env()
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.sh", "--config", "launch/configs/scf_captioner.yaml", f"model.llava_path={tiny_captioner}",
-           f"data.train_shards=[{general}]", f"train.output_dir={run}", "train.max_steps=60", "train.micro_batch_size=2",
-           "optim.lr=1e-2", "optim.warmup_steps=2", "data.num_workers=0", "data.shuffle_buffer=4", "train.log_every=10"]
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.sh",
+        "--config",
+        "launch/configs/scf_captioner.yaml",
+        f"model.llava_path={tiny_captioner}",
+        f"data.train_shards=[{general}]",
+        f"train.output_dir={run}",
+        "train.max_steps=60",
+        "train.micro_batch_size=2",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "data.num_workers=0",
+        "data.shuffle_buffer=4",
+        "train.log_every=10",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [h["loss"] for h in json.loads((run / "train_result.json").read_text())["history"]]
     assert losses[-1] < 0.2 * losses[0], losses
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli.export", str(run), "--format", "llava"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli.export", str(run), "--format", "llava"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # step 6: spoof images with the spoof-aware captioner, live ones with C_G
     cap_s = Captioner(run / "export", device="cpu", max_new_tokens=32)
     final = tmp_path / "final"
-    m = caption_shard_set(src, final, cap_s, live_captioner=cap_g, source="spoof_aware", filter_spoof=True,
-                          batch_size=4)
+    m = caption_shard_set(
+        src, final, cap_s, live_captioner=cap_g, source="spoof_aware", filter_spoof=True, batch_size=4
+    )
     out = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(shard_paths(final), shardshuffle=False)}
     assert m["num_samples"] == len(metas) == 11  # every spoof caption now names its attack's cues
     assert {k for k, x in out.items() if x["caption_source"] == "spoof_aware"} == set(spoof)

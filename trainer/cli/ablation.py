@@ -9,6 +9,7 @@ at the end; its ``eval_metrics.json`` feeds the table. Variants and their overri
 ``launch/configs/ablation.yaml``. A run whose ``eval_metrics.json`` already exists is reused
 (delete it to rerun), so an interrupted grid continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,13 +71,22 @@ def load_grid(path: str | Path) -> list[Variant]:
         raise AblationError(f"ablation grid {p} does not exist; pass --grid launch/configs/ablation.yaml or a copy")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-        variants = [Variant(name=v["name"], gac=bool(v["gac"]), llm=bool(v["llm"]), captions=str(v["captions"]),
-                            overrides=tuple(v.get("overrides") or ()),
-                            requires_caption_source=v.get("requires_caption_source"))
-                    for v in data["variants"]]
+        variants = [
+            Variant(
+                name=v["name"],
+                gac=bool(v["gac"]),
+                llm=bool(v["llm"]),
+                captions=str(v["captions"]),
+                overrides=tuple(v.get("overrides") or ()),
+                requires_caption_source=v.get("requires_caption_source"),
+            )
+            for v in data["variants"]
+        ]
     except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise AblationError(f"ablation grid {p} is malformed ({type(exc).__name__}: {exc}); every variant needs "
-                            "name, gac, llm, captions and overrides") from exc
+        raise AblationError(
+            f"ablation grid {p} is malformed ({type(exc).__name__}: {exc}); every variant needs "
+            "name, gac, llm, captions and overrides"
+        ) from exc
     bad = [v.captions for v in variants if v.captions not in CAPTION_LABELS]
     if bad:
         raise AblationError(f"ablation grid {p}: captions {bad[0]!r} is not one of {sorted(CAPTION_LABELS)}")
@@ -95,8 +105,15 @@ def caption_sources(specs: list[str], per_set: int = 200) -> Counter:
     counts: Counter = Counter()
     for spec in specs:
         urls = resolve_shards([spec], "data.train_shards")
-        ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False,
-                            select_files=lambda name: name.endswith(".json"), handler=wds.warn_and_continue)
+        ds = wds.WebDataset(
+            urls,
+            shardshuffle=False,
+            nodesplitter=None,
+            workersplitter=None,
+            empty_check=False,
+            select_files=lambda name: name.endswith(".json"),
+            handler=wds.warn_and_continue,
+        )
         for i, raw in enumerate(ds):
             if i >= per_set:
                 break
@@ -109,8 +126,10 @@ def skip_reason(variant: Variant, sources: Counter, protocol: Path, base: list[s
     need = variant.requires_caption_source
     if need and sources.get(need, 0) == 0:
         held = ", ".join(f"{k}: {v}" for k, v in sorted(sources.items())) or "none"
-        return (f"not comparable here: the training shards hold no {need} captions (caption_source {held}), "
-                f"so the full variant already trains on what this variant would substitute")
+        return (
+            f"not comparable here: the training shards hold no {need} captions (caption_source {held}), "
+            f"so the full variant already trains on what this variant would substitute"
+        )
     try:
         load_config(protocol, base + list(variant.overrides))
     except ConfigError as exc:
@@ -126,9 +145,21 @@ def _venv_path() -> str:
 def train_command(protocol: Path, out: Path, overrides: list[str], ranks: int) -> list[str]:
     deepspeed = shutil.which("deepspeed", path=_venv_path())
     if deepspeed is None:
-        raise AblationError("the deepspeed launcher is not on PATH; install the project (make install) or activate its venv")
-    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / "train.sh"),
-            "--config", str(protocol), f"train.output_dir={out}", *overrides]
+        raise AblationError(
+            "the deepspeed launcher is not on PATH; install the project (make install) or activate its venv"
+        )
+    return [
+        deepspeed,
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "launch" / "train.sh"),
+        "--config",
+        str(protocol),
+        f"train.output_dir={out}",
+        *overrides,
+    ]
 
 
 def read_metrics(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -136,15 +167,28 @@ def read_metrics(run_dir: Path) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_grid(variants: list[Variant], protocol: Path, out: Path, steps: int | None, seeds: list[int], ranks: int,
-             extra: list[str], sources: Counter, dry_run: bool = False) -> list[RunOutcome]:
+def run_grid(
+    variants: list[Variant],
+    protocol: Path,
+    out: Path,
+    steps: int | None,
+    seeds: list[int],
+    ranks: int,
+    extra: list[str],
+    sources: Counter,
+    dry_run: bool = False,
+) -> list[RunOutcome]:
     """Train (or reuse) every variant x seed; a failed run is recorded, not fatal, so the grid goes on.
     ``sources``: caption_source counts of the training shards (decides the caption variants)."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PATH=_venv_path())
     outcomes = []
     for variant in variants:
         for seed in seeds:
-            base = list(extra) + [f"train.seed={seed}", "eval.at_end=true"] + ([f"train.max_steps={steps}"] if steps else [])
+            base = (
+                list(extra)
+                + [f"train.seed={seed}", "eval.at_end=true"]
+                + ([f"train.max_steps={steps}"] if steps else [])
+            )
             reason = skip_reason(variant, sources, protocol, base)
             run_dir = out / variant.name / f"seed{seed}"
             if reason:
@@ -168,9 +212,14 @@ def run_grid(variants: list[Variant], protocol: Path, out: Path, steps: int | No
             seconds = time.perf_counter() - t0
             metrics = read_metrics(run_dir)
             if proc.returncode != 0 or not metrics:
-                outcomes.append(RunOutcome(variant.name, seed, "failed", f"exit {proc.returncode}; see "
-                                           f"{run_dir / 'train.log'}", seconds))
-                log.error("%s seed %d failed (exit %d); see %s", variant.name, seed, proc.returncode, run_dir / "train.log")
+                outcomes.append(
+                    RunOutcome(
+                        variant.name, seed, "failed", f"exit {proc.returncode}; see {run_dir / 'train.log'}", seconds
+                    )
+                )
+                log.error(
+                    "%s seed %d failed (exit %d); see %s", variant.name, seed, proc.returncode, run_dir / "train.log"
+                )
                 continue
             outcomes.append(RunOutcome(variant.name, seed, "done", seconds=seconds, metrics=metrics))
             (run_dir / "ablation_run.json").write_text(json.dumps({"seconds": seconds, "command": cmd}, indent=2))
@@ -189,7 +238,9 @@ def _cell(values: list[float]) -> str:
     return f"{m:.2f}" + (f" ± {s:.2f}" if len(values) > 1 else "")
 
 
-def ablation_table(variants: list[Variant], outcomes: list[RunOutcome], shards_caption: str) -> tuple[str, dict[str, Any]]:
+def ablation_table(
+    variants: list[Variant], outcomes: list[RunOutcome], shards_caption: str
+) -> tuple[str, dict[str, Any]]:
     """Markdown + JSON: one row per variant (component check marks, HTER/AUC per held-out set and
     their average, mean ± std over seeds), the paper's figure beside the full method."""
     sets: list[str] = []
@@ -199,30 +250,49 @@ def ablation_table(variants: list[Variant], outcomes: list[RunOutcome], shards_c
     cols = [f"{s} HTER %" for s in sets] + [f"{s} AUC %" for s in sets]
     if len(sets) > 1:
         cols += ["avg HTER %", "avg AUC %"]
-    header = "| variant | GAC | L-LM | captions | " + " | ".join(cols) + " | paper HTER/AUC (One to Eleven avg) | note |"
+    header = (
+        "| variant | GAC | L-LM | captions | " + " | ".join(cols) + " | paper HTER/AUC (One to Eleven avg) | note |"
+    )
     lines = [header, "|---" * (len(cols) + 6) + "|"]
     data: dict[str, Any] = {"test_sets": sets, "rows": {}}
     paper_full = ONE_TO_ELEVEN.paper["I-FAS (paper)"]["avg"]
     for v in variants:
         runs = [o for o in outcomes if o.variant == v.name]
         ok = [o for o in runs if o.status in ("done", "reused")]
-        per_seed = {s: ([100 * o.metrics[s]["hter"] for o in ok if s in o.metrics],
-                        [100 * o.metrics[s]["auc"] for o in ok if s in o.metrics]) for s in sets}
-        avg_h = [sum(100 * o.metrics[s]["hter"] for s in sets) / len(sets) for o in ok if all(s in o.metrics for s in sets)]
-        avg_a = [sum(100 * o.metrics[s]["auc"] for s in sets) / len(sets) for o in ok if all(s in o.metrics for s in sets)]
+        per_seed = {
+            s: (
+                [100 * o.metrics[s]["hter"] for o in ok if s in o.metrics],
+                [100 * o.metrics[s]["auc"] for o in ok if s in o.metrics],
+            )
+            for s in sets
+        }
+        avg_h = [
+            sum(100 * o.metrics[s]["hter"] for s in sets) / len(sets) for o in ok if all(s in o.metrics for s in sets)
+        ]
+        avg_a = [
+            sum(100 * o.metrics[s]["auc"] for s in sets) / len(sets) for o in ok if all(s in o.metrics for s in sets)
+        ]
         cells = [_cell(per_seed[s][0]) for s in sets] + [_cell(per_seed[s][1]) for s in sets]
         if len(sets) > 1:
             cells += [_cell(avg_h), _cell(avg_a)]
         captions = CAPTION_LABELS[v.captions] or shards_caption
         note = "; ".join(sorted({o.reason for o in runs if o.reason})) or (f"{len(ok)} seed(s)" if ok else "")
         paper = f"{paper_full[0]:.2f}/{paper_full[1]:.2f}" if v.name == "full" else "-"
-        lines.append(f"| {v.name} | {mark[v.gac]} | {mark[v.llm]} | {captions} | " + " | ".join(cells)
-                     + f" | {paper} | {note} |")
+        lines.append(
+            f"| {v.name} | {mark[v.gac]} | {mark[v.llm]} | {captions} | " + " | ".join(cells) + f" | {paper} | {note} |"
+        )
         data["rows"][v.name] = {
-            "gac": v.gac, "llm": v.llm, "captions": captions, "overrides": list(v.overrides),
-            "status": sorted({o.status for o in runs}), "note": note,
-            "hter": {s: per_seed[s][0] for s in sets}, "auc": {s: per_seed[s][1] for s in sets},
-            "avg_hter": avg_h, "avg_auc": avg_a, "seconds": [o.seconds for o in runs if o.seconds],
+            "gac": v.gac,
+            "llm": v.llm,
+            "captions": captions,
+            "overrides": list(v.overrides),
+            "status": sorted({o.status for o in runs}),
+            "note": note,
+            "hter": {s: per_seed[s][0] for s in sets},
+            "auc": {s: per_seed[s][1] for s in sets},
+            "avg_hter": avg_h,
+            "avg_auc": avg_a,
+            "seconds": [o.seconds for o in runs if o.seconds],
             "paper": {"hter": paper_full[0], "auc": paper_full[1]} if v.name == "full" else None,
         }
     return "\n".join(lines), data
@@ -233,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", required=True, help="run config of the protocol, e.g. launch/configs/demo.yaml")
     parser.add_argument("--grid", default=str(DEFAULT_GRID), help="variants and their overrides (YAML)")
     parser.add_argument("--variants", nargs="*", default=None, help="run only these variants (names in the grid)")
-    parser.add_argument("--steps", type=int, default=None, help="train.max_steps of every run (default: the protocol's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="train.max_steps of every run (default: the protocol's)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; >1 gives mean ± std")
     parser.add_argument("--ranks", type=int, default=None, help="ranks per run (default: every GPU, or 2 on CPU)")
     parser.add_argument("--out", default="runs/ablation", help="output directory (one sub-directory per variant)")
@@ -246,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.variants:
             unknown = sorted(set(args.variants) - {v.name for v in variants})
             if unknown:
-                raise AblationError(f"--variants {unknown[0]!r} is not in {args.grid}; known: {[v.name for v in variants]}")
+                raise AblationError(
+                    f"--variants {unknown[0]!r} is not in {args.grid}; known: {[v.name for v in variants]}"
+                )
             variants = [v for v in variants if v.name in args.variants]
         protocol = Path(args.protocol)
         if args.steps is not None and args.steps < 1:
@@ -255,12 +329,15 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         cfg = load_config(protocol, args.overrides)
         if not cfg.data.eval_shards:
-            raise AblationError(f"--protocol {protocol} has no data.eval_shards: the ablation compares held-out "
-                                "metrics; set data.eval_shards")
+            raise AblationError(
+                f"--protocol {protocol} has no data.eval_shards: the ablation compares held-out "
+                "metrics; set data.eval_shards"
+            )
         sources = caption_sources(cfg.data.train_shards)
         t0 = time.perf_counter()
-        outcomes = run_grid(variants, protocol, out, args.steps, args.seeds, ranks, args.overrides, sources,
-                            args.dry_run)
+        outcomes = run_grid(
+            variants, protocol, out, args.steps, args.seeds, ranks, args.overrides, sources, args.dry_run
+        )
         if args.dry_run:
             return 0
         shards_caption = "/".join(CAPTION_LABELS.get(s, s) for s, _ in sources.most_common()) or "none"
@@ -269,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table, data = ablation_table(variants, outcomes, shards_caption)
     steps = args.steps or cfg.train.max_steps
-    title = (f"Ablation on {protocol} ({steps} steps, {ranks} ranks, seeds {args.seeds}); HTER at each test set's "
-             f"EER threshold; wall time {time.perf_counter() - t0:.0f} s")
+    title = (
+        f"Ablation on {protocol} ({steps} steps, {ranks} ranks, seeds {args.seeds}); HTER at each test set's "
+        f"EER threshold; wall time {time.perf_counter() - t0:.0f} s"
+    )
     print(title + "\n\n" + table, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(f"{title}\n\n{table}\n")
-    data.update(protocol=str(protocol), steps=steps, ranks=ranks, seeds=args.seeds,
-                wall_seconds=time.perf_counter() - t0)
+    data.update(
+        protocol=str(protocol), steps=steps, ranks=ranks, seeds=args.seeds, wall_seconds=time.perf_counter() - t0
+    )
     (out / "ablation.json").write_text(json.dumps(data, indent=2))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

@@ -10,6 +10,7 @@ and at a threshold fixed on held-out training data), eval_tables.md/.json (the p
 with its figures beside ours), ROC and score-histogram PNGs, explanations with their
 interpretability metrics, and TensorBoard events (scalars, images, text) under OUT/tb.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,23 +49,34 @@ def parse_set(spec: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ifas-eval", description="Evaluate an I-FAS model on test shard sets.")
-    parser.add_argument("--model", help="exported model directory, or a training run directory (its checkpoint is "
-                                        "consolidated first)")
+    parser.add_argument(
+        "--model", help="exported model directory, or a training run directory (its checkpoint is consolidated first)"
+    )
     parser.add_argument("--tag", default=None, help="checkpoint tag of a run directory (default: latest)")
     parser.add_argument("--out", default=None, help="output directory (default: --model)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-samples", type=int, default=0, help="cap per test set (0 = all)")
-    parser.add_argument("--dev-shards", nargs="+", default=[], help="held-out training shard sets that fix the "
-                                                                    "decision threshold (EER threshold there)")
+    parser.add_argument(
+        "--dev-shards",
+        nargs="+",
+        default=[],
+        help="held-out training shard sets that fix the decision threshold (EER threshold there)",
+    )
     parser.add_argument("--dev-split", default="val", help='dev samples used: this "split" value ("" = all)')
-    parser.add_argument("--threshold-from", default=None, help="fixed threshold from calibration.json/eval_metrics.json")
+    parser.add_argument(
+        "--threshold-from", default=None, help="fixed threshold from calibration.json/eval_metrics.json"
+    )
     parser.add_argument("--protocol", default="auto", help="paper table layout: auto, ocim or one_to_eleven")
     parser.add_argument("--explain-samples", type=int, default=16, help="explained samples per test set (0 = none)")
     parser.add_argument("--explain-modes", nargs="+", default=["greedy", "sampled"], choices=["greedy", "sampled"])
     parser.add_argument("--max-new-tokens", type=int, default=48, help="explanation length cap (tokens)")
     parser.add_argument("--tb", default=None, help="TensorBoard log dir (default: OUT/tb)")
-    parser.add_argument("--merge", nargs="+", default=None, help="render the tables from these eval_metrics.json "
-                                                                 "files (no model needed)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="render the tables from these eval_metrics.json files (no model needed)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("shards", nargs="*", help="test shard sets: PATH or NAME=PATH (directory, glob, brace pattern)")
     return parser
@@ -74,8 +86,10 @@ def _merge_main(args: argparse.Namespace) -> int:
     merged = merge_results(args.merge)
     md, data = paper_tables(merged, args.protocol)
     if not md:
-        raise ValueError("no test set in the merged files maps to a protocol column; name the sets NAME=PATH "
-                         "(e.g. M=..., CASIA-MFSD=...) or pass --protocol")
+        raise ValueError(
+            "no test set in the merged files maps to a protocol column; name the sets NAME=PATH "
+            "(e.g. M=..., CASIA-MFSD=...) or pass --protocol"
+        )
     out = Path(args.out or ".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_tables.md").write_text(md + "\n")
@@ -103,8 +117,16 @@ def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
         raise ValueError("give --dev-shards or --threshold-from, not both: each fixes the threshold")
     calibration = None
     if args.dev_shards:
-        calibration = dev_threshold(model, resolve_shards(args.dev_shards, "--dev-shards"), args.dev_split, builder,
-                                    transform, info, args.batch_size, tokenizer.pad_token_id)
+        calibration = dev_threshold(
+            model,
+            resolve_shards(args.dev_shards, "--dev-shards"),
+            args.dev_split,
+            builder,
+            transform,
+            info,
+            args.batch_size,
+            tokenizer.pad_token_id,
+        )
     elif args.threshold_from:
         t, source = threshold_from_file(args.threshold_from)
         calibration = {"threshold": t, "source": source}
@@ -113,20 +135,48 @@ def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
     results, scored, explained = {}, {}, {}
     for name, set_urls in urls.items():
         keeper = SampleKeeper(max(1, math.ceil(args.explain_samples / info.world_size)))
-        part = collect_scores(model, set_urls, builder, transform, info, args.batch_size, tokenizer.pad_token_id,
-                              args.max_samples, on_batch=keeper.offer if args.explain_samples > 0 else None)
+        part = collect_scores(
+            model,
+            set_urls,
+            builder,
+            transform,
+            info,
+            args.batch_size,
+            tokenizer.pad_token_id,
+            args.max_samples,
+            on_batch=keeper.offer if args.explain_samples > 0 else None,
+        )
         scored[name] = gather_scored(part, info)
         results[name] = scored[name].metrics(threshold)
         if args.explain_samples > 0:
             decide = threshold if threshold is not None else results[name].eer_threshold
-            records, images = explain_set(model, tokenizer, keeper, scored[name], decide,
-                                          args.explain_modes, args.max_new_tokens, args.batch_size, info)
-            explained[name] = {"threshold": decide, "metrics": {m: explanation_metrics(
-                [r for r in records if r.mode == m], keywords) for m in args.explain_modes},
-                "examples": records_as_dicts(records)}
+            records, images = explain_set(
+                model,
+                tokenizer,
+                keeper,
+                scored[name],
+                decide,
+                args.explain_modes,
+                args.max_new_tokens,
+                args.batch_size,
+                info,
+            )
+            explained[name] = {
+                "threshold": decide,
+                "metrics": {
+                    m: explanation_metrics([r for r in records if r.mode == m], keywords) for m in args.explain_modes
+                },
+                "examples": records_as_dicts(records),
+            }
             log_examples(writer, name, records, images)
-            writer.scalars({Tags.explanation(name, mode, key): em[key] for mode, em in explained[name]["metrics"].items()
-                            for key in ("cue_hit_rate", "wrong_cue_rate", "live_cue_rate", "contradiction_rate")}, 0)
+            writer.scalars(
+                {
+                    Tags.explanation(name, mode, key): em[key]
+                    for mode, em in explained[name]["metrics"].items()
+                    for key in ("cue_hit_rate", "wrong_cue_rate", "live_cue_rate", "contradiction_rate")
+                },
+                0,
+            )
     if info.is_main:
         report(results, out, writer, scored=scored, protocol=args.protocol, calibration=calibration)
         if explained:

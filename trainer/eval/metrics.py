@@ -11,6 +11,7 @@ scikit-learn's; this module only picks points off its curves.
 A set with one class only (e.g. a live-only test set) has no ROC curve: AUC, EER and the EER
 threshold are NaN, and at a fixed threshold only the rate of the present class is defined.
 """
+
 from __future__ import annotations
 
 import math
@@ -113,8 +114,9 @@ def auc(scores: np.ndarray, live: np.ndarray) -> float:
     return NAN if _one_class(live) else float(roc_auc_score(live.astype(int), np.asarray(scores, dtype=np.float64)))
 
 
-def video_level(scores: np.ndarray, live: np.ndarray, videos: Sequence[str], attacks: Sequence[str] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+def video_level(
+    scores: np.ndarray, live: np.ndarray, videos: Sequence[str], attacks: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """Mean score per video (in order of first appearance), its label and attack type.
     A video's frames share one label; mixed labels mean broken video ids and are refused."""
     scores, live = np.asarray(scores, dtype=np.float64), np.asarray(live).astype(bool)
@@ -133,22 +135,39 @@ def video_level(scores: np.ndarray, live: np.ndarray, videos: Sequence[str], att
     return np.asarray(v_scores), np.asarray(v_live, dtype=bool), (v_att if attacks is not None else None)
 
 
-def fas_metrics(scores: np.ndarray, live: np.ndarray, attacks: Sequence[str] | None = None,
-                videos: Sequence[str] | None = None, threshold: float | None = None) -> FASMetrics:
+def fas_metrics(
+    scores: np.ndarray,
+    live: np.ndarray,
+    attacks: Sequence[str] | None = None,
+    videos: Sequence[str] | None = None,
+    threshold: float | None = None,
+) -> FASMetrics:
     """All metrics of one test set: at its own EER threshold, at ``threshold`` (fixed on held-out
     training data) when given, per attack type when ``attacks`` are given, and at video level
     (mean score per video) when ``videos`` are given and some video has several frames."""
     scores, live = np.asarray(scores, dtype=np.float64), np.asarray(live).astype(bool)
     if len(scores) != len(live) or len(scores) == 0:
-        raise ValueError(f"metrics need as many scores as labels, and some: got {len(scores)} scores, {len(live)} labels")
+        raise ValueError(
+            f"metrics need as many scores as labels, and some: got {len(scores)} scores, {len(live)} labels"
+        )
     if _one_class(live):
-        warnings.warn(f"test set has {int(live.sum())} live and {int((~live).sum())} spoof samples: AUC/EER are "
-                      "undefined (NaN); only the present class's error rate at a fixed threshold is", stacklevel=2)
+        warnings.warn(
+            f"test set has {int(live.sum())} live and {int((~live).sum())} spoof samples: AUC/EER are "
+            "undefined (NaN); only the present class's error rate at a fixed threshold is",
+            stacklevel=2,
+        )
     eer, thr = eer_threshold(scores, live)
     apcer, bpcer = error_rates(scores, live, thr) if not math.isnan(thr) else (NAN, NAN)
     m = FASMetrics(
-        num_live=int(live.sum()), num_spoof=int((~live).sum()), auc=auc(scores, live), eer=eer, eer_threshold=thr,
-        hter=(apcer + bpcer) / 2.0, apcer=apcer, bpcer=bpcer, tpr_at_fpr1=tpr_at_fpr(scores, live),
+        num_live=int(live.sum()),
+        num_spoof=int((~live).sum()),
+        auc=auc(scores, live),
+        eer=eer,
+        eer_threshold=thr,
+        hter=(apcer + bpcer) / 2.0,
+        apcer=apcer,
+        bpcer=bpcer,
+        tpr_at_fpr1=tpr_at_fpr(scores, live),
     )
     if threshold is not None:
         a, b = error_rates(scores, live, threshold)
@@ -161,7 +180,8 @@ def fas_metrics(scores: np.ndarray, live: np.ndarray, attacks: Sequence[str] | N
             m.per_attack[a] = AttackMetrics(
                 num=int((att[~live] == a).sum()),
                 apcer=error_rates(scores[sel], live[sel], thr)[0] if not math.isnan(thr) else NAN,
-                auc=auc(scores[sel], live[sel]), eer=eer_threshold(scores[sel], live[sel])[0],
+                auc=auc(scores[sel], live[sel]),
+                eer=eer_threshold(scores[sel], live[sel])[0],
                 apcer_fixed=error_rates(scores[sel], live[sel], threshold)[0] if threshold is not None else None,
             )
     # ACER (ISO/IEC 30107-3): the worst attack type's APCER with BPCER; HTER without attack types
@@ -182,16 +202,20 @@ def _pct(x: float | None) -> str:
 def format_table(rows: dict[str, FASMetrics]) -> str:
     """A Markdown table per test set and level (frame; video when known), in percent.
     "@fixed" columns are at the threshold fixed on held-out training data ("-" when none)."""
-    lines = ["| test set | level | live | spoof | HTER % | AUC % | EER % | TPR@FPR1% % | APCER % | BPCER % | ACER % "
-             "| HTER@fixed % | ACER@fixed % |",
-             "|---" * 13 + "|"]
+    lines = [
+        "| test set | level | live | spoof | HTER % | AUC % | EER % | TPR@FPR1% % | APCER % | BPCER % | ACER % "
+        "| HTER@fixed % | ACER@fixed % |",
+        "|---" * 13 + "|",
+    ]
     for name, m in rows.items():
         for level, x in (("frame", m), ("video", m.video)):
             if x is None:
                 continue
-            lines.append(f"| {name} | {level} | {x.num_live} | {x.num_spoof} | {_pct(x.hter)} | {_pct(x.auc)} | "
-                         f"{_pct(x.eer)} | {_pct(x.tpr_at_fpr1)} | {_pct(x.apcer)} | {_pct(x.bpcer)} | {_pct(x.acer)} | "
-                         f"{_pct(x.hter_fixed)} | {_pct(x.acer_fixed)} |")
+            lines.append(
+                f"| {name} | {level} | {x.num_live} | {x.num_spoof} | {_pct(x.hter)} | {_pct(x.auc)} | "
+                f"{_pct(x.eer)} | {_pct(x.tpr_at_fpr1)} | {_pct(x.apcer)} | {_pct(x.bpcer)} | {_pct(x.acer)} | "
+                f"{_pct(x.hter_fixed)} | {_pct(x.acer_fixed)} |"
+            )
     return "\n".join(lines)
 
 
@@ -200,6 +224,8 @@ def format_attack_table(rows: dict[str, FASMetrics]) -> str:
     lines = ["| test set | attack | spoof samples | APCER % | APCER@fixed % | AUC % | EER % |", "|---" * 7 + "|"]
     for name, m in rows.items():
         for attack, a in m.per_attack.items():
-            lines.append(f"| {name} | {attack} | {a.num} | {_pct(a.apcer)} | {_pct(a.apcer_fixed)} | {_pct(a.auc)} | "
-                         f"{_pct(a.eer)} |")
+            lines.append(
+                f"| {name} | {attack} | {a.num} | {_pct(a.apcer)} | {_pct(a.apcer_fixed)} | {_pct(a.auc)} | "
+                f"{_pct(a.eer)} |"
+            )
     return "\n".join(lines)

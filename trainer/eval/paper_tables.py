@@ -7,6 +7,7 @@ shard-set directory, or ``NAME=PATH`` on the ifas-eval command line) or its samp
 field matches one of the column's aliases. A figure the paper does not give (the paper has FLIP
 only as an average for One to Eleven) prints as "-".
 """
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,20 @@ OCIM = Protocol(
         Column("O", "ICM->O", ("o", "oulu", "oulunpu")),
     ),
     paper={
-        "I-FAS (paper)": {"M": (0.32, 99.88), "C": (0.04, 99.99), "I": (3.22, 98.48), "O": (1.74, 99.66),
-                          "avg": (1.33, 99.50)},
-        "FLIP (ICCV'23, paper)": {"M": (4.95, 98.11), "C": (0.54, 99.98), "I": (4.25, 99.07), "O": (2.31, 99.63),
-                                  "avg": (3.01, 99.20)},
+        "I-FAS (paper)": {
+            "M": (0.32, 99.88),
+            "C": (0.04, 99.99),
+            "I": (3.22, 98.48),
+            "O": (1.74, 99.66),
+            "avg": (1.33, 99.50),
+        },
+        "FLIP (ICCV'23, paper)": {
+            "M": (4.95, 98.11),
+            "C": (0.54, 99.98),
+            "I": (4.25, 99.07),
+            "O": (2.31, 99.63),
+            "avg": (3.01, 99.20),
+        },
     },
 )
 
@@ -69,10 +80,18 @@ ONE_TO_ELEVEN = Protocol(
     ),
     paper={
         "I-FAS (paper)": {
-            "CASIA-MFSD": (1.11, 99.88), "CASIA-SURF-3DMask": (6.18, 98.40), "HKBU-MARs-V1+": (18.64, 88.77),
-            "HiFiMask": (28.23, 77.17), "MSU-MFSD": (5.63, 98.73), "OULU-NPU": (14.86, 91.68),
-            "Replay-Attack": (9.15, 95.12), "Rose-Youtu": (5.52, 98.48), "SiW": (4.02, 98.34),
-            "SiW-M-V2": (10.89, 95.02), "WMCA": (20.07, 89.17), "avg": (11.30, 93.71),
+            "CASIA-MFSD": (1.11, 99.88),
+            "CASIA-SURF-3DMask": (6.18, 98.40),
+            "HKBU-MARs-V1+": (18.64, 88.77),
+            "HiFiMask": (28.23, 77.17),
+            "MSU-MFSD": (5.63, 98.73),
+            "OULU-NPU": (14.86, 91.68),
+            "Replay-Attack": (9.15, 95.12),
+            "Rose-Youtu": (5.52, 98.48),
+            "SiW": (4.02, 98.34),
+            "SiW-M-V2": (10.89, 95.02),
+            "WMCA": (20.07, 89.17),
+            "avg": (11.30, 93.71),
         },
         "FLIP (ICCV'23, paper)": {"avg": (18.73, 87.90)},
         "ViT-L (paper)": {"avg": (21.08, 85.61)},
@@ -110,8 +129,10 @@ def place(protocol: Protocol, results: Mapping[str, Mapping[str, Any]]) -> dict[
         if col is None:
             continue
         if col.key in placed:
-            raise ValueError(f"test sets {placed[col.key][0]!r} and {name!r} both map to the {protocol.name} column "
-                             f"{col.key!r}; name them NAME=PATH on the command line to tell them apart")
+            raise ValueError(
+                f"test sets {placed[col.key][0]!r} and {name!r} both map to the {protocol.name} column "
+                f"{col.key!r}; name them NAME=PATH on the command line to tell them apart"
+            )
         placed[col.key] = (name, (_pct(m.get("hter")), _pct(m.get("auc"))))
     return placed
 
@@ -126,8 +147,9 @@ def _fmt(pair: Pair | None) -> str:
     return f"{pair[0]:.2f}/{pair[1]:.2f}"
 
 
-def protocol_table(protocol: Protocol, results: Mapping[str, Mapping[str, Any]], label: str = "ours"
-                   ) -> tuple[str, dict[str, Any]]:
+def protocol_table(
+    protocol: Protocol, results: Mapping[str, Mapping[str, Any]], label: str = "ours"
+) -> tuple[str, dict[str, Any]]:
     """(Markdown, JSON-ready dict) of ``protocol`` with our row first and the paper's rows below.
 
     Our average is over the columns we have; when some are missing the row label says how many,
@@ -149,7 +171,9 @@ def protocol_table(protocol: Protocol, results: Mapping[str, Mapping[str, Any]],
         "protocol": protocol.name,
         "columns": [c.key for c in protocol.columns] + ["avg"],
         "test_sets": {key: name for key, (name, _) in placed.items()},
-        "rows": {method: {k: {"hter": v[0], "auc": v[1]} for k, v in figures.items()} for method, figures in rows.items()},
+        "rows": {
+            method: {k: {"hter": v[0], "auc": v[1]} for k, v in figures.items()} for method, figures in rows.items()
+        },
     }
     return "\n".join(lines), data
 

@@ -1,6 +1,7 @@
 """The evaluation report: tables printed and written (eval_metrics.json/.md, the paper's layouts in
 eval_tables.json/.md, per-sample eval_scores.json, calibration.json), ROC and histogram PNGs and
 TensorBoard scalars and images; and tables merged from several runs' eval_metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,15 @@ from trainer.logs import MetricsWriter
 from trainer.run_dir import CALIBRATION, EVAL_METRICS
 
 
-def report(results: dict[str, FASMetrics], out_dir: Path, writer: MetricsWriter | None = None, step: int = 0,
-           scored: dict[str, ScoredSet] | None = None,
-           protocol: str = "auto", calibration: dict[str, Any] | None = None) -> str:
+def report(
+    results: dict[str, FASMetrics],
+    out_dir: Path,
+    writer: MetricsWriter | None = None,
+    step: int = 0,
+    scored: dict[str, ScoredSet] | None = None,
+    protocol: str = "auto",
+    calibration: dict[str, Any] | None = None,
+) -> str:
     """Print the tables and write eval_metrics.json/.md, eval_tables.json/.md (paper layouts, when a
     test set maps to a protocol column), eval_scores.json (per sample), ROC/histogram PNGs (with
     ``scored``) and TensorBoard scalars and images."""
@@ -37,7 +44,9 @@ def report(results: dict[str, FASMetrics], out_dir: Path, writer: MetricsWriter 
     table = "\n\n".join(sections)
     print(table, flush=True)
     if scored is not None:
-        (out_dir / "eval_scores.json").write_text(json.dumps({name: s.by_key() for name, s in scored.items()}, indent=1))
+        (out_dir / "eval_scores.json").write_text(
+            json.dumps({name: s.by_key() for name, s in scored.items()}, indent=1)
+        )
     (out_dir / EVAL_METRICS).write_text(json.dumps(as_json, indent=2))
     (out_dir / "eval_metrics.md").write_text(table + "\n")
     if paper_json:
@@ -46,9 +55,19 @@ def report(results: dict[str, FASMetrics], out_dir: Path, writer: MetricsWriter 
     if calibration:
         (out_dir / CALIBRATION).write_text(json.dumps(calibration, indent=2))
     if scored:
-        plot_sets({name: (s.scores, s.live, {"test EER thr": results[name].eer_threshold,
-                                             "fixed thr": results[name].fixed_threshold})
-                   for name, s in scored.items()}, out_dir / "plots", writer, step)
+        plot_sets(
+            {
+                name: (
+                    s.scores,
+                    s.live,
+                    {"test EER thr": results[name].eer_threshold, "fixed thr": results[name].fixed_threshold},
+                )
+                for name, s in scored.items()
+            },
+            out_dir / "plots",
+            writer,
+            step,
+        )
     if writer is not None:
         writer.eval_metrics(results, step)
     return table
@@ -82,10 +101,15 @@ def format_explanation_table(explained: dict[str, dict[str, Any]]) -> str:
     def pct(x: float, scale: float = 100.0) -> str:
         return "-" if x is None or math.isnan(x) else f"{scale * x:.1f}"
 
-    lines = ["| test set | decoding | samples | names true attack cue % | only other attack cues % | live cue on live % "
-             "| contradicts judgment % | mean words |", "|---" * 8 + "|"]
+    lines = [
+        "| test set | decoding | samples | names true attack cue % | only other attack cues % | live cue on live % "
+        "| contradicts judgment % | mean words |",
+        "|---" * 8 + "|",
+    ]
     for name, e in explained.items():
         for mode, m in e["metrics"].items():
-            lines.append(f"| {name} | {mode} | {m['samples']} | {pct(m['cue_hit_rate'])} | {pct(m['wrong_cue_rate'])} | "
-                         f"{pct(m['live_cue_rate'])} | {pct(m['contradiction_rate'])} | {pct(m['mean_words'], 1.0)} |")
+            lines.append(
+                f"| {name} | {mode} | {m['samples']} | {pct(m['cue_hit_rate'])} | {pct(m['wrong_cue_rate'])} | "
+                f"{pct(m['live_cue_rate'])} | {pct(m['contradiction_rate'])} | {pct(m['mean_words'], 1.0)} |"
+            )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ data and the ones without run a dummy batch: ZeRO-3 gathers parameters collectiv
 must run the same forwards. The same code serves training (trainer/eval/periodic.py) and the
 standalone ``ifas-eval`` (trainer/cli/eval.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,15 +59,20 @@ class ScoredSet:
 
     @classmethod
     def concat(cls, parts: list["ScoredSet"]) -> "ScoredSet":
-        return cls(np.concatenate([p.scores for p in parts]) if parts else np.zeros(0),
-                   np.concatenate([p.live for p in parts]) if parts else np.zeros(0, dtype=bool),
-                   *([x for p in parts for x in getattr(p, name)]
-                     for name in ("keys", "attacks", "videos", "datasets")))
+        return cls(
+            np.concatenate([p.scores for p in parts]) if parts else np.zeros(0),
+            np.concatenate([p.live for p in parts]) if parts else np.zeros(0, dtype=bool),
+            *([x for p in parts for x in getattr(p, name)] for name in ("keys", "attacks", "videos", "datasets")),
+        )
 
 
 def _score_batch(model_call, batch: dict[str, Any], dev: torch.device) -> torch.Tensor:
-    out = model_call(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                     pixel_values=batch["pixel_values"].to(dev), score_positions=batch["score_positions"].to(dev))
+    out = model_call(
+        input_ids=batch["input_ids"].to(dev),
+        attention_mask=batch["attention_mask"].to(dev),
+        pixel_values=batch["pixel_values"].to(dev),
+        score_positions=batch["score_positions"].to(dev),
+    )
     return out.scores.float().cpu()
 
 
@@ -75,18 +81,42 @@ def _rows(batch: dict[str, Any], keep: list[int]) -> dict[str, Any]:
     return {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
 
 
-def _eval_batches(urls: list[str], builder: PromptBuilder, transform: ImageTransform, rank: int, world: int,
-                  batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
-    stream = ShardStream(urls, builder, transform, rank=rank, world_size=world, batch_size=batch_size,
-                         train=False, with_answers=False, num_workers=0)
+def _eval_batches(
+    urls: list[str],
+    builder: PromptBuilder,
+    transform: ImageTransform,
+    rank: int,
+    world: int,
+    batch_size: int,
+    pad_id: int,
+) -> Iterator[dict[str, Any]]:
+    stream = ShardStream(
+        urls,
+        builder,
+        transform,
+        rank=rank,
+        world_size=world,
+        batch_size=batch_size,
+        train=False,
+        with_answers=False,
+        num_workers=0,
+    )
     return iter(make_loader(stream, pad_id))
 
 
 @torch.no_grad()
-def collect_scores(model_call, urls: list[str], builder: PromptBuilder, transform: ImageTransform, info: WorldInfo,
-                   batch_size: int, pad_id: int, max_samples: int = 0,
-                   select: Callable[[dict[str, Any]], bool] | None = None,
-                   on_batch: Callable[[dict[str, Any]], None] | None = None) -> ScoredSet:
+def collect_scores(
+    model_call,
+    urls: list[str],
+    builder: PromptBuilder,
+    transform: ImageTransform,
+    info: WorldInfo,
+    batch_size: int,
+    pad_id: int,
+    max_samples: int = 0,
+    select: Callable[[dict[str, Any]], bool] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+) -> ScoredSet:
     """This rank's share of ``urls`` scored, every rank running the same number of forwards.
 
     ``select(meta)`` keeps only some samples (e.g. the "val" split of training shards); a batch
@@ -116,13 +146,20 @@ def collect_scores(model_call, urls: list[str], builder: PromptBuilder, transfor
         if on_batch is not None:
             on_batch(batch)
         metas = batch["meta"]
-        parts.append(ScoredSet(
-            _score_batch(model_call, batch, dev).numpy(), batch["live"].numpy().astype(bool), list(batch["keys"]),
-            [str(m.get("attack", "")) for m in metas], [str(m.get("video", "")) for m in metas],
-            [str(m.get("dataset", "")) for m in metas]))
+        parts.append(
+            ScoredSet(
+                _score_batch(model_call, batch, dev).numpy(),
+                batch["live"].numpy().astype(bool),
+                list(batch["keys"]),
+                [str(m.get("attack", "")) for m in metas],
+                [str(m.get("video", "")) for m in metas],
+                [str(m.get("dataset", "")) for m in metas],
+            )
+        )
     if dummy is None and info.world_size > 1:
-        raise ShardSetError(f"rank {info.rank} received no evaluation samples from {urls[:2]}...: use more samples "
-                            "than ranks")
+        raise ShardSetError(
+            f"rank {info.rank} received no evaluation samples from {urls[:2]}...: use more samples than ranks"
+        )
     return ScoredSet.concat(parts)
 
 
@@ -135,20 +172,36 @@ def split_selector(split: str) -> Callable[[dict[str, Any]], bool] | None:
     return (lambda meta: meta.get("split") == split) if split else None
 
 
-def dev_threshold(model_call, dev_urls: list[str], split: str, builder: PromptBuilder, transform: ImageTransform,
-                  info: WorldInfo, batch_size: int, pad_id: int, max_samples: int = 0) -> dict[str, Any]:
+def dev_threshold(
+    model_call,
+    dev_urls: list[str],
+    split: str,
+    builder: PromptBuilder,
+    transform: ImageTransform,
+    info: WorldInfo,
+    batch_size: int,
+    pad_id: int,
+    max_samples: int = 0,
+) -> dict[str, Any]:
     """The EER threshold of the held-out training data (``split`` samples of ``dev_urls``):
     {"threshold", "eer", "samples", "source"}. Refuses a dev set without both classes."""
-    part = collect_scores(model_call, dev_urls, builder, transform, info, batch_size, pad_id, max_samples,
-                          select=split_selector(split))
+    part = collect_scores(
+        model_call, dev_urls, builder, transform, info, batch_size, pad_id, max_samples, select=split_selector(split)
+    )
     dev = gather_scored(part, info)
     eer, threshold = eer_threshold(dev.scores, dev.live)
     if math.isnan(threshold):  # one class only
-        raise ShardSetError(f"dev shards {dev_urls[:2]}... give {int(dev.live.sum())} live and {int((~dev.live).sum())} "
-                            f"spoof samples with split={split!r}: a threshold needs both; set --dev-split/eval.dev_split "
-                            "(\"\" = every sample)")
-    return {"threshold": threshold, "eer": eer, "samples": len(dev),
-            "source": f"EER threshold of {len(dev)} split={split or '*'} samples of {len(dev_urls)} dev shard(s)"}
+        raise ShardSetError(
+            f"dev shards {dev_urls[:2]}... give {int(dev.live.sum())} live and {int((~dev.live).sum())} "
+            f"spoof samples with split={split!r}: a threshold needs both; set --dev-split/eval.dev_split "
+            '("" = every sample)'
+        )
+    return {
+        "threshold": threshold,
+        "eer": eer,
+        "samples": len(dev),
+        "source": f"EER threshold of {len(dev)} split={split or '*'} samples of {len(dev_urls)} dev shard(s)",
+    }
 
 
 def threshold_from_file(path: str | Path) -> tuple[float, str]:
@@ -156,8 +209,9 @@ def threshold_from_file(path: str | Path) -> tuple[float, str]:
     (the fixed held-out threshold; else the EER threshold of its only test set)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--threshold-from {p} does not exist; pass calibration.json or eval_metrics.json "
-                                "written by ifas-eval")
+        raise FileNotFoundError(
+            f"--threshold-from {p} does not exist; pass calibration.json or eval_metrics.json written by ifas-eval"
+        )
     data = json.loads(p.read_text())
     if isinstance(data.get("threshold"), (int, float)):
         return float(data["threshold"]), f"{p} ({data.get('source', 'calibration')})"
@@ -166,8 +220,14 @@ def threshold_from_file(path: str | Path) -> tuple[float, str]:
         return float(fixed.pop()), f"{p} (threshold fixed on held-out training data)"
     sets = [k for k, v in data.items() if isinstance(v, dict) and v.get("eer_threshold") is not None]
     if len(sets) == 1:
-        log.warning("%s has no fixed threshold: using the EER threshold of test set %r, which was chosen on that "
-                    "test set's own labels", p, sets[0])
+        log.warning(
+            "%s has no fixed threshold: using the EER threshold of test set %r, which was chosen on that "
+            "test set's own labels",
+            p,
+            sets[0],
+        )
         return float(data[sets[0]]["eer_threshold"]), f"{p} (EER threshold of test set {sets[0]})"
-    raise ValueError(f"--threshold-from {p} holds no single threshold (no fixed threshold and {len(sets)} test sets); "
-                     "evaluate with --dev-shards to fix one, or pass --threshold")
+    raise ValueError(
+        f"--threshold-from {p} holds no single threshold (no fixed threshold and {len(sets)} test sets); "
+        "evaluate with --dev-shards to fix one, or pass --threshold"
+    )

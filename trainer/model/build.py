@@ -2,6 +2,7 @@
 LLaVA-architecture checkpoint directory, (b) a vision-encoder directory plus an LLM directory, or
 (c) a named tiny preset built offline (demo, tests). Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def tiny_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, Pretra
     """Named tiny configs built offline, for the demo and the tests."""
     from transformers import CLIPVisionConfig, Qwen2Config, SiglipVisionConfig
 
-    vision_kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     image_size=128, patch_size=16)
+    vision_kw = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=128,
+        patch_size=16,
+    )
     if preset == "tiny":
         vision = CLIPVisionConfig(**vision_kw)
     elif preset == "tiny-siglip":
@@ -30,8 +37,14 @@ def tiny_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, Pretra
     else:
         raise ModelLoadError(f"unknown model preset {preset!r}; known presets: tiny, tiny-siglip")
     text = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     return vision, text
 
@@ -58,15 +71,21 @@ def _require_dir(path: str, key: str) -> Path:
     return p
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
-                ) -> tuple[IFASModel, PreTrainedTokenizerBase]:
+def build_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[IFASModel, PreTrainedTokenizerBase]:
     """Build the model and tokenizer for a run: LLaVA dir, vision+LLM dirs, or a tiny preset.
 
     For the tiny preset the caller passes the (demo) tokenizer; for checkpoints it is read from
     ``cfg.tokenizer_path`` or the checkpoint directory.
     """
-    arch_kw = dict(vision_feature_layer=cfg.vision_feature_layer, projector_merge=cfg.projector_merge, gac=cfg.gac,
-                   gac_prefix_queries=cfg.gac_prefix_queries, gac_heads=cfg.gac_heads)
+    arch_kw = dict(
+        vision_feature_layer=cfg.vision_feature_layer,
+        projector_merge=cfg.projector_merge,
+        gac=cfg.gac,
+        gac_prefix_queries=cfg.gac_prefix_queries,
+        gac_heads=cfg.gac_heads,
+    )
     pretrained: dict[str, nn.Module] = {}
     if cfg.llava_path:
         from transformers import LlavaForConditionalGeneration
@@ -77,10 +96,16 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
         vision_config, text_config = llava.config.vision_config, llava.config.text_config
         arch_kw["vision_feature_layer"] = llava.config.vision_feature_layer
         if cfg.projector_merge != 1:
-            raise ModelLoadError("model.projector_merge must be 1 with model.llava_path: LLaVA's projector reads single patches")
+            raise ModelLoadError(
+                "model.projector_merge must be 1 with model.llava_path: LLaVA's projector reads single patches"
+            )
         image_info = _image_processing(root, vision_config.image_size)
-        pretrained = {"vision": llava.model.vision_tower, "projector": llava.model.multi_modal_projector,
-                      "llm.model": llava.model.language_model, "llm.lm_head": llava.lm_head}
+        pretrained = {
+            "vision": llava.model.vision_tower,
+            "projector": llava.model.multi_modal_projector,
+            "llm.model": llava.model.language_model,
+            "llm.lm_head": llava.lm_head,
+        }
     elif cfg.vision_path:
         vroot = _require_dir(cfg.vision_path, "model.vision_path")
         lroot = _require_dir(cfg.llm_path, "model.llm_path")
@@ -95,7 +120,9 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
         pretrained = {"vision": vision, "llm": llm}
     else:
         if tokenizer is None:
-            raise ModelLoadError(f"model.preset={cfg.preset!r} needs a tokenizer (model.tokenizer_path or the demo BPE)")
+            raise ModelLoadError(
+                f"model.preset={cfg.preset!r} needs a tokenizer (model.tokenizer_path or the demo BPE)"
+            )
         vision_config, text_config = tiny_configs(cfg.preset, len(tokenizer))
         image_info = _image_processing(None, vision_config.image_size)
 
@@ -104,9 +131,18 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
     has_cls = _has_class_token(vision_config)
     pooling = cfg.pooling if cfg.pooling != "auto" else ("cls" if has_cls else "mean")
     if pooling == "cls" and not has_cls:
-        raise ModelLoadError(f"model.pooling=cls but the {vision_config.model_type} encoder has no class token; use mean")
-    arch = ArchConfig(image_token_id=image_token_id, yes_token_id=yes_id, no_token_id=no_id, pooling=pooling,
-                      has_class_token=has_cls, **arch_kw, **image_info)
+        raise ModelLoadError(
+            f"model.pooling=cls but the {vision_config.model_type} encoder has no class token; use mean"
+        )
+    arch = ArchConfig(
+        image_token_id=image_token_id,
+        yes_token_id=yes_id,
+        no_token_id=no_id,
+        pooling=pooling,
+        has_class_token=has_cls,
+        **arch_kw,
+        **image_info,
+    )
     model = IFASModel(vision_config, text_config, arch, resolve_attn_implementation(cfg.attn_implementation))
     for name, module in pretrained.items():
         target = model.get_submodule(name)

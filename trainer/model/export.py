@@ -12,6 +12,7 @@ and written tensor by tensor by ``IFASModel.save_pretrained``: one file, or shar
 instead (trainer/model/llava.py): what ``ifas-shards caption --captioner`` and any transformers
 code load with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ log = logging.getLogger("ifas.export")
 FORMATS = ("ifas", "llava")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str | None = None,
-               max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, fmt: str = "ifas") -> Path:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    tag: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    fmt: str = "ifas",
+) -> Path:
     """Consolidate ``run_dir``'s checkpoint (latest unless ``tag``) into ``out_dir`` (default
     run_dir/export), in this project's format or (``fmt="llava"``) as a transformers LLaVA."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -41,7 +47,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, tag: str 
     run = RunDir(run_dir)
     ckpt_dir = run.checkpoints
     if not run.is_run():
-        raise ModelLoadError(f"{run.root} is not a training output directory (no {run.model_config.name}/{CONFIG_NAME})")
+        raise ModelLoadError(
+            f"{run.root} is not a training output directory (no {run.model_config.name}/{CONFIG_NAME})"
+        )
     if tag is None:
         try:
             tag = latest_tag(ckpt_dir)  # only a complete checkpoint (see trainer/training/checkpoint.py)
@@ -80,9 +88,11 @@ def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: World
     p = Path(path)
     if not (p / CONFIG_NAME).is_file():
         if not RunDir(p).is_run():
-            raise ModelLoadError(f"--model {p} is neither an exported model (no {CONFIG_NAME}) nor a training run "
-                                 f"(no {RunDir(p).model_config.name}/{CONFIG_NAME}); pass <run>/export or the run "
-                                 "directory")
+            raise ModelLoadError(
+                f"--model {p} is neither an exported model (no {CONFIG_NAME}) nor a training run "
+                f"(no {RunDir(p).model_config.name}/{CONFIG_NAME}); pass <run>/export or the run "
+                "directory"
+            )
         target = out_dir / f"export_{tag or 'latest'}"
         if info.is_main:
             export_run(p, target, tag)

@@ -6,6 +6,7 @@ queries Q_P are prepended; one block of self-attention, cross-attention to the p
 and an MLP follows; the result is projected to the LLM width. Shallow layers carry texture cues
 (moire, blur), deep layers semantics, so the LLM sees both.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -36,14 +37,18 @@ class GloballyAwareConnector(nn.Module):
         self.norm_patches = nn.LayerNorm(vision_dim)
         self.cross_attn = nn.MultiheadAttention(vision_dim, num_heads, batch_first=True)
         self.norm_mlp = nn.LayerNorm(vision_dim)
-        self.mlp = nn.Sequential(nn.Linear(vision_dim, 4 * vision_dim), nn.GELU(), nn.Linear(4 * vision_dim, vision_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(vision_dim, 4 * vision_dim), nn.GELU(), nn.Linear(4 * vision_dim, vision_dim)
+        )
         self.out_proj = nn.Linear(vision_dim, text_dim)
 
     @property
     def num_tokens(self) -> int:
         return self.prefix_queries.shape[0] + self.num_layers
 
-    def forward(self, layer_states: Sequence[torch.Tensor] | torch.Tensor, patch_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer_states: Sequence[torch.Tensor] | torch.Tensor, patch_features: torch.Tensor
+    ) -> torch.Tensor:
         """layer_states: L tensors [B, N, Dv] (or one [L, B, N, Dv]), patch_features [B, Np, Dv] -> [B, P+L, Dt]."""
         pooled = kernels.multi_layer_pool_layernorm(
             layer_states, self.pool_norm_weight, self.pool_norm_bias, mode=self.pooling

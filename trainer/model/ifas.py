@@ -8,6 +8,7 @@ the liveness score ``softmax([logit(Yes), logit(No)])[0]`` at the first answer p
 writes a model directory (config, safetensors weights, tokenizer) that ``from_pretrained`` reads back,
 and ``ifas-export`` writes the same directory from a ZeRO-3 checkpoint (trainer/model/export.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,7 +82,7 @@ class Projector(nn.Module):
         k = self.merge
         if k > 1:
             b, n, d = x.shape
-            g = int(round(n ** 0.5))
+            g = int(round(n**0.5))
             x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
         return self.linear_2(self.act(self.linear_1(x)))
 
@@ -107,13 +108,17 @@ class IFASModel(nn.Module):
         vdim, tdim = vision_config.hidden_size, text_config.hidden_size
         self.projector = Projector(vdim, tdim, arch.projector_merge)
         self.gac = (
-            GloballyAwareConnector(vdim, vision_config.num_hidden_layers, tdim, arch.gac_prefix_queries,
-                                   arch.gac_heads, arch.pooling)
-            if arch.gac else None
+            GloballyAwareConnector(
+                vdim, vision_config.num_hidden_layers, tdim, arch.gac_prefix_queries, arch.gac_heads, arch.pooling
+            )
+            if arch.gac
+            else None
         )
         grid = vision_config.image_size // vision_config.patch_size
         if grid % arch.projector_merge:
-            raise ModelLoadError(f"model.projector_merge={arch.projector_merge} does not divide the {grid}x{grid} patch grid")
+            raise ModelLoadError(
+                f"model.projector_merge={arch.projector_merge} does not divide the {grid}x{grid} patch grid"
+            )
         self.num_patch_tokens = (grid // arch.projector_merge) ** 2
         self.num_image_tokens = self.num_patch_tokens + (self.gac.num_tokens if self.gac is not None else 0)
         self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
@@ -200,8 +205,9 @@ class IFASModel(nn.Module):
         return IFASOutput(loss, scores, judgment_logits)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                 **generate_kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
+    ) -> torch.Tensor:
         """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
         embeds = self.embed(input_ids, pixel_values)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
@@ -215,9 +221,13 @@ class IFASModel(nn.Module):
             "arch": dataclasses.asdict(self.arch),
         }
 
-    def save_pretrained(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
-                        tensors: Mapping[str, Any] | None = None,
-                        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        tensors: Mapping[str, Any] | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+    ) -> Path:
         """Write the model directory ``from_pretrained`` reads: config, safetensors weights (one file, or
         shards + index above ``max_shard_size``) and tokenizer, then read the weights back to check them.
 
@@ -234,16 +244,23 @@ class IFASModel(nn.Module):
 
     @classmethod
     def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa") -> "IFASModel":
-        return cls(sub_config(cfg["vision_config"]), sub_config(cfg["text_config"]), ArchConfig(**cfg["arch"]),
-                   attn_implementation)
+        return cls(
+            sub_config(cfg["vision_config"]),
+            sub_config(cfg["text_config"]),
+            ArchConfig(**cfg["arch"]),
+            attn_implementation,
+        )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, attn_implementation: str = "sdpa"
-                        ) -> tuple["IFASModel", PreTrainedTokenizerBase]:
+    def from_pretrained(
+        cls, directory: str | Path, attn_implementation: str = "sdpa"
+    ) -> tuple["IFASModel", PreTrainedTokenizerBase]:
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
-            raise ModelLoadError(f"{d} is not an I-FAS model directory (no {CONFIG_NAME}); "
-                                 f"export one with `ifas-export` or point to a training output's export/")
+            raise ModelLoadError(
+                f"{d} is not an I-FAS model directory (no {CONFIG_NAME}); "
+                f"export one with `ifas-export` or point to a training output's export/"
+            )
         model = cls.from_config_dict(json.loads((d / CONFIG_NAME).read_text()), attn_implementation)
         try:
             load_weights(model, d)  # model.safetensors, or shards + model.safetensors.index.json

@@ -10,6 +10,7 @@ For the captioner's fine-tuning (SCF step 5, ``data.task=caption``) the prompt i
 own (``shards.scf.captioner_prompt``, tokenised as its processor does) and the answer is the caption
 alone: every answer token is interpretation, there is no judgment.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,14 @@ class EncodedSample:
 class PromptBuilder:
     """Tokenises prompts and answers for one tokenizer and one image-token count."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, max_length: int,
-                 answer_style: str = "caption", caption_prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        num_image_tokens: int,
+        max_length: int,
+        answer_style: str = "caption",
+        caption_prompt: str | None = None,
+    ) -> None:
         """``caption_prompt``: the full prompt text of a captioner (captioning task); None = I-FAS."""
         self.tokenizer = tokenizer
         self.yes_id, self.no_id = judgment_token_ids(tokenizer)
@@ -49,13 +56,17 @@ class PromptBuilder:
             )
             ids = tokenizer.encode(text, add_special_tokens=False)
         if ids.count(self.image_token_id) != 1:
-            raise ValueError(f"the prompt template produced {ids.count(self.image_token_id)} {IMAGE_TOKEN} tokens, expected 1")
+            raise ValueError(
+                f"the prompt template produced {ids.count(self.image_token_id)} {IMAGE_TOKEN} tokens, expected 1"
+            )
         at = ids.index(self.image_token_id)
         # The prompt is the same for every sample: tokenise it once.
-        self.prompt_ids = ids[:at] + [self.image_token_id] * num_image_tokens + ids[at + 1:]
+        self.prompt_ids = ids[:at] + [self.image_token_id] * num_image_tokens + ids[at + 1 :]
         if len(self.prompt_ids) + 1 > max_length:
-            raise ValueError(f"data.max_length={max_length} leaves no room for the answer: the prompt alone "
-                             f"takes {len(self.prompt_ids)} tokens ({num_image_tokens} image tokens); raise it")
+            raise ValueError(
+                f"data.max_length={max_length} leaves no room for the answer: the prompt alone "
+                f"takes {len(self.prompt_ids)} tokens ({num_image_tokens} image tokens); raise it"
+            )
 
     def answer_ids(self, live: bool, caption: str) -> tuple[list[int], list[int]]:
         """Token ids of the answer and their groups (judgment first, then interpretation)."""
@@ -66,7 +77,7 @@ class PromptBuilder:
         elif self.answer_style == "caption" and caption:
             interp = self.tokenizer.encode(". " + caption.strip(), add_special_tokens=False)
         interp = interp + [self.tokenizer.eos_token_id]
-        interp = interp[:self.max_length - len(self.prompt_ids) - len(judgment)]
+        interp = interp[: self.max_length - len(self.prompt_ids) - len(judgment)]
         return judgment + interp, [JUDGMENT] * len(judgment) + [INTERPRETATION] * len(interp)
 
     def encode(self, live: bool, caption: str) -> EncodedSample:

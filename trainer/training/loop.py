@@ -5,6 +5,7 @@ interpretation token counts of the whole global batch are summed over ranks, so 
 loss is normalised globally and its gradient does not depend on the split of the batch.
 The command around it is ``ifas-train`` (trainer/cli/train.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,15 @@ def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Te
     return {n: batch[n].to(dev, non_blocking=True) for n in BATCH_TENSORS}
 
 
-def train_step(engine, micro_batches: list[dict[str, Any]], dev: torch.device, alpha: float | None, world: int,
-               poison: bool = False, timer: PhaseTimer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    engine,
+    micro_batches: list[dict[str, Any]],
+    dev: torch.device,
+    alpha: float | None,
+    world: int,
+    poison: bool = False,
+    timer: PhaseTimer | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
     summed over them (this rank's share of the global-batch loss, detached, on the device) and this
     rank's [judgment, interpretation] token counts (on the host).
@@ -76,8 +84,15 @@ class LogWindow:
     """Sums over the steps since the last log line. The sums live in one float64 tensor on the
     device, so adding a step costs no host sync and logging costs one all-reduce."""
 
-    FIELDS = ("loss", "part_judgment", "part_interpretation", "samples", "tokens", "judgment_tokens",
-              "interpretation_tokens")
+    FIELDS = (
+        "loss",
+        "part_judgment",
+        "part_interpretation",
+        "samples",
+        "tokens",
+        "judgment_tokens",
+        "interpretation_tokens",
+    )
 
     def __init__(self, dev: torch.device) -> None:
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=dev)
@@ -146,8 +161,9 @@ def skipped_counts(state: StreamState) -> dict[str, int]:
     return {r: int(v) for r, v in zip(SKIP_REASONS, totals.tolist())}
 
 
-def training_batches(cfg: RunConfig, train_urls: list[str], model: IFASModel, tokenizer, info: WorldInfo,
-                     state: StreamState):
+def training_batches(
+    cfg: RunConfig, train_urls: list[str], model: IFASModel, tokenizer, info: WorldInfo, state: StreamState
+):
     """(prompt builder, image transform, iterator of this rank's training batches from ``state``)."""
     arch = model.arch
     caption_prompt = None
@@ -156,12 +172,23 @@ def training_batches(cfg: RunConfig, train_urls: list[str], model: IFASModel, to
 
         processor = AutoProcessor.from_pretrained(str(RunDir(cfg.train.output_dir).processor))
         caption_prompt = captioner_prompt(processor, cfg.data.caption_prompt)
-    builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt)
+    builder = PromptBuilder(
+        tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt
+    )
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
-    stream = ShardStream(train_urls, builder, transform, rank=info.rank, world_size=info.world_size,
-                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=cfg.data.num_workers,
-                         caption_source=cfg.data.caption_source)
+    stream = ShardStream(
+        train_urls,
+        builder,
+        transform,
+        rank=info.rank,
+        world_size=info.world_size,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        resume=state,
+        num_workers=cfg.data.num_workers,
+        caption_source=cfg.data.caption_source,
+    )
     return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
 
 
@@ -191,14 +218,25 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     builder, transform, batches = training_batches(cfg, train_urls, model, tokenizer, info, stream_state)
 
     def save(step: int) -> None:
-        client_state = {"step": step, "config": cfg.to_dict(),
-                        "data": {"world_size": info.world_size, "num_workers": cfg.data.num_workers,
-                                 "streams": gather_objects(stream_state.state_dict(), info)}}
+        client_state = {
+            "step": step,
+            "config": cfg.to_dict(),
+            "data": {
+                "world_size": info.world_size,
+                "num_workers": cfg.data.num_workers,
+                "streams": gather_objects(stream_state.state_dict(), info),
+            },
+        }
         checkpointer.save(engine, step, client_state, layout)
 
     writer = MetricsWriter(run.tensorboard if info.is_main else None)
-    evaluator = (PeriodicEvaluator(cfg, {"held-out": eval_urls}, builder, transform, info, tokenizer.pad_token_id,
-                                   writer, run.root) if eval_urls else None)
+    evaluator = (
+        PeriodicEvaluator(
+            cfg, {"held-out": eval_urls}, builder, transform, info, tokenizer.pad_token_id, writer, run.root
+        )
+        if eval_urls
+        else None
+    )
     keys_log = None
     if cfg.train.log_sample_keys:
         run.sample_keys.mkdir(parents=True, exist_ok=True)
@@ -238,7 +276,8 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                 save(done)
                 raise TrainingHalted(
                     f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (up to step {done}); "
-                    f"saved a checkpoint. Lower optim.lr, check the data, or raise train.max_bad_steps")
+                    f"saved a checkpoint. Lower optim.lr, check the data, or raise train.max_bad_steps"
+                )
         else:
             skipped_in_a_row = 0
             tokens = sum(int(mb["attention_mask"].sum()) for mb in micro)  # CPU tensors: no device sync
@@ -253,12 +292,19 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             totals = window.totals()
             n = max(window.steps, 1)
             ce_judgment, ce_interp = unweighted_parts(totals, alpha)
-            rec = {"step": done, "loss": totals["loss"] / n, "loss_judgment": ce_judgment / n,
-                   "loss_interpretation": ce_interp / n,
-                   "lr": lr_used[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "samples_per_s": totals["samples"] / window.seconds,
-                   "tokens_per_s": totals["tokens"] / window.seconds, "data_wait_frac": window.wait_s / window.seconds,
-                   "skipped_steps": skipped_steps, "skipped_samples": skipped_counts(stream_state)}
+            rec = {
+                "step": done,
+                "loss": totals["loss"] / n,
+                "loss_judgment": ce_judgment / n,
+                "loss_interpretation": ce_interp / n,
+                "lr": lr_used[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "samples_per_s": totals["samples"] / window.seconds,
+                "tokens_per_s": totals["tokens"] / window.seconds,
+                "data_wait_frac": window.wait_s / window.seconds,
+                "skipped_steps": skipped_steps,
+                "skipped_samples": skipped_counts(stream_state),
+            }
             history.append(rec)
             lrs = {g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)}
             log_system_scalars(writer, done, info, dev, lrs=lrs)  # memory per rank (collective), lr per group
@@ -284,6 +330,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         result["eval"] = evaluator.run(engine, done, final=True)["held-out"]
     writer.close()
     if info.is_main:
-        run.train_result.write_text(json.dumps(
-            {"history": history, "eval": result["eval"].as_dict() if "eval" in result else None}, indent=2))
+        run.train_result.write_text(
+            json.dumps({"history": history, "eval": result["eval"].as_dict() if "eval" in result else None}, indent=2)
+        )
     return result

@@ -1,5 +1,6 @@
 """The ablation grid: variants and their overrides, skipping what a protocol cannot compare, the
 table in the paper's ablation layout, and the plain LM loss of the L-LM ablation."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,11 @@ def protocol(small_shards, tmp_path):
     d = {k: str(v) for k, v in small_shards.items()}
     path = tmp_path / "proto.yaml"
     path.write_text(
-        f"data:\n  train_shards: [{d['domain_a']}, {d['domain_b']}, {d['domain_c']}]\n  eval_shards: [{d['domain_d']}]\n"
+        f"data:\n  train_shards: [{d['domain_a']}, {d['domain_b']}, {d['domain_c']}]\n"
+        f"  eval_shards: [{d['domain_d']}]\n"
         "  num_workers: 0\nmodel:\n  projector_merge: 2\ntrain:\n  micro_batch_size: 4\n  log_every: 1\n"
-        "  save_every: 100\neval:\n  batch_size: 16\noptim:\n  warmup_steps: 1\n")
+        "  save_every: 100\neval:\n  batch_size: 16\noptim:\n  warmup_steps: 1\n"
+    )
     return path
 
 
@@ -73,8 +76,10 @@ def test_table_layout_with_paper_figure_and_seed_spread():
     ]
     md, data = ablation_table(variants, outcomes, "template")
     lines = md.splitlines()
-    assert lines[0] == ("| variant | GAC | L-LM | captions | held-out HTER % | held-out AUC % | "
-                        "paper HTER/AUC (One to Eleven avg) | note |")
+    assert lines[0] == (
+        "| variant | GAC | L-LM | captions | held-out HTER % | held-out AUC % | "
+        "paper HTER/AUC (One to Eleven avg) | note |"
+    )
     assert lines[2] == "| full | ✓ | ✓ | template | 15.00 ± 7.07 | 90.00 ± 7.07 | 11.30/93.71 | 2 seed(s) |"
     assert lines[3] == "| no_gac | ✗ | ✓ | template | 30.00 | 75.00 | - | 1 seed(s) |"
     assert lines[4] == "| plain_lm | ✓ | ✗ | template | - | - | - | exit 1; see log |"

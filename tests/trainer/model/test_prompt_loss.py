@@ -1,4 +1,5 @@
 """Prompt/label masks and the lopsided LM loss against hand-computed values."""
+
 import math
 
 import pytest
@@ -11,10 +12,14 @@ from trainer.model.tokenizer import IMAGE_TOKEN
 
 def test_loss_hand_computed():
     ln = math.log
-    logits = torch.tensor([[0.0, 0.0, 0.0],         # judgment, target 0: CE = ln 3
-                           [ln(4), 0.0, 0.0],       # interpretation, target 0: CE = ln(6/4)
-                           [ln(4), 0.0, 0.0],       # interpretation, target 1: CE = ln 6
-                           [5.0, -3.0, 1.0]])       # unsupervised
+    logits = torch.tensor(
+        [
+            [0.0, 0.0, 0.0],  # judgment, target 0: CE = ln 3
+            [ln(4), 0.0, 0.0],  # interpretation, target 0: CE = ln(6/4)
+            [ln(4), 0.0, 0.0],  # interpretation, target 1: CE = ln 6
+            [5.0, -3.0, 1.0],
+        ]
+    )  # unsupervised
     targets = torch.tensor([0, 0, 1, IGNORE_INDEX])
     groups = torch.tensor([JUDGMENT, INTERPRETATION, INTERPRETATION, UNSUPERVISED])
     parts = lopsided_lm_loss(logits, targets, groups, alpha=0.7)
@@ -51,10 +56,12 @@ def test_prompt_masks(demo_tokenizer):
         assert enc.score_position == n_prompt - 1
         assert enc.labels[n_prompt] == tok.convert_tokens_to_ids(word) == enc.input_ids[n_prompt]
         assert enc.label_groups[n_prompt] == JUDGMENT
-        assert set(enc.label_groups[n_prompt + 1:]) == {INTERPRETATION}
+        assert set(enc.label_groups[n_prompt + 1 :]) == {INTERPRETATION}
         assert enc.labels[-1] == tok.eos_token_id
-        assert tok.decode(enc.labels[n_prompt + 1:], skip_special_tokens=True).startswith(".")
-    assert tok.decode(spoof.labels[len(builder.prompt_ids) + 1:], skip_special_tokens=True) == ". halftone dots on paper"
+        assert tok.decode(enc.labels[n_prompt + 1 :], skip_special_tokens=True).startswith(".")
+    assert (
+        tok.decode(spoof.labels[len(builder.prompt_ids) + 1 :], skip_special_tokens=True) == ". halftone dots on paper"
+    )
 
 
 def test_caption_truncated_to_max_length(demo_tokenizer):
@@ -66,7 +73,7 @@ def test_caption_truncated_to_max_length(demo_tokenizer):
 def test_judgment_only_answers(demo_tokenizer):
     builder = PromptBuilder(demo_tokenizer, num_image_tokens=5, max_length=64, answer_style="judgment")
     enc = builder.encode(True, "ignored caption")
-    assert enc.label_groups[len(builder.prompt_ids):] == [JUDGMENT, INTERPRETATION]  # "Yes" + EOS
+    assert enc.label_groups[len(builder.prompt_ids) :] == [JUDGMENT, INTERPRETATION]  # "Yes" + EOS
 
 
 def test_prompt_too_long_is_refused(demo_tokenizer):

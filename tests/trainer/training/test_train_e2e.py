@@ -1,5 +1,6 @@
 """The real stack end to end: 2 CPU ranks under DeepSpeed ZeRO-3 through launch/train.sh,
 checkpoint + exact resume, consolidated export, evaluation scores, TensorBoard event files."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,23 @@ from trainer.dist import free_port
 
 def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: bool = True):
     d = {k: str(v) for k, v in small_shards.items()}
-    args = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
-            f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
-            f"data.eval_shards=[{d['domain_d']}]", f"train.output_dir={out}", "train.micro_batch_size=4",
-            "train.log_every=1", "data.num_workers=0", "eval.batch_size=16", "optim.warmup_steps=2", *overrides]
+    args = [
+        DEEPSPEED,
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "launch/train.sh",
+        f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
+        f"data.eval_shards=[{d['domain_d']}]",
+        f"train.output_dir={out}",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "data.num_workers=0",
+        "eval.batch_size=16",
+        "optim.warmup_steps=2",
+        *overrides,
+    ]
     proc = subprocess.run(args, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -30,8 +44,7 @@ def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: b
 @pytest.fixture(scope="module")
 def unbroken(small_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("unbroken")
-    proc = run_train(small_shards, out, "train.max_steps=6", "train.save_every=3", "eval.every=2",
-                     "train.keep_last=1")
+    proc = run_train(small_shards, out, "train.max_steps=6", "train.save_every=3", "eval.every=2", "train.keep_last=1")
     return out, proc
 
 
@@ -73,8 +86,14 @@ def test_resume_matches_unbroken_run(unbroken, small_shards, tmp_path):
 def test_fused_loss_under_zero3_matches_reference(unbroken, small_shards, tmp_path):
     """The fused LM-head loss reads lm_head.weight, a ZeRO-3 shard outside its module's forward."""
     out, _ = unbroken
-    run_train(small_shards, tmp_path, "train.max_steps=6", "train.save_every=6", "model.fused_kernels=true",
-              "eval.at_end=false")
+    run_train(
+        small_shards,
+        tmp_path,
+        "train.max_steps=6",
+        "train.save_every=6",
+        "model.fused_kernels=true",
+        "eval.at_end=false",
+    )
     expected = history(out)
     for step, loss in history(tmp_path).items():
         assert loss == pytest.approx(expected[step], rel=1e-5), step
@@ -101,12 +120,22 @@ def test_export_loads_and_gives_the_same_scores(unbroken, exported, small_shards
     expected = json.loads((out / "eval_scores.json").read_text())["held-out"]
     builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
-    stream = ShardStream(resolve_shards([str(small_shards["domain_d"])]), builder, transform, rank=0, world_size=1,
-                         batch_size=16, train=False, with_answers=False)
+    stream = ShardStream(
+        resolve_shards([str(small_shards["domain_d"])]),
+        builder,
+        transform,
+        rank=0,
+        world_size=1,
+        batch_size=16,
+        train=False,
+        with_answers=False,
+    )
     got = {}
     with torch.no_grad():
         for batch in make_loader(stream, tok.pad_token_id):
-            scores = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "score_positions")}).scores
+            scores = model(
+                **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "score_positions")}
+            ).scores
             got.update(zip(batch["keys"], scores.tolist()))
     assert got.keys() == expected.keys()
     for key, score in got.items():
@@ -119,8 +148,17 @@ def test_tensorboard_event_files_hold_the_curves(unbroken):
     out, _ = unbroken
     events = tensorboard_events(out / "tb")
     tags = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/loss_judgment", "train/loss_interpretation", "train/lr", "train/grad_norm",
-                "train/samples_per_s", "train/tokens_per_s", "eval/held-out/hter", "eval/held-out/auc"):
+    for tag in (
+        "train/loss",
+        "train/loss_judgment",
+        "train/loss_interpretation",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/tokens_per_s",
+        "eval/held-out/hter",
+        "eval/held-out/auc",
+    ):
         assert tag in tags, tag
     losses = events.Scalars("train/loss")
     assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
@@ -139,8 +177,14 @@ def test_tensorboard_event_files_hold_the_curves(unbroken):
 )
 def test_bad_input_stops_before_any_rank_starts(override, needle, tmp_path):
     env = launch_env(PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "launch/train.sh", f"train.output_dir={tmp_path}", override], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "launch/train.sh", f"train.output_dir={tmp_path}", override],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ifas-train: error:")]
     assert len(errors) == 1 and needle in errors[0]
@@ -159,8 +203,12 @@ def test_empty_shard_set_and_bad_tokenizer_are_refused(tmp_path, capsys, demo_to
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.train_from_iterator(["x y"], trainers.BpeTrainer(vocab_size=260, special_tokens=["<eos>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.train_from_iterator(
+        ["x y"],
+        trainers.BpeTrainer(
+            vocab_size=260, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>").save_pretrained(tmp_path / "tok")
     shards = tmp_path / "shards"
     shards.mkdir()
