@@ -233,7 +233,7 @@ def overrides(small_shards, out: Path, steps: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_simulated_nodes_train_like_one_node_with_two_ranks(small_shards, tmp_path):
-    from test_train_e2e import run_train
+    from tests.trainer.training.test_train_e2e import run_train
 
     steps = 4
     slurm_out, ref_out = tmp_path / "slurm", tmp_path / "single"

@@ -118,7 +118,7 @@ def test_mismatched_weights_are_refused_with_the_name(tmp_path):
 
 
 def zero3_run(small_shards, tmp_path_factory):
-    from test_train_e2e import run_train
+    from tests.trainer.training.test_train_e2e import run_train
 
     out = tmp_path_factory.mktemp("export_run")
     run_train(small_shards, out, "train.max_steps=3", "train.save_every=3", "eval.at_end=false")
