@@ -17,7 +17,6 @@ model and data):
 Writes JSON and replaces the ``## Trainer`` section of BENCHMARKS.md. Each world size runs as
 ``deepspeed --num_gpus N --module trainer.bench --worker``.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -46,27 +45,17 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 # ----- measurements inside one rank -----
 
-
 def _zero3_bytes(engine) -> dict[str, int]:
     """Bytes this rank holds for parameters (its partition + persistent ones), fp32 gradient and
     master partitions, and optimizer states."""
     opt = engine.optimizer
     params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in engine.module.parameters())
     master = sum(t.numel() * t.element_size() for t in getattr(opt, "fp32_partitioned_groups_flat", []))
-    states = sum(
-        v.numel() * v.element_size()
-        for s in opt.optimizer.state.values()
-        for v in s.values()
-        if torch.is_tensor(v) and v.dim() > 0
-    )
+    states = sum(v.numel() * v.element_size() for s in opt.optimizer.state.values() for v in s.values()
+                 if torch.is_tensor(v) and v.dim() > 0)
     grads = master  # ZeRO-3 keeps one fp32 gradient partition the size of the master partition
-    return {
-        "params": params,
-        "grads": grads,
-        "master": master,
-        "optimizer_states": states,
-        "total": params + grads + master + states,
-    }
+    return {"params": params, "grads": grads, "master": master, "optimizer_states": states,
+            "total": params + grads + master + states}
 
 
 def _matmul_peak(dev: torch.device) -> float:
@@ -84,7 +73,7 @@ def _matmul_peak(dev: torch.device) -> float:
         a @ b
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -169,31 +158,20 @@ def worker(args: argparse.Namespace) -> None:
     peak = _matmul_peak(dev)
 
     rank_result = {
-        "step_s": step_s,
-        "bare_step_s": bare_s,
-        "data_wait_frac": wait / step_time,
+        "step_s": step_s, "bare_step_s": bare_s, "data_wait_frac": wait / step_time,
         "phases_s": {k: v / args.steps for k, v in timer.seconds.items()},
-        "phased_step_s": phased_time / args.steps,
-        "loader_samples_per_s": delivered,
-        "consumed_samples_per_s": gas * mbs / step_s,
-        "zero3_bytes": _zero3_bytes(engine),
-        "flops_per_sample": flops_per_sample,
-        "matmul_peak_flops": peak,
-        "seq_len": seq,
+        "phased_step_s": phased_time / args.steps, "loader_samples_per_s": delivered,
+        "consumed_samples_per_s": gas * mbs / step_s, "zero3_bytes": _zero3_bytes(engine),
+        "flops_per_sample": flops_per_sample, "matmul_peak_flops": peak, "seq_len": seq,
     }
     results = gather_objects(rank_result, info)
     tokens = all_reduce_sum(torch.tensor([float(sum(mb["attention_mask"].sum() for mb in flat))])).item()
     if info.is_main:
         slowest = max(r["step_s"] for r in results)
         summary = {
-            "world_size": world,
-            "micro_batch_size": mbs,
-            "grad_accum": gas,
-            "steps": args.steps,
-            "params": sum(p.numel() for p in bare_model.parameters()),
-            "device": str(dev),
-            "step_s": slowest,
-            "bare_step_s": max(r["bare_step_s"] for r in results),
+            "world_size": world, "micro_batch_size": mbs, "grad_accum": gas, "steps": args.steps,
+            "params": sum(p.numel() for p in bare_model.parameters()), "device": str(dev),
+            "step_s": slowest, "bare_step_s": max(r["bare_step_s"] for r in results),
             "samples_per_s": world * gas * mbs / slowest,
             "tokens_per_s": tokens / (slowest * args.steps),
             "per_rank": results,
@@ -214,48 +192,20 @@ def worker(args: argparse.Namespace) -> None:
 
 # ----- the driver -----
 
-
 def _ensure_data(data_dir: Path) -> Path:
     """Three synthetic domains for the benchmark, made by ``ifas-shards synth`` unless already there."""
     if not (data_dir / "domain_c" / "manifest.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "shards.cli",
-                "synth",
-                "--out",
-                str(data_dir),
-                "--samples-per-domain",
-                "400",
-                "--domains",
-                "domain_a",
-                "domain_b",
-                "domain_c",
-                "--overwrite",
-                "--workers",
-                "2",
-            ],
-            cwd=ROOT,
-            check=True,
-        )
+        subprocess.run([sys.executable, "-m", "shards.cli", "synth", "--out", str(data_dir), "--samples-per-domain",
+                        "400", "--domains", "domain_a", "domain_b", "domain_c", "--overwrite", "--workers", "2"],
+                       cwd=ROOT, check=True)
     return data_dir
 
 
-def scaling_table(
-    per_rank_step_s: float,
-    flops_per_sample: float,
-    mfu: float = 0.45,
-    peak: float = 989e12,
-    nvlink_gbs: float = 450.0,
-    ib_gbs: float = 50.0,
-) -> str:
+def scaling_table(per_rank_step_s: float, flops_per_sample: float, mfu: float = 0.45,
+                  peak: float = 989e12, nvlink_gbs: float = 450.0, ib_gbs: float = 50.0) -> str:
     """Memory per GPU and step time on paper for 2B/8B full fine-tunes on 8/64 GPUs (ZeRO-3, bf16)."""
-    rows = [
-        "| params | GPUs | ZeRO-3 model states / GPU | activations (ckpt) / GPU | compute / step | "
-        "ZeRO comm / step | suggested settings |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = ["| params | GPUs | ZeRO-3 model states / GPU | activations (ckpt) / GPU | compute / step | "
+            "ZeRO comm / step | suggested settings |", "|---|---|---|---|---|---|---|"]
     tokens_per_gpu = 8 * 2048  # 8 samples x 2048 tokens per GPU per step (448 px image + answer)
     for params in (2e9, 8e9):
         for gpus in (8, 64):
@@ -265,16 +215,11 @@ def scaling_table(
             compute = 6 * params * tokens_per_gpu / (peak * mfu)
             bw = nvlink_gbs if gpus <= 8 else ib_gbs
             comm = 3 * 2 * params * (gpus - 1) / gpus / (bw * 1e9)  # 2 all-gathers + 1 reduce-scatter, bf16
-            advice = (
-                "defaults"
-                if params < 4e9 and gpus <= 8
-                else "overlap_comm true, stage3_prefetch_bucket_size 5e8, reduce_bucket_size 5e8"
-                + ("; hpZ (zero_hpz_partition_size 8) to keep all-gathers on NVLink" if gpus > 8 else "")
-            )
-            rows.append(
-                f"| {params / 1e9:.0f}B | {gpus} | {states / 2**30:.1f} GiB | {acts / 2**30:.1f} GiB | "
-                f"{compute:.2f} s | {comm:.2f} s | {advice} |"
-            )
+            advice = ("defaults" if params < 4e9 and gpus <= 8 else
+                      "overlap_comm true, stage3_prefetch_bucket_size 5e8, reduce_bucket_size 5e8"
+                      + ("; hpZ (zero_hpz_partition_size 8) to keep all-gathers on NVLink" if gpus > 8 else ""))
+            rows.append(f"| {params / 1e9:.0f}B | {gpus} | {states / 2**30:.1f} GiB | {acts / 2**30:.1f} GiB | "
+                        f"{compute:.2f} s | {comm:.2f} s | {advice} |")
     return "\n".join(rows)
 
 
@@ -289,17 +234,15 @@ def _section(results: list[dict[str, Any]], command: str) -> str:
     import transformers
 
     lines = [
-        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        f"Machine: {cpu}, {os.cpu_count()} cores; device {results[0]['device']}"
-        f"{' (' + results[0]['gpu'] + ')' if 'gpu' in results[0] else ''}. torch {torch.__version__}, "
-        f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}. Model: the demo's tiny "
-        f"I-FAS ({results[0]['params'] / 1e6:.2f}M parameters), micro-batch {results[0]['micro_batch_size']} "
-        f"per rank, ZeRO-3 (`launch/ds_zero3.json`), one rank per core, OMP_NUM_THREADS=1.",
-        "",
-        "| world size | step (s) | bare step (s) | trainer / bare | samples/s | tokens/s | data wait | "
-        "loader / consumed | fwd / bwd / opt+comm (s) | model FLOP/s per rank | vs matmul peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+             f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             f"Machine: {cpu}, {os.cpu_count()} cores; device {results[0]['device']}"
+             f"{' (' + results[0]['gpu'] + ')' if 'gpu' in results[0] else ''}. torch {torch.__version__}, "
+             f"deepspeed {deepspeed.__version__}, transformers {transformers.__version__}. Model: the demo's tiny "
+             f"I-FAS ({results[0]['params'] / 1e6:.2f}M parameters), micro-batch {results[0]['micro_batch_size']} "
+             f"per rank, ZeRO-3 (`launch/ds_zero3.json`), one rank per core, OMP_NUM_THREADS=1.", "",
+             "| world size | step (s) | bare step (s) | trainer / bare | samples/s | tokens/s | data wait | "
+             "loader / consumed | fwd / bwd / opt+comm (s) | model FLOP/s per rank | vs matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ws, r in sorted(by_ws.items()):
         ph = r["per_rank"][0]["phases_s"]
         lines.append(
@@ -307,65 +250,48 @@ def _section(results: list[dict[str, Any]], command: str) -> str:
             f"{r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['data_wait_frac']:.1f}% | "
             f"{r['data_headroom']:.1f}x | {ph.get('forward', 0):.3f} / {ph.get('backward', 0):.3f} / "
             f"{ph.get('optimizer_step', 0) + ph.get('comm_counts', 0):.3f} | "
-            f"{r['achieved_flops_per_rank'] / 1e9:.1f} GFLOP/s | {100 * r['mfu_vs_matmul_peak']:.1f}% |"
-        )
+            f"{r['achieved_flops_per_rank'] / 1e9:.1f} GFLOP/s | {100 * r['mfu_vs_matmul_peak']:.1f}% |")
     mem = {ws: r["per_rank"][0]["zero3_bytes"]["total"] for ws, r in by_ws.items()}
-    lines += [
-        "",
-        "ZeRO-3 model-state bytes per rank (params + grads + fp32 master + optimizer states): "
-        + ", ".join(f"world size {ws}: {b / 2**20:.2f} MiB" for ws, b in sorted(mem.items())),
-    ]
+    lines += ["", "ZeRO-3 model-state bytes per rank (params + grads + fp32 master + optimizer states): " +
+              ", ".join(f"world size {ws}: {b / 2**20:.2f} MiB" for ws, b in sorted(mem.items()))]
     targets = []
     for ws, r in sorted(by_ws.items()):
-        targets.append(
-            ("trainer step <= 1.10x bare", ws, f"{r['efficiency_ratio']:.2f}x", r["efficiency_ratio"] <= 1.10)
-        )
+        targets.append(("trainer step <= 1.10x bare", ws, f"{r['efficiency_ratio']:.2f}x",
+                        r["efficiency_ratio"] <= 1.10))
         targets.append(("loader >= 3x consumed", ws, f"{r['data_headroom']:.1f}x", r["data_headroom"] >= 3))
-        targets.append(
-            ("data wait <= 2% of step", ws, f"{100 * r['data_wait_frac']:.1f}%", r["data_wait_frac"] <= 0.02)
-        )
+        targets.append(("data wait <= 2% of step", ws, f"{100 * r['data_wait_frac']:.1f}%",
+                        r["data_wait_frac"] <= 0.02))
     if 1 in mem and 2 in mem:
         ratio = mem[2] / mem[1]
         targets.append(("ZeRO-3 bytes per rank at ws 2 <= 0.55x ws 1", 2, f"{ratio:.2f}x", ratio <= 0.55))
     gpu_mfu = [r.get("mfu") for r in results if r.get("mfu") is not None]
     lines += ["", "| target | world size | measured | pass |", "|---|---|---|---|"]
     lines += [f"| {t} | {ws} | {v} | {'pass' if ok else 'FAIL'} |" for t, ws, v, ok in targets]
-    lines.append(
-        f"| MFU >= 45% (~1B MLLM, 448 px, one H200) | 1 | "
-        f"{f'{100 * gpu_mfu[0]:.1f}%' if gpu_mfu else 'not measured (no GPU in this run)'} | "
-        f"{('pass' if gpu_mfu[0] >= 0.45 else 'FAIL') if gpu_mfu else '-'} |"
-    )
+    lines.append(f"| MFU >= 45% (~1B MLLM, 448 px, one H200) | 1 | "
+                 f"{f'{100 * gpu_mfu[0]:.1f}%' if gpu_mfu else 'not measured (no GPU in this run)'} | "
+                 f"{('pass' if gpu_mfu[0] >= 0.45 else 'FAIL') if gpu_mfu else '-'} |")
     if any(not ok for t, _, _, ok in targets if t.startswith("trainer step")):
-        lines += [
-            "",
-            "Why the trainer/bare target fails here: with a model this small, ZeRO-3's per-submodule "
-            "fetch/release hooks (run on every module, every forward and backward, whatever its size) cost "
-            "about as much as the matmuls, and at world size 2 the two ranks also share two cores with the "
-            "gradient reduce-scatter. The hook cost does not grow with the model, so it fades on real model "
-            "sizes; DeepSpeed's leaf-module option (hooks per transformer layer) would cut it here but fails on "
-            "CPU in deepspeed 0.19.8 (its ZeRO-3 `zero_grad` calls `record_stream` on CPU gradients left by "
-            "leaf modules: RuntimeError 'unknown parameter type').",
-        ]
+        lines += ["", "Why the trainer/bare target fails here: with a model this small, ZeRO-3's per-submodule "
+                  "fetch/release hooks (run on every module, every forward and backward, whatever its size) cost "
+                  "about as much as the matmuls, and at world size 2 the two ranks also share two cores with the "
+                  "gradient reduce-scatter. The hook cost does not grow with the model, so it fades on real model "
+                  "sizes; DeepSpeed's leaf-module option (hooks per transformer layer) would cut it here but fails on "
+                  "CPU in deepspeed 0.19.8 (its ZeRO-3 `zero_grad` calls `record_stream` on CPU gradients left by "
+                  "leaf modules: RuntimeError 'unknown parameter type')."]
     first = by_ws[min(by_ws)]
-    lines += [
-        "",
-        "### Scaling on paper",
-        "",
-        "Assumptions: bf16 weights and gradients with fp32 master weights and AdamW moments "
-        "(16 bytes/parameter, partitioned over all GPUs by ZeRO-3); 8 samples x 2048 tokens per GPU per step; "
-        "activation checkpointing at layer boundaries (one bf16 hidden state per layer kept); "
-        "compute at the 45% MFU target of an H200 (989 TFLOP/s dense bf16); ZeRO-3 moves 3x the bf16 "
-        "parameters per step (all-gather in forward and backward, reduce-scatter of gradients) over "
-        "NVLink (~450 GB/s) within a node and InfiniBand (~50 GB/s per GPU) across nodes; communication "
-        "overlaps compute only with `overlap_comm` and prefetching on.",
-        "",
-        scaling_table(first["step_s"], first["per_rank"][0]["flops_per_sample"]),
-        "",
-        "Above 8 GPUs the all-gathers cross InfiniBand and approach the compute time at 8B: turn on "
-        "prefetching and overlap, raise bucket sizes, and consider hpZ/ZeRO++ (secondary partition per node). "
-        "Offload (`offload_optimizer`) is only worth it when the model states do not fit, e.g. 8B on one 8-GPU "
-        "node with long sequences.",
-    ]
+    lines += ["", "### Scaling on paper", "",
+              "Assumptions: bf16 weights and gradients with fp32 master weights and AdamW moments "
+              "(16 bytes/parameter, partitioned over all GPUs by ZeRO-3); 8 samples x 2048 tokens per GPU per step; "
+              "activation checkpointing at layer boundaries (one bf16 hidden state per layer kept); "
+              "compute at the 45% MFU target of an H200 (989 TFLOP/s dense bf16); ZeRO-3 moves 3x the bf16 "
+              "parameters per step (all-gather in forward and backward, reduce-scatter of gradients) over "
+              "NVLink (~450 GB/s) within a node and InfiniBand (~50 GB/s per GPU) across nodes; communication "
+              "overlaps compute only with `overlap_comm` and prefetching on.", "",
+              scaling_table(first["step_s"], first["per_rank"][0]["flops_per_sample"]), "",
+              "Above 8 GPUs the all-gathers cross InfiniBand and approach the compute time at 8B: turn on "
+              "prefetching and overlap, raise bucket sizes, and consider hpZ/ZeRO++ (secondary partition per node). "
+              "Offload (`offload_optimizer`) is only worth it when the model states do not fit, e.g. 8B on one 8-GPU "
+              "node with long sequences."]
     return "\n".join(lines)
 
 
@@ -395,31 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for ws in [int(w) for w in args.world_sizes.split(",")]:
             result = Path(tmp) / f"ws{ws}.json"
-            overrides = [
-                f"data.train_shards=[{data}/domain_a,{data}/domain_b,{data}/domain_c]",
-                f"train.output_dir={tmp}/run{ws}",
-                *args.overrides,
-            ]
+            overrides = [f"data.train_shards=[{data}/domain_a,{data}/domain_b,{data}/domain_c]",
+                         f"train.output_dir={tmp}/run{ws}", *args.overrides]
             deepspeed_bin = Path(sys.executable).parent / "deepspeed"
-            cmd = [
-                str(deepspeed_bin),
-                "--num_gpus",
-                str(ws),
-                "--master_port",
-                str(free_port()),
-                "--module",
-                "trainer.bench",
-                "--worker",
-                "--result",
-                str(result),
-                "--config",
-                args.config,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                *overrides,
-            ]
+            cmd = [str(deepspeed_bin), "--num_gpus", str(ws), "--master_port", str(free_port()), "--module",
+                   "trainer.bench", "--worker", "--result", str(result), "--config", args.config,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
             log.info("world size %d: %s", ws, " ".join(cmd))
             proc = subprocess.run(cmd, cwd=ROOT, env=env)
@@ -435,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_markdown:
         update_section(ROOT / "BENCHMARKS.md", "trainer", "Trainer", section)
     return 0
+
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ so a resumed run sees exactly the batches the unbroken run would have seen. Bad 
 (unreadable shard, corrupt tar, missing member, bad json, undecodable image) are skipped and
 counted once each, never fatal.
 """
-
 from __future__ import annotations
 
 import functools
@@ -39,29 +38,24 @@ from trainer.model.prompt import EncodedSample, PromptBuilder
 
 log = logging.getLogger(__name__)
 
-
 class ShardSetError(ValueError):
     """A shard set is missing or empty; the message names it and the fix."""
 
 
 # ----- resolving shard sets -----
 
-
 def resolve_shards(specs: list[str], what: str = "data.train_shards") -> list[str]:
     """Expand shard-set specs (a directory with manifest.json or *.tar, a glob, a brace pattern or
     a file) into a sorted list of tar paths; refuse missing or empty sets with a clear error."""
     if not specs:
-        raise ShardSetError(
-            f"{what} is empty: give at least one shard set (a directory of .tar shards, a glob "
-            f"or a brace pattern); the demo makes them with `ifas-shards synth`"
-        )
+        raise ShardSetError(f"{what} is empty: give at least one shard set (a directory of .tar shards, a glob "
+                            f"or a brace pattern); the demo makes them with `ifas-shards synth`")
     urls: list[str] = []
     for spec in specs:
         found = _resolve_one(spec, what)
         if not found:
-            raise ShardSetError(
-                f"{what}: shard set {spec!r} holds no .tar shards; rebuild it (ifas-shards) or fix the path"
-            )
+            raise ShardSetError(f"{what}: shard set {spec!r} holds no .tar shards; rebuild it (ifas-shards) or "
+                                "fix the path")
         urls.extend(found)
     return urls
 
@@ -76,9 +70,8 @@ def _resolve_one(spec: str, what: str) -> list[str]:
                 raise ShardSetError(f"{what}: {exc}; rebuild the shard set") from exc
             missing = [f for f in files if not Path(f).is_file()]
             if missing:
-                raise ShardSetError(
-                    f"{what}: {path / MANIFEST_NAME} lists {missing[0]} which does not exist; rebuild the shard set"
-                )
+                raise ShardSetError(f"{what}: {path / MANIFEST_NAME} lists {missing[0]} which does not exist; "
+                                    f"rebuild the shard set")
             return files
         return sorted(str(p) for p in path.glob("*.tar"))
     if any(c in spec for c in "{}"):
@@ -95,7 +88,6 @@ def _resolve_one(spec: str, what: str) -> list[str]:
 
 
 # ----- images -----
-
 
 class ImageTransform:
     """PIL image -> normalised float tensor [3, S, S] for the vision encoder."""
@@ -146,14 +138,9 @@ def decode_sample(raw: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
 
 def _sample_tensors(enc: EncodedSample, pixels: torch.Tensor, meta: dict[str, Any], key: str) -> dict[str, Any]:
     return {
-        "input_ids": enc.input_ids,
-        "labels": enc.labels,
-        "label_groups": enc.label_groups,
-        "score_position": enc.score_position,
-        "pixel_values": pixels,
-        "live": int(is_live(meta)),
-        "key": key,
-        "meta": meta,
+        "input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
+        "score_position": enc.score_position, "pixel_values": pixels,
+        "live": int(is_live(meta)), "key": key, "meta": meta,
     }
 
 
@@ -168,9 +155,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
     batch = {
         "input_ids": pad("input_ids", pad_id),
-        "attention_mask": torch.tensor(
-            [[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples], dtype=torch.long
-        ),
+        "attention_mask": torch.tensor([[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"]))
+                                        for s in samples], dtype=torch.long),
         "labels": pad("labels", IGNORE_INDEX),
         "label_groups": pad("label_groups", UNSUPERVISED),
         "score_positions": torch.tensor([s["score_position"] for s in samples], dtype=torch.long),
@@ -185,7 +171,6 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 # ----- the stream -----
-
 
 @dataclass
 class StreamState:
@@ -210,20 +195,14 @@ class StreamState:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "consumed_batches": self.consumed_batches,
-            "raw_consumed": dict(self.raw_consumed),
-            "skipped": {k: dict(v) for k, v in self.skipped.items()},
-        }
+        return {"consumed_batches": self.consumed_batches, "raw_consumed": dict(self.raw_consumed),
+                "skipped": {k: dict(v) for k, v in self.skipped.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "StreamState":
         # JSON/pickle round trips may turn int keys into strings.
-        return cls(
-            int(state["consumed_batches"]),
-            {int(k): int(v) for k, v in state["raw_consumed"].items()},
-            {int(k): dict(v) for k, v in state.get("skipped", {}).items()},
-        )
+        return cls(int(state["consumed_batches"]), {int(k): int(v) for k, v in state["raw_consumed"].items()},
+                   {int(k): dict(v) for k, v in state.get("skipped", {}).items()})
 
 
 class _Reader:
@@ -256,9 +235,8 @@ class _Reader:
                 self.count("unreadable_shard" if unreadable else "corrupt_tar", str(exc))
             return True  # keep going with the next member / shard
 
-        yield from wds.WebDataset(
-            urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False, handler=handler
-        )
+        yield from wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                  empty_check=False, handler=handler)
 
 
 class ShardStream(IterableDataset):
@@ -269,23 +247,10 @@ class ShardStream(IterableDataset):
     for evaluation.
     """
 
-    def __init__(
-        self,
-        urls: list[str],
-        builder: PromptBuilder,
-        transform: ImageTransform,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        seed: int = 0,
-        shuffle_buffer: int = 512,
-        train: bool = True,
-        with_answers: bool = True,
-        resume: StreamState | None = None,
-        num_workers: int = 0,
-        caption_source: str = "shards",
-    ) -> None:
+    def __init__(self, urls: list[str], builder: PromptBuilder, transform: ImageTransform, *, rank: int,
+                 world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
+                 with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0,
+                 caption_source: str = "shards") -> None:
         super().__init__()
         self.caption_source = caption_source  # shards | template (config.DataConfig.caption_source)
         self.urls, self.builder, self.transform = urls, builder, transform
@@ -349,11 +314,8 @@ class ShardStream(IterableDataset):
                 reader.count(exc.reason, str(exc))
                 continue
             if self.with_answers:
-                caption = (
-                    meta.get("caption", "")
-                    if self.caption_source == "shards"
-                    else template_caption(meta.get("attack", "none"), raw["__key__"])
-                )
+                caption = (meta.get("caption", "") if self.caption_source == "shards"
+                           else template_caption(meta.get("attack", "none"), raw["__key__"]))
                 enc = self.builder.encode(is_live(meta), caption)
             else:
                 enc = self.builder.encode_prompt()
@@ -372,12 +334,8 @@ _SAMPLE_FIELDS = ("score_positions", "live")  # [B] each
 def _collate_packed(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = collate(samples, pad_id)
     b, s = batch["input_ids"].shape
-    batch["packed_ints"] = torch.cat(
-        [
-            torch.stack([batch.pop(k) for k in _TOKEN_FIELDS]).view(-1),
-            torch.stack([batch.pop(k) for k in _SAMPLE_FIELDS]).view(-1),
-        ]
-    )
+    batch["packed_ints"] = torch.cat([torch.stack([batch.pop(k) for k in _TOKEN_FIELDS]).view(-1),
+                                      torch.stack([batch.pop(k) for k in _SAMPLE_FIELDS]).view(-1)])
     batch["packed_shape"] = (b, s)
     return batch
 
@@ -385,8 +343,8 @@ def _collate_packed(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any
 def _unpack(batch: dict[str, Any]) -> dict[str, Any]:
     ints = batch.pop("packed_ints")
     b, s = batch.pop("packed_shape")
-    batch.update(zip(_TOKEN_FIELDS, ints[: 4 * b * s].view(4, b, s)))
-    batch.update(zip(_SAMPLE_FIELDS, ints[4 * b * s :].view(2, b)))
+    batch.update(zip(_TOKEN_FIELDS, ints[:4 * b * s].view(4, b, s)))
+    batch.update(zip(_SAMPLE_FIELDS, ints[4 * b * s:].view(2, b)))
     return batch
 
 
@@ -395,15 +353,10 @@ class BatchLoader:
 
     def __init__(self, stream: ShardStream, pad_id: int) -> None:
         # Pinned host memory lets the copy to the GPU overlap compute (model_inputs uses non_blocking).
-        self.loader = DataLoader(
-            stream,
-            batch_size=stream.batch_size,
-            num_workers=stream.num_workers,
-            collate_fn=functools.partial(_collate_packed, pad_id=pad_id),
-            drop_last=stream.train,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if stream.num_workers > 0 else None,
-        )
+        self.loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=stream.num_workers,
+                                 collate_fn=functools.partial(_collate_packed, pad_id=pad_id), drop_last=stream.train,
+                                 pin_memory=torch.cuda.is_available(),
+                                 prefetch_factor=4 if stream.num_workers > 0 else None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return map(_unpack, self.loader)
