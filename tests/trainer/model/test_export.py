@@ -117,6 +117,10 @@ def test_mismatched_weights_are_refused_with_the_name(tmp_path):
         load_weights(tiny_model(tied=False), tmp_path)
 
 
+# ----- a real ZeRO-3 checkpoint (2 CPU ranks) -----
+
+
+@pytest.fixture(scope="module")
 def zero3_run(small_shards, tmp_path_factory):
     from tests.trainer.training.test_train_e2e import run_train
 
