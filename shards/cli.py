@@ -1,10 +1,11 @@
 """``ifas-shards``: generate synthetic shard sets, verify shard sets, print their statistics.
 
-ifas-shards synth --out data/synth [--samples-per-domain 1000] [--seed 0] [--domains domain_a ...]
-ifas-shards verify data/synth/domain_a data/synth/domain_b
-ifas-shards stats data/synth/*
-ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
-ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train --captioner /models/llava
+    ifas-shards synth --out data/synth [--samples-per-domain 1000] [--seed 0] [--domains domain_a ...]
+    ifas-shards verify data/synth/domain_a data/synth/domain_b
+    ifas-shards stats data/synth/*
+    ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
+    ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train \
+        --captioner /models/llava
 """
 
 from __future__ import annotations
