@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for ws in [int(w) for w in args.world_sizes.split(",")]:
             result = Path(tmp) / f"ws{ws}.json"
-            overrides = [f"data.train_shards=[{data}/domain_a,{data}/domain_b,{data}/domain_c]",
+            domains = f"[{data}/domain_a,{data}/domain_b,{data}/domain_c]"
+            overrides = [f"data.train_shards={domains}", f"eval.dev_shards={domains}",
                          f"train.output_dir={tmp}/run{ws}", *args.overrides]
             deepspeed_bin = Path(sys.executable).parent / "deepspeed"
             cmd = [str(deepspeed_bin), "--num_gpus", str(ws), "--master_port", str(free_port()), "--module",

@@ -250,8 +250,11 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], builder: PromptBuilder, transform: ImageTransform, *, rank: int,
                  world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
                  with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0,
-                 caption_source: str = "shards") -> None:
+                 caption_source: str = "shards", held_out: tuple[str, frozenset[str]] | None = None) -> None:
         super().__init__()
+        # (split, shards): training never sees that split's samples in those shards, which fix the
+        # decision threshold instead (eval.dev_shards; docs/architecture.md, "Thresholds").
+        self.held_out = held_out
         self.caption_source = caption_source  # shards | template (config.DataConfig.caption_source)
         self.urls, self.builder, self.transform = urls, builder, transform
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -292,6 +295,12 @@ class ShardStream(IterableDataset):
             epoch += 1
             reader.counting = False
 
+    def _is_held_out(self, raw: dict[str, Any], meta: dict[str, Any]) -> bool:
+        if self.held_out is None:
+            return False
+        split, shards = self.held_out
+        return raw.get("__url__") in shards and (not split or meta.get("split") == split)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         readers = max(self.num_workers, 1)
@@ -312,6 +321,8 @@ class ShardStream(IterableDataset):
                 image, meta = decode_sample(raw)
             except BadSample as exc:
                 reader.count(exc.reason, str(exc))
+                continue
+            if self._is_held_out(raw, meta):
                 continue
             if self.with_answers:
                 caption = (meta.get("caption", "") if self.caption_source == "shards"

@@ -225,7 +225,7 @@ def overrides(small_shards, out: Path, steps: int) -> list[str]:
     """The same run as tests/trainer/training/test_train_e2e.py's run_train, without evaluation."""
     d = {k: str(v) for k, v in small_shards.items()}
     return [f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
-            f"data.eval_shards=[{d['domain_d']}]", f"train.output_dir={out}",
+            f"data.eval_shards=[{d['domain_d']}]", f"eval.dev_shards=[{d['domain_c']}]", f"train.output_dir={out}",
             "train.micro_batch_size=4", "train.log_every=1", "data.num_workers=0", "optim.warmup_steps=2",
             f"train.max_steps={steps}", f"train.save_every={steps}", "eval.at_end=false"]
 

@@ -155,3 +155,40 @@ def test_batches_are_the_same_through_a_worker(small_shards, builder):
     for name, value in reference.items():
         if torch.is_tensor(value):
             assert torch.equal(value, loaded[name]), name
+
+
+def test_dev_split_of_training_shards_is_held_out_of_training(small_shards, builder):
+    """eval.dev_shards that are also training shards: their `val` samples never reach training
+    (they fix the deployable threshold), every other sample still does."""
+    from trainer.config import RunConfig
+    from trainer.training.inputs import held_out_dev
+
+    a, b = small_shards["domain_a"], small_shards["domain_b"]
+    cfg = RunConfig()
+    cfg.data.train_shards, cfg.eval.dev_shards = [str(a), str(b)], [f"{a}/"]  # the same set, spelt differently
+    urls = resolve_shards(cfg.data.train_shards)
+    held = held_out_dev(cfg, urls)
+    assert held is not None and held[0] == "val" and held[1] == frozenset(resolve_shards([str(a)]))
+    everything = {r["__key__"]: (r["__url__"], json.loads(r["json"])["split"])
+                  for r in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
+    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1, batch_size=8,
+                    shuffle_buffer=8, held_out=held)
+    seen = set(itertools.chain(*keys_of(make_loader(s, builder.tokenizer.pad_token_id), 40)))  # > 3 passes
+    held_keys = {k for k, (url, split) in everything.items() if url in held[1] and split == "val"}
+    kept_val = {k for k, (url, split) in everything.items() if url not in held[1] and split == "val"}
+    assert held_keys and kept_val  # both kinds exist in the synthetic shards
+    assert seen == set(everything) - held_keys
+    cfg.eval.dev_shards = []
+    assert held_out_dev(cfg, urls) is None
+
+
+def test_dev_shards_that_leave_nothing_to_train_on_are_refused(small_shards):
+    from trainer.config import ConfigError, RunConfig
+    from trainer.training.inputs import check_inputs
+
+    cfg = RunConfig()
+    cfg.data.train_shards = cfg.eval.dev_shards = [str(small_shards["domain_a"])]
+    check_inputs(cfg)  # the val split held out: the train split is left
+    cfg.eval.dev_split = ""
+    with pytest.raises(ConfigError, match="nothing is left to train on"):
+        check_inputs(cfg)

@@ -3,6 +3,7 @@ tokenizer (``ifas-train --check`` runs exactly this)."""
 from __future__ import annotations
 
 import json
+import os
 
 from trainer.config import ConfigError, RunConfig
 from trainer.data import resolve_shards
@@ -43,8 +44,10 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     (The tokenizer is checked by prepare_tokenizer, also before any rank starts work.)"""
     train_urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
     eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
-    if cfg.eval.dev_shards:
-        resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")
+    held = held_out_dev(cfg, train_urls)
+    if held and not held[0] and held[1] == frozenset(train_urls):
+        raise ConfigError("eval.dev_shards holds every training shard and eval.dev_split is empty, so nothing is left "
+                          "to train on; set eval.dev_split to the dev samples' split (e.g. val) or other dev shards")
     ds_path = deepspeed_config_path(cfg)
     if not ds_path.is_file():
         raise ConfigError(f"train.deepspeed_config {ds_path} does not exist; use launch/ds_zero3.json or a copy of it")
@@ -53,3 +56,13 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     except ValueError as exc:
         raise ConfigError(f"train.deepspeed_config {ds_path} is not valid JSON: {exc}") from exc
     return train_urls, eval_urls
+
+
+def held_out_dev(cfg: RunConfig, train_urls: list[str]) -> tuple[str, frozenset[str]] | None:
+    """(split, training shards) whose samples of that split are the dev samples (eval.dev_shards,
+    eval.dev_split; "" = all): training skips them (docs/architecture.md, "Thresholds")."""
+    if not cfg.eval.dev_shards:
+        return None
+    dev = {os.path.realpath(u) for u in resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")}
+    shared = frozenset(u for u in train_urls if os.path.realpath(u) in dev)
+    return (cfg.eval.dev_split, shared) if shared else None

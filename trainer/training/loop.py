@@ -29,6 +29,7 @@ from trainer.model.prompt import PromptBuilder
 from trainer.run_dir import RunDir, tag_for
 from trainer.training.checkpoint import Checkpointer
 from trainer.training.engine import build_engine
+from trainer.training.inputs import held_out_dev
 from trainer.training.timing import PhaseTimer, phase
 
 log = logging.getLogger("ifas.train")
@@ -176,6 +177,10 @@ def training_batches(
         tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt
     )
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
+    held_out = held_out_dev(cfg, train_urls)
+    if held_out and info.is_main:
+        log.info("training skips %s of %d training shard(s): eval.dev_shards holds them out to fix the threshold",
+                 f"the split={held_out[0]!r} samples" if held_out[0] else "every sample", len(held_out[1]))
     stream = ShardStream(
         train_urls,
         builder,
@@ -188,6 +193,7 @@ def training_batches(
         resume=state,
         num_workers=cfg.data.num_workers,
         caption_source=cfg.data.caption_source,
+        held_out=held_out,
     )
     return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
 

@@ -27,6 +27,7 @@ def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: b
         "launch/train.sh",
         f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
         f"data.eval_shards=[{d['domain_d']}]",
+        f"eval.dev_shards=[{d['domain_c']}]",  # val samples: held out, fix the threshold
         f"train.output_dir={out}",
         "train.micro_batch_size=4",
         "train.log_every=1",
@@ -58,6 +59,11 @@ def test_two_rank_zero3_run_trains_and_evaluates(unbroken):
     assert "| held-out |" in proc.stdout  # the metrics table is printed
     metrics = json.loads((out / "eval_metrics.json").read_text())["held-out"]
     assert metrics["num_live"] + metrics["num_spoof"] == 48  # every held-out sample, once, over 2 ranks
+    # both HTERs: at the test set's EER threshold and at the one fixed on domain_c's val samples
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert metrics["fixed_threshold"] == pytest.approx(calibration["threshold"])
+    assert 0.0 <= metrics["hter_fixed"] <= 1.0 and "HTER@fixed" in proc.stdout
+    assert "training skips the split='val' samples of 3 training shard(s)" in proc.stdout + proc.stderr
     # keep_last=1 keeps the last checkpoint, plus the best one by held-out HTER (periodic eval every 2 steps)
     best = json.loads((out / "best.json").read_text())
     assert best["step"] in (2, 4)
@@ -189,6 +195,24 @@ def test_bad_input_stops_before_any_rank_starts(override, needle, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ifas-train: error:")]
     assert len(errors) == 1 and needle in errors[0]
     assert "deepspeed.launcher" not in proc.stderr + proc.stdout  # no rank was ever started
+
+
+def test_check_through_bash_finds_the_venv_and_runs_one_process(small_shards, tmp_path):
+    """`bash launch/train.sh --check` with no venv on PATH and no PYTHON: the project's .venv runs
+    the check, once, in one process, and no DeepSpeed rank starts."""
+    if not (ROOT / ".venv" / "bin" / "python").is_file():
+        pytest.skip("no .venv in the checkout (make install creates it)")
+    d = {k: str(v) for k, v in small_shards.items()}
+    env = {k: v for k, v in launch_env().items() if k not in ("PYTHON", "VIRTUAL_ENV")} | {"PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        ["bash", "launch/train.sh", "--config", "launch/configs/demo.yaml", f"train.output_dir={tmp_path}",
+         f"data.train_shards=[{d['domain_a']},{d['domain_b']}]", f"data.eval_shards=[{d['domain_d']}]",
+         f"eval.dev_shards=[{d['domain_a']}]", "--check"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("config and inputs are valid") == 1
+    assert "deepspeed.launcher" not in proc.stderr + proc.stdout
 
 
 def test_empty_shard_set_and_bad_tokenizer_are_refused(tmp_path, capsys, demo_tokenizer):
