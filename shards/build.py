@@ -239,6 +239,15 @@ class _SplitBuild:
         try:
             for key, jpg, meta in self.samples():
                 writer.write(key, jpg, meta)
+            # close() finishes the last shard: when that one is the stop, the split is complete anyway
+            self.stop_after = None
+            writer.extra = {
+                "skipped": dict(sorted(self.skipped.items())),
+                "skipped_examples": dict(sorted(self.examples.items())),
+                "skipped_files": self.naming_skips,
+                "build": {"fingerprint": self.fingerprint},
+            }
+            manifest = writer.close()
         except _Stop:
             writer.abort()
             log.info("%s: stopped after %d new shard(s); rerun the same command to finish", self.out, self.new_shards)
@@ -246,13 +255,6 @@ class _SplitBuild:
         except BaseException:
             writer.abort()
             raise
-        writer.extra = {
-            "skipped": dict(sorted(self.skipped.items())),
-            "skipped_examples": dict(sorted(self.examples.items())),
-            "skipped_files": self.naming_skips,
-            "build": {"fingerprint": self.fingerprint},
-        }
-        manifest = writer.close()
         (self.out / STATE_NAME).unlink(missing_ok=True)
         return manifest
 
@@ -289,12 +291,19 @@ def build_dataset(
         )
     naming_skips = {"counts": dict(sorted(naming.items())), "examples": dict(sorted(naming_examples.items()))}
     out = Path(out)
-    result = {}
+    result: dict[str, dict[str, Any] | None] = {}
+    budget = stop_after_shards  # new shards left over all splits (None = no limit)
     for split in sorted(by_split):
-        items = select_image_frames(by_split[split], opts.image_frames)
-        result[split] = _SplitBuild(adapter, items, out / split, opts, naming_skips, overwrite).run(stop_after_shards)
+        if budget is not None and budget <= 0:
+            result[split] = None  # not started: the stop fell on the previous split's last shard
+            break
+        build = _SplitBuild(adapter, select_image_frames(by_split[split], opts.image_frames), out / split, opts,
+                            naming_skips, overwrite)
+        result[split] = build.run(budget)
         if result[split] is None:
             break
+        if budget is not None:
+            budget -= build.new_shards
     return result
 
 

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("root", help="the dataset folder as distributed")
     b.add_argument("--out", required=True, help="output folder; gets one shard set per split")
     b.add_argument("--list", help="list adapter: file of `relative/path <label>` lines")
-    b.add_argument("--live-label", help="list adapter: the label value that means live (default 1)")
+    b.add_argument("--live-label", help="list adapter (required): the label value that means live")
     b.add_argument("--split", help="list adapter: split name for its samples (default all)")
     b.add_argument("--dataset-name", help="list/folder adapters: the dataset name written into samples")
     b.add_argument("--splits", nargs="+", help="build only these splits (default: all the adapter finds)")

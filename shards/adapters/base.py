@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Iterator
 from shards.video import IMAGE_EXTS, VIDEO_EXTS, is_video
 
 SPLITS = ("train", "dev", "test", "all")
+MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
 
 
 class SkipFile(Exception):
@@ -70,7 +71,7 @@ class Adapter:
 
     name: ClassVar[str] = ""
     dataset: ClassVar[str] = ""
-    exts: ClassVar[tuple[str, ...]] = VIDEO_EXTS + IMAGE_EXTS
+    exts: ClassVar[tuple[str, ...]] = MEDIA_EXTS  # the file types the dataset ships samples as
     layout: ClassVar[str] = ""  # the expected folder layout, listed by `ifas-shards build --help`
 
     def __init__(self, root: str | Path, **options: Any) -> None:
@@ -83,21 +84,25 @@ class Adapter:
         self.options = options
 
     # -- walking -----------------------------------------------------------------------------
-    def files(self) -> list[PurePosixPath]:
-        """Media files under the root, relative and sorted (the build's stable sample order)."""
+    def _walk(self) -> list[PurePosixPath]:
+        """Every non-hidden file under the root, relative and sorted (the build's stable sample order)."""
         out = []
         for p in self.root.rglob("*"):
-            if (
-                p.suffix.lower() in self.exts
-                and p.is_file()
-                and not any(s.startswith(".") for s in p.relative_to(self.root).parts)
-            ):
-                out.append(PurePosixPath(p.relative_to(self.root).as_posix()))
+            rel = p.relative_to(self.root)
+            if p.is_file() and not any(s.startswith(".") for s in rel.parts):
+                out.append(PurePosixPath(rel.as_posix()))
         return sorted(out)
 
     def items(self) -> Iterator[Item | Skip]:
-        """Every media file as an Item, or a Skip with its reason."""
-        for rel in self.files():
+        """Every media file as an Item, or a Skip with its reason. An image or video of a type this
+        dataset does not ship (a .png among OULU-NPU's videos) is counted (``unexpected_file_type``);
+        other files (protocol lists, face boxes, READMEs) are the dataset's metadata, not samples."""
+        for rel in self._walk():
+            suffix = rel.suffix.lower()
+            if suffix not in self.exts:
+                if suffix in MEDIA_EXTS:
+                    yield Skip(str(rel), "unexpected_file_type")
+                continue
             try:
                 fields = self.parse(rel)
             except SkipFile as s:

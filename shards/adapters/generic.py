@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shards.adapters.base import Adapter, AdapterError, Skip
 from shards.schema import ATTACKS
+
+log = logging.getLogger(__name__)
 
 LIVE_WORDS = {"live", "real", "genuine", "bonafide", "bona_fide", "client"}
 SPOOF_WORDS = {"spoof", "attack", "fake", "imposter", "impostor"}
@@ -31,7 +34,7 @@ class ListFileAdapter(Adapter):
     ``live_label`` says which label value means live (lists disagree: some write 1 for live,
     some 0); every other value is spoof. Paths are relative to ``--root``; the attack type is
     guessed from path words (``other`` when none). Options: ``list`` (required), ``live_label``
-    (default ``1``), ``split`` (default ``all``), ``dataset`` (default: the list file's stem).
+    (required: no polarity is safe to assume), ``split`` (default ``all``), ``dataset`` (default: the list file's stem).
     """
 
     name = "list"
@@ -46,7 +49,16 @@ class ListFileAdapter(Adapter):
         self.list_path = Path(lst)
         if not self.list_path.is_file():
             raise AdapterError(f"{self.list_path}: list file not found (pass --list with an existing file)")
-        self.live_label = str(options.get("live_label", "1"))
+        lines = [ln.strip().rsplit(maxsplit=1) for ln in self.list_path.read_text(encoding="utf-8").splitlines()
+                 if not ln.lstrip().startswith("#")]
+        labels = sorted({parts[1] for parts in lines if len(parts) == 2})
+        if options.get("live_label") is None:
+            raise AdapterError(f"{self.list_path}: pass --live-label: the label value that means live (its labels: "
+                               f"{', '.join(labels[:10])}; lists disagree on 1 vs 0, so there is no default)")
+        self.live_label = str(options["live_label"])
+        if self.live_label not in labels:  # a spoof-only list is legitimate, a wrong polarity is not: say so
+            log.warning("%s: no line has the live label %r (its labels: %s): every sample will be spoof",
+                        self.list_path, self.live_label, ", ".join(labels[:10]))
         self.split = str(options.get("split") or "all")
         self.dataset = str(options.get("dataset") or self.list_path.stem)  # type: ignore[misc]
 

@@ -148,3 +148,79 @@ def test_unknown_root_and_dataset_fail_with_one_line(tmp_path: Path, capsys) -> 
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no usable"):
         cli_main(["build", "siw", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+
+
+# ----- build defects found on trees laid out like the public releases -----
+
+def _cut(path: Path, at: int) -> None:
+    path.write_bytes(path.read_bytes()[:at])
+
+
+@pytest.mark.parametrize("ext", [".avi", ".mp4"])
+def test_container_shortfall_names_a_cut_file(tmp_path: Path, ext: str) -> None:
+    from shards.video import container_shortfall
+
+    v = tmp_path / f"v{ext}"
+    write_video(v, frames=10)
+    assert container_shortfall(v) is None
+    size = v.stat().st_size
+    _cut(v, size - 5)
+    assert f"the file has {size - 5}" in container_shortfall(v)
+
+
+def test_truncated_video_is_skipped_and_counted_not_written(tmp_path: Path) -> None:
+    """A video cut inside its last frame still decodes (that frame half grey); one cut in half
+    decodes only its first frames. Both are refused as truncated, counted, and nothing of them is
+    written."""
+    raw = tmp_path / "raw"
+    write_video(raw / "Train_files/1_1_01_1.avi", frames=10)
+    for user, keep in (("02", None), ("03", 0.5)):
+        v = raw / f"Train_files/1_1_{user}_1.avi"
+        write_video(v, frames=10)
+        data = v.read_bytes()
+        last_frame = data.rfind(b"\xff\xd8")  # the last MJPG frame's start
+        _cut(v, (last_frame + data.rfind(b"\xff\xd9")) // 2 if keep is None else int(len(data) * keep))
+    rc = cli_main(["build", "oulu_npu", str(raw), "--out", str(tmp_path / "out"), "--frames", "10", "--face",
+                   "center", "--size", "32"])
+    assert rc == 0
+    m = read_manifest(tmp_path / "out/train")
+    assert m["skipped"] == {"truncated_video": 2} and m["num_samples"] == 10
+    assert {x["source"] for x in _metas(tmp_path / "out/train")} == {"Train_files/1_1_01_1.avi"}
+    assert sorted(m["skipped_examples"]["truncated_video"]) == ["Train_files/1_1_02_1.avi", "Train_files/1_1_03_1.avi"]
+
+
+def test_stop_on_a_splits_last_shard_completes_that_split_and_resumes(tmp_path: Path, capsys) -> None:
+    from shards.fixtures import write_tree
+
+    write_tree("casia_mfsd", tmp_path / "raw")
+    args = ["build", "casia_mfsd", str(tmp_path / "raw"), "--frames", "2", "--face", "center", "--size", "32"]
+    assert cli_main([*args, "--out", str(tmp_path / "full")]) == 0
+    # one shard per split: the stop falls on test's only shard, which close() finishes
+    assert cli_main([*args, "--out", str(tmp_path / "part"), "--stop-after-shards", "1"]) == 3
+    report = capsys.readouterr().out
+    assert "part/train: interrupted" in report and read_manifest(tmp_path / "part/test")["num_samples"] == 4
+    assert not (tmp_path / "part/train/manifest.json").exists()
+    assert cli_main([*args, "--out", str(tmp_path / "part")]) == 0  # the same command finishes it
+    for split in ("test", "train"):
+        full, part = (read_manifest(tmp_path / d / split) for d in ("full", "part"))
+        assert [s["sha256"] for s in part["shards"]] == [s["sha256"] for s in full["shards"]]
+
+
+def test_list_adapter_needs_the_live_label(tmp_path: Path, capsys) -> None:
+    write_image(tmp_path / "frames/a/001.png")
+    lst = tmp_path / "list.txt"
+    lst.write_text("frames/a/001.png 1\n")
+    rc = cli_main(["build", "list", str(tmp_path), "--list", str(lst), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--live-label" in err and "list.txt" in err and "its labels: 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_media_of_an_unexpected_type_is_counted(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    write_video(raw / "Train_files/1_1_01_1.avi")
+    write_image(raw / "Train_files/1_1_01_1.png")  # a still among OULU-NPU's videos
+    (raw / "Train_files/1_1_01_1.txt").write_text("0 10 10 40 40\n")  # OULU's face boxes: metadata, not a sample
+    m = build_dataset(get_adapter("oulu_npu", str(raw)), tmp_path / "out", BuildOptions(frames=2, size=32))["train"]
+    assert m["skipped_files"]["counts"] == {"unexpected_file_type": 1}
+    assert m["skipped_files"]["examples"]["unexpected_file_type"] == ["Train_files/1_1_01_1.png"]
