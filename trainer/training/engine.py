@@ -40,8 +40,12 @@ def deepspeed_config(cfg: RunConfig, on_cuda: bool) -> dict[str, Any]:
     ds["gradient_clipping"] = cfg.optim.grad_clip
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt["params"].update(lr=cfg.optim.lr, betas=list(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    if not on_cuda:
-        opt["params"]["torch_adam"] = True  # FusedAdam would JIT-compile C++ on CPU (docs/architecture.md, CPU)
+    if opt.get("type", "").lower() in ("adam", "adamw"):
+        # torch's AdamW (fused kernel on CUDA): DeepSpeed's FusedAdam would JIT-compile its C++/CUDA op
+        # with nvcc on every node at the first step (docs/architecture.md, "CPU facts the code relies on").
+        opt["params"].setdefault("torch_adam", True)
+        if on_cuda and opt["params"]["torch_adam"]:
+            opt["params"].setdefault("fused", True)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if on_cuda else "fp32")
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds.pop("fp16", None)

@@ -48,7 +48,10 @@ def test_deepspeed_config_takes_the_run_config(tmp_path):
     assert cpu["optimizer"]["params"]["lr"] == pytest.approx(2e-5)
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["bf16"]["enabled"] is False
     gpu = deepspeed_config(cfg, on_cuda=True)
-    assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
+    assert gpu["bf16"]["enabled"] is True
+    # torch's AdamW on both (DeepSpeed's FusedAdam would JIT-compile with nvcc), fused kernel on CUDA
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
+    assert "fused" not in cpu["optimizer"]["params"]
     json.dumps(gpu)  # stays serialisable for DeepSpeed
 
 
