@@ -10,7 +10,7 @@ DEMO_SAMPLES ?= 1000
 NUM_RANKS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo-data train lint test bench clean
+.PHONY: install demo-data train lint test bench gpu-wheels clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install lint
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m kernels.bench
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m trainer.bench
+
+# The wheels a GPU machine without network lacks, for launch/gpu_check.sh (needs the package index).
+gpu-wheels: install
+	$(BIN)/python launch/gpu_wheels.py download .whl
 
 clean:
 	rm -rf runs/demo $(DEMO_DATA)

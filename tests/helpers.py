@@ -9,8 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher of this interpreter's install
+# The deepspeed launcher of this interpreter, as a module: works also where the packages were installed
+# with pip --target and no console script is on PATH (launch/gpu_check.sh).
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+# The GPU tier (tests/cuda/): every test there is marked cuda and skips, saying why, without a GPU.
+CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def launch_env(**extra: str) -> dict[str, str]:

@@ -156,7 +156,7 @@ def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path
     run = tmp_path / "run"
     env = launch_env()
     cmd = [
-        DEEPSPEED,
+        *DEEPSPEED,
         "--num_gpus",
         "2",
         "--master_port",

@@ -16,7 +16,8 @@ def fake_result(ws, step, bare, mem):
 
 
 def test_section_reports_targets_and_ratios(tmp_path):
-    text = _section([fake_result(1, 0.2, 0.19, 100), fake_result(2, 0.3, 0.2, 50)], "python -m trainer.bench")
+    text = _section([fake_result(1, 0.2, 0.19, 100), fake_result(2, 0.3, 0.2, 50)], "python -m trainer.bench",
+                    "launch/configs/demo.yaml")
     assert "| trainer step <= 1.10x bare | 1 | 1.05x | pass |" in text
     assert "| trainer step <= 1.10x bare | 2 | 1.50x | FAIL |" in text
     assert "| ZeRO-3 bytes per rank at ws 2 <= 0.55x ws 1 | 2 | 0.50x | pass |" in text

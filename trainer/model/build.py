@@ -18,10 +18,19 @@ from trainer.model.ifas import CLIP_MEAN, CLIP_STD, ArchConfig, IFASModel, Model
 from trainer.model.tokenizer import ensure_image_token, judgment_token_ids, load_tokenizer
 
 
-def tiny_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
-    """Named tiny configs built offline, for the demo and the tests."""
+def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
+    """Named configs built offline (random weights): ``tiny``/``tiny-siglip`` for the demo and the
+    tests; ``bench-1b`` for the GPU throughput benchmark (``trainer.bench``): a CLIP-L/14-wide vision
+    tower at 448 px and an LLM of Qwen2-1.5B's widths with 16 of its 28 layers, about 1B parameters."""
     from transformers import CLIPVisionConfig, Qwen2Config, SiglipVisionConfig
 
+    if preset == "bench-1b":
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=448, patch_size=14)
+        text = Qwen2Config(vocab_size=vocab_size, hidden_size=1536, intermediate_size=8960, num_hidden_layers=16,
+                           num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                           tie_word_embeddings=False)
+        return vision, text
     vision_kw = dict(
         hidden_size=128,
         intermediate_size=256,
@@ -35,7 +44,7 @@ def tiny_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, Pretra
     elif preset == "tiny-siglip":
         vision = SiglipVisionConfig(**vision_kw)
     else:
-        raise ModelLoadError(f"unknown model preset {preset!r}; known presets: tiny, tiny-siglip")
+        raise ModelLoadError(f"unknown model preset {preset!r}; known presets: tiny, tiny-siglip, bench-1b")
     text = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=128,
@@ -123,7 +132,7 @@ def build_model(
             raise ModelLoadError(
                 f"model.preset={cfg.preset!r} needs a tokenizer (model.tokenizer_path or the demo BPE)"
             )
-        vision_config, text_config = tiny_configs(cfg.preset, len(tokenizer))
+        vision_config, text_config = preset_configs(cfg.preset, len(tokenizer))
         image_info = _image_processing(None, vision_config.image_size)
 
     image_token_id = ensure_image_token(tokenizer)

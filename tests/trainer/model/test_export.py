@@ -8,14 +8,14 @@ import weakref
 import pytest
 import torch
 
-from trainer.model.build import tiny_configs
+from trainer.model.build import preset_configs
 from trainer.model.ifas import ArchConfig, IFASModel
 from trainer.model.weights import INDEX_NAME, WEIGHTS_NAME, WeightsError, load_weights, verify_weights, write_weights
 
 
 def tiny_model(tied: bool, seed: int = 0) -> IFASModel:
     torch.manual_seed(seed)
-    vision, text = tiny_configs("tiny", 300)
+    vision, text = preset_configs("tiny", 300)
     text.tie_word_embeddings = tied
     return IFASModel(vision, text, ArchConfig(image_token_id=1, yes_token_id=2, no_token_id=3))
 

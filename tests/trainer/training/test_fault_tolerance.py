@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, ranks: int = 2) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
+    return [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
             f"data.train_shards=[{','.join(map(str, shards))}]", f"data.eval_shards=[{eval_shards}]",
             "eval.dev_shards=[]", f"train.output_dir={out}", "train.micro_batch_size=4", "train.log_every=1",
             "eval.at_end=false", "optim.warmup_steps=2", "train.log_sample_keys=true", *overrides]

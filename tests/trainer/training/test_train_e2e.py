@@ -19,7 +19,7 @@ from trainer.dist import free_port
 def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: bool = True):
     d = {k: str(v) for k, v in small_shards.items()}
     args = [
-        DEEPSPEED,
+        *DEEPSPEED,
         "--num_gpus",
         str(ranks),
         "--master_port",
