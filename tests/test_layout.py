@@ -5,7 +5,8 @@
 - ``trainer`` takes from ``shards`` only what defines a sample (schema, manifest, io, captions,
   keywords, face crop, the captioner prompt), never the build machinery;
 - inside ``trainer`` the data flow is one-way: foundation (config, dist, logs, run_dir) < model <
-  data < eval < training < commands (cli/, bench); nothing imports ``trainer.cli``.
+  data (data, stream) < eval < training < commands (cli/, bench, resume_bench); nothing imports
+  ``trainer.cli``.
 The rules are also checked on synthetic graphs, so a broken checker cannot pass silently.
 """
 
@@ -28,7 +29,8 @@ TRAINER_MAY_USE_FROM_SHARDS = {
     "shards.scf",
 }
 FOUNDATION = {"trainer", "trainer.config", "trainer.dist", "trainer.logs", "trainer.run_dir"}
-TRAINER_LAYERS = ("model", "data", "eval", "training", "cli")  # each may import only those before it
+# Each layer may import only those before it; the commands are cli/ and the benchmarks.
+TRAINER_LAYERS = (("model",), ("data", "stream"), ("eval",), ("training",), ("cli", "bench", "resume_bench"))
 
 
 def module_name(path: Path) -> str:
@@ -73,11 +75,13 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def trainer_layer(module: str) -> int:
-    """-1 for the foundation modules, else the index in TRAINER_LAYERS (bench counts as a command)."""
+    """-1 for the foundation modules, else the index of its layer in TRAINER_LAYERS."""
     if module in FOUNDATION:
         return -1
     part = module.split(".")[1]
-    return len(TRAINER_LAYERS) - 1 if part == "bench" else TRAINER_LAYERS.index(part)
+    layer = next((i for i, names in enumerate(TRAINER_LAYERS) if part in names), None)
+    assert layer is not None, f"{module}: put it in a layer of TRAINER_LAYERS (tests/test_layout.py)"
+    return layer
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

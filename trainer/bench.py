@@ -78,11 +78,12 @@ def _matmul_peak(dev: torch.device) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     from trainer.config import load_config
-    from trainer.data import StreamState, resolve_shards
+    from trainer.data import resolve_shards
     from trainer.dist import all_reduce_sum, device, gather_objects, init_distributed
     from trainer.model.build import build_model
     from trainer.model.flops import ifas_sample_flops, mfu
     from trainer.model.loss import IGNORE_INDEX, loss_alpha
+    from trainer.stream import StreamState
     from trainer.training.engine import build_engine
     from trainer.training.inputs import prepare_tokenizer
     from trainer.training.loop import model_inputs, train_step, training_batches

@@ -30,7 +30,8 @@ log = logging.getLogger("ifas.resume_bench")
 
 
 def _stream(cfg, urls, builder, transform, state):
-    from trainer.data import ShardStream, make_loader
+    from trainer.data import make_loader
+    from trainer.stream import ShardStream
 
     stream = ShardStream(urls, builder, transform, rank=0, world_size=1, batch_size=cfg.train.micro_batch_size,
                          seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=0)
@@ -38,9 +39,10 @@ def _stream(cfg, urls, builder, transform, state):
 
 
 def measure(consumed_samples: list[int], repeats: int, verify_up_to: int, config: str) -> list[dict]:
-    from trainer.data import ImageTransform, StreamState, resolve_shards
+    from trainer.data import ImageTransform, resolve_shards
     from trainer.model.prompt import PromptBuilder
     from trainer.model.tokenizer import build_demo_tokenizer
+    from trainer.stream import StreamState
     from trainer.training.inputs import read_captions
 
     cfg = load_config(config, [])

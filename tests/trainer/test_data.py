@@ -6,9 +6,11 @@ import pytest
 import webdataset as wds
 
 from trainer import data
-from trainer.data import ImageTransform, ShardSetError, ShardStream, StreamState, make_loader, resolve_shards
+from trainer import stream as stream_module
+from trainer.data import ImageTransform, ShardSetError, make_loader, resolve_shards
 from trainer.model.loss import IGNORE_INDEX
 from trainer.model.prompt import PromptBuilder
+from trainer.stream import ShardStream, StreamState
 
 N_IMAGE_TOKENS = 4
 
@@ -75,7 +77,7 @@ def test_resume_continues_exactly(small_shards, builder, workers, consumed, monk
     saved = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
     decoded = []
     real_decode = data.decode_sample
-    monkeypatch.setattr(data, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real_decode(raw))
+    monkeypatch.setattr(stream_module, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real_decode(raw))
     resumed = keys_of(stream(urls, builder, workers=workers, resume=saved), 4)
     assert resumed == unbroken[consumed:]
     if workers == 0:  # (workers decode in other processes) nothing consumed before is decoded again

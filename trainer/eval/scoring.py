@@ -20,10 +20,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from trainer.data import ImageTransform, ShardSetError, ShardStream, make_loader
+from trainer.data import ImageTransform, ShardSetError, make_loader
 from trainer.dist import WorldInfo, all_reduce_sum, device, gather_objects
 from trainer.eval.metrics import FASMetrics, eer_threshold, fas_metrics
 from trainer.model.prompt import PromptBuilder
+from trainer.stream import ShardStream
 
 log = logging.getLogger("ifas.eval")
 PROMPT_ONLY_MAX_LENGTH = 4096  # prompts carry no answer, so only the prompt itself must fit

@@ -19,7 +19,7 @@ import torch
 
 from shards.scf import captioner_prompt
 from trainer.config import RunConfig
-from trainer.data import SKIP_REASONS, ImageTransform, ShardStream, StreamState, make_loader
+from trainer.data import SKIP_REASONS, ImageTransform, make_loader
 from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, gather_objects, init_distributed
 from trainer.eval.periodic import PeriodicEvaluator
 from trainer.logs import MetricsWriter, log_system_scalars, setup_logging
@@ -27,6 +27,7 @@ from trainer.model.ifas import IFASModel
 from trainer.model.loss import INTERPRETATION, JUDGMENT, loss_alpha
 from trainer.model.prompt import PromptBuilder
 from trainer.run_dir import RunDir, tag_for
+from trainer.stream import ShardStream, StreamState
 from trainer.training.checkpoint import Checkpointer
 from trainer.training.engine import build_engine
 from trainer.training.inputs import held_out_dev

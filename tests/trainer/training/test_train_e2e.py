@@ -115,10 +115,11 @@ def exported(unbroken):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_export_loads_and_gives_the_same_scores(unbroken, exported, small_shards):
-    from trainer.data import ImageTransform, ShardStream, make_loader, resolve_shards
+    from trainer.data import ImageTransform, make_loader, resolve_shards
     from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
     from trainer.model.ifas import IFASModel
     from trainer.model.prompt import PromptBuilder
+    from trainer.stream import ShardStream
 
     out, _ = unbroken
     model, tok = IFASModel.from_pretrained(exported)

@@ -1,0 +1,139 @@
+"""The bounded-time resume of trainer/stream.py: the index-only shuffle replay against the live
+shuffle, and resumed streams against unbroken ones at every kind of position (filling the
+buffer, streaming, draining, epoch boundaries, later epochs), with workers, several ranks, a
+sample-level split, a damaged shard and shards without a manifest; and that a resume reads a
+bounded number of samples however far the stream had got."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from trainer.data import ImageTransform, make_loader, resolve_shards
+from trainer.model.prompt import PromptBuilder
+from trainer.stream import ShardStream, StreamState, _Reader, replay_shuffle
+
+BATCH, BUFFER = 4, 8
+
+
+@pytest.fixture(scope="module")
+def builder(demo_tokenizer):
+    return PromptBuilder(demo_tokenizer, 4, 96)
+
+
+def loader(urls, builder, resume=None, rank=0, world=1, workers=0):
+    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=rank, world_size=world,
+                    batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume, num_workers=workers)
+    return iter(make_loader(s, builder.tokenizer.pad_token_id))
+
+
+def live_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> list[int]:
+    """The live algorithm (ShardStream._epoch) on indices, written out plainly."""
+    out, buffer = [], []
+    for raw in range(n):
+        if len(buffer) < buffer_size:
+            buffer.append(raw)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], raw = raw, buffer[i]
+        out.append(raw)
+    rng.shuffle(buffer)
+    return out + buffer
+
+
+@pytest.mark.parametrize("n, buffer_size", [(50, 8), (8, 8), (5, 8), (200, 64)])
+def test_replay_shuffle_is_the_live_shuffle_at_every_point(n, buffer_size):
+    order = live_shuffle(n, buffer_size, np.random.default_rng([3, 1, 0, 1]))
+    for done in range(n + 1):
+        rng = np.random.default_rng([3, 1, 0, 1])
+        buffer, next_read, draining = replay_shuffle(rng, n, buffer_size, done)
+        if draining:
+            assert buffer == order[done:] and next_read == n
+        else:  # continue the live algorithm from the replayed state: the same rest of the epoch
+            rest = []
+            for raw in range(next_read, n):
+                i = int(rng.integers(len(buffer)))
+                buffer[i], raw = raw, buffer[i]
+                rest.append(raw)
+            rng.shuffle(buffer)
+            assert rest + buffer == order[done:], done
+
+
+def state_after(urls, builder, batches, **kw) -> StreamState:
+    state = StreamState()
+    for batch in itertools.islice(loader(urls, builder, **kw), batches):
+        state.update(batch)
+    return StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
+
+
+def assert_resumes_exactly(urls, builder, points, ahead=3, **kw):
+    unbroken = [b["keys"] for b in itertools.islice(loader(urls, builder, **kw), max(points) + ahead)]
+    for consumed in points:
+        state = state_after(urls, builder, consumed, **kw)
+        resumed = [b["keys"] for b in itertools.islice(loader(urls, builder, resume=state, **kw), ahead)]
+        assert resumed == unbroken[consumed:consumed + ahead], f"resumed after {consumed} batches"
+
+
+def test_resume_is_exact_everywhere_in_and_across_epochs(small_shards, builder):
+    urls = resolve_shards([str(d) for d in small_shards.values()])  # 12 shards, 192 samples: 48 batches/epoch
+    assert_resumes_exactly(urls, builder, [1, 2, 3, 25, 45, 46, 47, 48, 49, 50, 97, 130])
+
+
+@pytest.mark.parametrize("rank, world, workers", [(1, 2, 0), (0, 1, 2), (1, 2, 2)])
+def test_resume_is_exact_with_ranks_and_workers(small_shards, builder, rank, world, workers):
+    urls = resolve_shards([str(d) for d in small_shards.values()])
+    assert_resumes_exactly(urls, builder, [3, 11, 24, 40], rank=rank, world=world, workers=workers)
+
+
+def test_resume_is_exact_with_a_sample_level_split(small_shards, builder):
+    urls = resolve_shards([str(small_shards["domain_b"])])  # 3 shards for 2 ranks x 2 workers
+    assert_resumes_exactly(urls, builder, [2, 5, 6, 7, 13], rank=1, world=2, workers=2)
+
+
+def test_resume_is_exact_over_a_damaged_shard_and_shards_without_manifest(small_shards, builder, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small_shards["domain_a"], damaged)
+    tar = damaged / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # the manifest still says 16 samples
+    bare = tmp_path / "bare"
+    shutil.copytree(small_shards["domain_c"], bare)
+    (bare / "manifest.json").unlink()
+    urls = resolve_shards([str(damaged), str(bare / "*.tar")])
+    unbroken = list(itertools.islice(loader(urls, builder), 30))
+    skipped = StreamState()
+    for b in unbroken:
+        skipped.update(b)
+    assert skipped.skipped_total()["corrupt_tar"] == 1 and skipped.shard_sizes.keys() == {str(tar)}
+    assert 0 < skipped.shard_sizes[str(tar)] < 16
+    # epoch 1 (first pass) and later epochs, before and after the damaged shard is met
+    assert_resumes_exactly(urls, builder, [2, 9, 10, 11, 17, 18, 19, 25], ahead=4)
+    state = state_after(urls, builder, 19)
+    resumed = list(itertools.islice(loader(urls, builder, resume=state), 4))
+    assert resumed[-1]["stream_pos"][2] == unbroken[22]["stream_pos"][2]  # the same skip counts, once each
+
+
+def test_a_resume_reads_a_bounded_number_of_samples(small_shards, builder, monkeypatch):
+    urls = resolve_shards([str(d) for d in small_shards.values()])
+    read = []
+    real_shard = _Reader.shard
+
+    def counting_shard(self, url, skip=0):
+        for raw in real_shard(self, url, skip):
+            read.append(raw["__key__"])
+            yield raw
+
+    counts = {}
+    for consumed in (48, 48 * 20):  # after 1 epoch and after 20
+        state = StreamState(consumed_batches=consumed, raw_consumed={0: consumed * BATCH})
+        monkeypatch.setattr(_Reader, "shard", counting_shard)
+        read.clear()
+        next(loader(urls, builder, resume=state))
+        monkeypatch.setattr(_Reader, "shard", real_shard)
+        counts[consumed] = len(read)
+    epoch = 192
+    assert counts[48] > 0, counts
+    assert counts[48 * 20] <= epoch + BUFFER  # 20 epochs consumed, at most one epoch read again
+    assert counts[48 * 20] <= 2 * counts[48] + BUFFER
