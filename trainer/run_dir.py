@@ -6,7 +6,8 @@ A run directory::
 
     run_config.json        the resolved RunConfig (rank 0, at start)
     model_config/          ifas_config.json + tokenizer (+ processor/ for LLaVA-form models): what export needs
-    checkpoints/           step_<N>/ (DeepSpeed shards + layout.json + COMPLETE), latest
+    checkpoints/           step_<N>/ (DeepSpeed shards + layout.json + COMPLETE; universal/ once another
+                           world size resumed from it), latest
     tb/                    TensorBoard events (trainer.logs.MetricsWriter)
     sample_keys/           rank<r>.jsonl, with train.log_sample_keys
     eval_history.jsonl     one line per periodic evaluation; best.json: the best step by held-out HTER
@@ -28,6 +29,7 @@ EVAL_METRICS = "eval_metrics.json"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 LAYOUT = "layout.json"  # world size and loader workers the checkpoint was written with
+UNIVERSAL = "universal"  # step_<N>/universal: the checkpoint in DeepSpeed's universal format
 
 
 def tag_for(step: int) -> str:

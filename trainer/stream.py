@@ -14,23 +14,18 @@ those samples are read. The batches are exactly the unbroken run's (docs/archite
 """
 from __future__ import annotations
 
-import bisect
-import json
 import logging
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.captions import template_caption
-from shards.manifest import MANIFEST_NAME
 from shards.schema import is_live
 from trainer.data import BadSample, ImageTransform, ShardSetError, decode_sample, sample_tensors
+from trainer.epochs import EpochPlan, Reader, manifest_sizes, read_samples, replay_shuffle
 from trainer.model.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -46,6 +41,9 @@ class StreamState:
     raw_consumed: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
     shard_sizes: dict[str, int] = field(default_factory=dict)
+    # After a change of layout: the stream before it ({"slots", "consumed" per old slot, its own
+    # "origin"}); positions then count from the transition epoch (trainer/epochs.py).
+    origin: dict[str, Any] | None = None
 
     def update(self, batch: dict[str, Any]) -> None:
         reader, raw_pos, skipped, sizes = batch["stream_pos"]
@@ -62,100 +60,32 @@ class StreamState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_batches": self.consumed_batches, "raw_consumed": dict(self.raw_consumed),
-                "skipped": {k: dict(v) for k, v in self.skipped.items()}, "shard_sizes": dict(self.shard_sizes)}
+                "skipped": {k: dict(v) for k, v in self.skipped.items()}, "shard_sizes": dict(self.shard_sizes),
+                "origin": self.origin}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "StreamState":
         # JSON/pickle round trips may turn int keys into strings.
         return cls(int(state["consumed_batches"]), {int(k): int(v) for k, v in state["raw_consumed"].items()},
                    {int(k): dict(v) for k, v in state.get("skipped", {}).items()},
-                   {str(k): int(v) for k, v in state.get("shard_sizes", {}).items()})
+                   {str(k): int(v) for k, v in state.get("shard_sizes", {}).items()}, state.get("origin"))
 
-
-def manifest_sizes(urls: list[str]) -> dict[str, int]:
-    """Sample counts of the shards whose directory has a manifest listing them."""
-    sizes: dict[str, int] = {}
-    for directory in {str(Path(u).parent) for u in urls}:
-        path = Path(directory) / MANIFEST_NAME
-        if path.is_file():
-            try:
-                listed = {s["file"]: int(s["num_samples"]) for s in json.loads(path.read_text())["shards"]}
-            except (ValueError, KeyError, TypeError):
-                continue  # resolve_shards refuses a bad manifest; a glob over its tars still streams
-            sizes.update({u: listed[Path(u).name] for u in urls if str(Path(u).parent) == directory
-                          and Path(u).name in listed})
-    return sizes
-
-
-def replay_shuffle(rng: np.random.Generator, n: int, buffer_size: int, done: int) -> tuple[list[int], int, bool]:
-    """The shuffle buffer of an epoch of ``n`` raw samples after it yielded ``done`` of them, on
-    indices only: (buffer contents, next index to read, draining). Draws from ``rng`` exactly what
-    the live shuffle (ShardStream._epoch) draws, so it continues with the same state."""
-    if n <= buffer_size:
-        order = list(range(n))
-        rng.shuffle(order)
-        return order[done:], n, True
-    streamed = min(done, n - buffer_size)
-    buffer = list(range(buffer_size))
-    for k, slot in enumerate(rng.integers(buffer_size, size=streamed).tolist()):  # = one draw per yield
-        buffer[slot] = buffer_size + k
-    if done <= n - buffer_size:
-        return buffer, buffer_size + done, False
-    rng.shuffle(buffer)
-    return buffer[done - streamed:], n, True
-
-
-class _Reader:
-    """Raw samples of one shard at a time for one reader slot, with bad shards counted and true
-    shard sizes recorded where they differ from the manifest.
-
-    Counting happens in the first pass only: in it every shard (or, with a sample-level split,
-    every sample) is read by exactly one slot, so the sums over ranks count each bad sample
-    once, however often later passes meet it again (the later shard orders differ).
-    """
-
-    def __init__(self, skipped: Counter, count_tar_errors: bool, expected: dict[str, int]) -> None:
-        self.skipped = skipped
-        self.count_tar_errors = count_tar_errors
-        self.counting = True
-        self.expected = expected  # shard -> sample count (manifests, corrected)
-        self.corrections: dict[str, int] = {}  # what this reader found different; travels in stream_pos
-
-    def count(self, reason: str, message: str) -> None:
-        if self.counting:
-            self.skipped[reason] += 1
-            log.warning("skipping %s: %s", reason.replace("_", " "), message)
-
-    def shard(self, url: str, skip: int = 0) -> Iterator[dict[str, Any]]:
-        """The raw samples of one shard after its first ``skip``."""
-        failed = False
-
-        def handler(exc: Exception) -> bool:
-            nonlocal failed  # webdataset reports one broken tar twice (reader, then expander): count it once
-            if self.count_tar_errors and not failed:
-                failed = True
-                unreadable = isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError)
-                self.count("unreadable_shard" if unreadable else "corrupt_tar", str(exc))
-            return True  # keep going with the next member
-
-        n = 0
-        for raw in wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                  empty_check=False, handler=handler):
-            n += 1
-            if n > self.expected.get(url, n):  # more than the manifest says: known from now on
-                self.corrections[url] = self.expected[url] = n
-            if n > skip:
-                yield raw
-        if url in self.expected and n != self.expected[url]:
-            self.corrections[url] = self.expected[url] = n
-
-    def size(self, url: str) -> int:
-        """Samples in a shard: known, else counted by reading it (a shard set without a manifest)."""
-        if url not in self.expected:
-            counting, self.counting = self.counting, False
-            self.expected[url] = sum(1 for _ in self.shard(url))
-            self.counting = counting
-        return self.expected[url]
+    @classmethod
+    def after_layout_change(cls, streams: list[dict[str, Any]], num_workers: int, shuffle_buffer: int,
+                            rank: int) -> "StreamState":
+        """Rank ``rank``'s state for a run that continues the streams of another layout (its ranks'
+        state dicts, its ``data.num_workers`` and ``data.shuffle_buffer``): the old slots' positions
+        become the origin of a transition epoch; rank 0 carries the skip counts so far."""
+        old = [cls.from_state_dict(s) for s in streams]
+        readers = max(num_workers, 1)
+        consumed = {r * readers + w: c for r, st in enumerate(old) for w, c in st.raw_consumed.items()}
+        state = cls(origin={"slots": len(old) * readers, "consumed": consumed, "shuffle_buffer": shuffle_buffer,
+                            "origin": old[0].origin})
+        for st in old:
+            state.shard_sizes.update(st.shard_sizes)
+            if rank == 0:
+                state.skipped[0] = dict(Counter(state.skipped.get(0, {})) + st.skipped_total())
+        return state
 
 
 class ShardStream(IterableDataset):
@@ -182,72 +112,85 @@ class ShardStream(IterableDataset):
         self.resume = resume or StreamState()
         self.num_workers = num_workers  # DataLoader workers; 0 = read in the training process
 
-    # -- which raw samples a slot reads in an epoch --------------------------------------------
-    def _layout(self, epoch: int, slot: int, slots: int) -> tuple[list[str], int, int]:
-        """(shards in reading order, stride, phase): the slot's k-th raw sample of the epoch is
-        sample ``phase + k * stride`` of those shards concatenated."""
+    # -- which raw samples a slot reads, epoch by epoch (trainer/epochs.py) -----------------------
+    def _standard(self, epoch: int, slot: int, slots: int) -> EpochPlan:
         order = list(self.urls)
         if self.train:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
         if len(order) >= slots and self.train:
-            return order[slot::slots], 1, 0
-        return order, slots, slot  # fewer shards than slots (or evaluation): every slots-th sample
+            return EpochPlan(epoch, tuple((u, None) for u in order[slot::slots]))
+        # fewer shards than slots (or evaluation): every slots-th sample
+        return EpochPlan(epoch, tuple((u, None) for u in order), stride=slots, phase=slot)
 
-    def _slot_raw(self, reader: _Reader, slot: int, slots: int, epoch: int, start: int = 0) -> Iterator[dict]:
-        """The slot's raw samples of an epoch from its ``start``-th on (whole shards before it unread)."""
-        shards, stride, phase = self._layout(epoch, slot, slots)
-        first, base = phase + start * stride, 0  # global index of the first sample wanted, of the shard
-        for url in shards:
-            if start and base + reader.size(url) <= first:
-                base += reader.size(url)
-                continue
-            skip = max(0, first - base)
-            g = base + skip
-            for raw in reader.shard(url, skip):
-                if (g - phase) % stride == 0:
-                    yield raw
-                g += 1
-            base += reader.expected.get(url, g - base)  # the shard's true size, now that it was read
+    def _plans(self, reader: Reader, slot: int, slots: int, origin: dict[str, Any] | None) -> Iterator[EpochPlan]:
+        """The slot's epochs: after a change of layout a transition first, then standard epochs."""
+        epoch = 0
+        if origin is not None:
+            transition = self._transition(reader, slot, slots, origin)
+            yield transition
+            epoch = transition.number + 1
+        while True:
+            yield self._standard(epoch, slot, slots)
+            epoch += 1
 
-    def _members(self, reader: _Reader, ids: list[int], epoch: int, slot: int, slots: int) -> list[dict]:
-        """The raw samples with the given slot indices of an epoch (the resumed shuffle buffer)."""
-        shards, stride, phase = self._layout(epoch, slot, slots)
-        starts = np.cumsum([0] + [reader.size(u) for u in shards]).tolist()
-        wanted: dict[int, dict[int, int]] = {}  # shard position -> {offset in shard: position in ids}
-        for pos, k in enumerate(ids):
-            g = phase + k * stride
-            s = bisect.bisect_right(starts, g) - 1
-            wanted.setdefault(s, {})[g - starts[s]] = pos
-        found: list[dict | None] = [None] * len(ids)
-        counting, reader.counting = reader.counting, False  # read before the checkpoint: counted then
-        for s, offsets in wanted.items():
-            last = max(offsets)
-            for offset, raw in enumerate(reader.shard(shards[s])):
-                if offset in offsets:
-                    found[offsets[offset]] = raw
-                if offset >= last:
-                    break
-        reader.counting = counting
-        if any(r is None for r in found):
-            raise ShardSetError(f"rank {self.rank} slot {slot}: shards changed since the checkpoint (a sample the "
-                                "resumed shuffle buffer needs is gone); resume with the shards the run started with")
-        return found  # type: ignore[return-value]
+    def _position(self, reader: Reader, slot: int, slots: int, consumed: int,
+                  origin: dict[str, Any] | None) -> tuple[Iterator[EpochPlan], EpochPlan, int]:
+        """(the epochs after it, the epoch, samples done in it) of the slot after ``consumed``: whole
+        epochs are skipped by their lengths."""
+        plans = self._plans(reader, slot, slots, origin)
+        for plan in plans:
+            n = plan.length(reader)
+            if n <= 0 and not plan.transition:
+                raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... yielded no samples")
+            if consumed < n:
+                return plans, plan, consumed
+            consumed -= n
+        raise AssertionError("unreachable: the epochs never end")
 
-    def _epoch(self, reader: _Reader, slot: int, slots: int, epoch: int, done: int) -> Iterator[dict]:
+    def _remaining(self, reader: Reader, slot: int, slots: int, consumed: int, origin: dict[str, Any] | None,
+                   shuffle_buffer: int) -> tuple[int, list[tuple[str, int]]]:
+        """(epoch, the (shard, offset) of every sample the slot had not yet yielded in it)."""
+        _, plan, done = self._position(reader, slot, slots, consumed, origin)
+        n = plan.length(reader)
+        ids, next_read, draining = replay_shuffle(plan.rng(self.seed, slot), n, shuffle_buffer, done)
+        return plan.number, plan.identities(reader, ids if draining else ids + list(range(next_read, n)))
+
+    def _transition(self, reader: Reader, slot: int, slots: int, origin: dict[str, Any]) -> EpochPlan:
+        """What the old slots had left of their epoch, dealt out by shard over the new slots."""
+        left: dict[str, set[int]] = {}
+        epoch = 0
+        for old_slot in range(origin["slots"]):
+            consumed = {int(k): v for k, v in origin["consumed"].items()}.get(old_slot, 0)
+            number, places = self._remaining(reader, old_slot, origin["slots"], consumed, origin.get("origin"),
+                                             origin["shuffle_buffer"])
+            epoch = max(epoch, number)
+            for url, offset in places:
+                left.setdefault(url, set()).add(offset)
+        rank_of = {u: i for i, u in enumerate(self.urls)}
+        shards = sorted(left, key=rank_of.__getitem__)
+        np.random.default_rng([self.seed, epoch, 3]).shuffle(shards)
+        segments = tuple((u, tuple(sorted(left[u]))) for u in shards)
+        if len(segments) >= slots:
+            return EpochPlan(epoch, segments[slot::slots], transition=True)
+        return EpochPlan(epoch, segments, stride=slots, phase=slot, transition=True)
+
+    def _epoch(self, reader: Reader, slot: int, plan: EpochPlan, done: int) -> Iterator[dict]:
         """The shuffled raw samples of one epoch after the first ``done``."""
-        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        rng = plan.rng(self.seed, slot)
         buffer: list[dict] = []
         start = 0
         if done:
-            shards, stride, phase = self._layout(epoch, slot, slots)
-            total = sum(reader.size(u) for u in shards)
-            ids, start, draining = replay_shuffle(rng, -(-(total - phase) // stride), self.shuffle_buffer, done)
-            buffer = self._members(reader, ids, epoch, slot, slots)
+            ids, start, draining = replay_shuffle(rng, plan.length(reader), self.shuffle_buffer, done)
+            found = read_samples(reader, plan.identities(reader, ids))
+            if any(raw is None for raw in found):
+                raise ShardSetError(f"rank {self.rank} slot {slot}: shards changed since the checkpoint (a sample "
+                                    "the resumed shuffle buffer needs is gone); resume with the run's own shards")
+            buffer = found  # type: ignore[assignment]
             if draining:
                 yield from buffer
                 return
         got_any = bool(buffer)
-        for raw in self._slot_raw(reader, slot, slots, epoch, start):
+        for raw in plan.raws(reader, start):
             got_any = True
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(raw)
@@ -255,28 +198,21 @@ class ShardStream(IterableDataset):
             i = int(rng.integers(len(buffer)))
             buffer[i], raw = raw, buffer[i]
             yield raw
-        if not got_any:
+        if not got_any and not plan.transition:
             raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... yielded no samples")
         rng.shuffle(buffer)
         yield from buffer
 
-    def _shuffled(self, reader: _Reader, slot: int, slots: int, consumed: int) -> Iterator[dict]:
+    def _shuffled(self, reader: Reader, slot: int, slots: int, consumed: int) -> Iterator[dict]:
         """The slot's infinite shuffled raw stream after its first ``consumed`` samples."""
-        epoch = 0
-        while consumed:  # skip whole epochs by their sizes
-            shards, stride, phase = self._layout(epoch, slot, slots)
-            n = -(-(sum(reader.size(u) for u in shards) - phase) // stride)
-            if n <= 0:
-                raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... yielded no samples")
-            if consumed < n:
-                break
-            consumed -= n
-            epoch += 1
+        plans, plan, done = self._position(reader, slot, slots, consumed, self.resume.origin)
+        tar_errors = reader.count_tar_errors
         while True:
-            reader.counting = epoch == 0
-            yield from self._epoch(reader, slot, slots, epoch, consumed)
-            consumed = 0
-            epoch += 1
+            reader.counting = plan.number == 0  # bad samples are counted in the first pass only
+            # a transition re-reads shards whose damage the old slots already counted
+            reader.count_tar_errors = tar_errors and not plan.transition
+            yield from self._epoch(reader, slot, plan, done)
+            plan, done = next(plans), 0
 
     # -- samples -------------------------------------------------------------------------------
     def _is_held_out(self, raw: dict[str, Any], meta: dict[str, Any]) -> bool:
@@ -285,20 +221,34 @@ class ShardStream(IterableDataset):
         split, shards = self.held_out
         return raw.get("__url__") in shards and (not split or meta.get("split") == split)
 
+    def _reader(self, reader_id: int) -> tuple[Reader, int, int]:
+        """(the reader, its slot, the number of slots)."""
+        slots = self.world_size * max(self.num_workers, 1)
+        slot = self.rank * max(self.num_workers, 1) + reader_id
+        skipped = Counter(self.resume.skipped.get(reader_id, {}))
+        expected = manifest_sizes(self.urls) | self.resume.shard_sizes
+        # With a sample-level split every slot reads every shard: only slot 0 counts tar errors.
+        sample_split = not self.train or len(self.urls) < slots
+        return Reader(skipped, count_tar_errors=not sample_split or slot == 0, expected=expected), slot, slots
+
+    def transition_length(self, reader_id: int = 0) -> int:
+        """Samples of the transition epoch a reader delivers first after a change of layout (0 if none)."""
+        if self.resume.origin is None:
+            return 0
+        reader, slot, slots = self._reader(reader_id)
+        return next(self._plans(reader, slot, slots, self.resume.origin)).length(reader)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         readers = max(self.num_workers, 1)
         # The DataLoader takes batches from its workers round-robin, starting with worker 0. To
         # continue the exact batch order after a resume, worker w plays reader (w + consumed) % n.
         reader_id = ((info.id if info is not None else 0) + self.resume.consumed_batches) % readers
-        slot, slots = self.rank * readers + reader_id, self.world_size * readers
-        sample_split = not self.train or len(self.urls) < slots
-        skipped = Counter(self.resume.skipped.get(reader_id, {}))
-        # With a sample-level split every slot reads every shard: only slot 0 counts tar errors.
-        expected = manifest_sizes(self.urls) | self.resume.shard_sizes
-        reader = _Reader(skipped, count_tar_errors=not sample_split or slot == 0, expected=expected)
+        reader, slot, slots = self._reader(reader_id)
+        skipped = reader.skipped
         consumed = self.resume.raw_consumed.get(reader_id, 0)
-        raws = self._shuffled(reader, slot, slots, consumed) if self.train else self._slot_raw(reader, slot, slots, 0)
+        raws = (self._shuffled(reader, slot, slots, consumed) if self.train
+                else self._standard(0, slot, slots).raws(reader))
         for pos, raw in enumerate(raws, start=consumed + 1):
             try:
                 image, meta = decode_sample(raw)

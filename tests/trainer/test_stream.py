@@ -11,10 +11,12 @@ import shutil
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 from trainer.data import ImageTransform, make_loader, resolve_shards
+from trainer.epochs import Reader, replay_shuffle
 from trainer.model.prompt import PromptBuilder
-from trainer.stream import ShardStream, StreamState, _Reader, replay_shuffle
+from trainer.stream import ShardStream, StreamState
 
 BATCH, BUFFER = 4, 8
 
@@ -62,17 +64,18 @@ def test_replay_shuffle_is_the_live_shuffle_at_every_point(n, buffer_size):
             assert rest + buffer == order[done:], done
 
 
-def state_after(urls, builder, batches, **kw) -> StreamState:
-    state = StreamState()
-    for batch in itertools.islice(loader(urls, builder, **kw), batches):
+def state_after(urls, builder, batches, resume=None, **kw) -> StreamState:
+    """The state a checkpoint after ``batches`` holds (the loop updates the state it started from)."""
+    state = StreamState.from_state_dict(resume.state_dict()) if resume else StreamState()
+    for batch in itertools.islice(loader(urls, builder, resume=resume, **kw), batches):
         state.update(batch)
     return StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
 
 
-def assert_resumes_exactly(urls, builder, points, ahead=3, **kw):
-    unbroken = [b["keys"] for b in itertools.islice(loader(urls, builder, **kw), max(points) + ahead)]
+def assert_resumes_exactly(urls, builder, points, ahead=3, resume=None, **kw):
+    unbroken = [b["keys"] for b in itertools.islice(loader(urls, builder, resume=resume, **kw), max(points) + ahead)]
     for consumed in points:
-        state = state_after(urls, builder, consumed, **kw)
+        state = state_after(urls, builder, consumed, resume=resume, **kw)
         resumed = [b["keys"] for b in itertools.islice(loader(urls, builder, resume=state, **kw), ahead)]
         assert resumed == unbroken[consumed:consumed + ahead], f"resumed after {consumed} batches"
 
@@ -118,7 +121,7 @@ def test_resume_is_exact_over_a_damaged_shard_and_shards_without_manifest(small_
 def test_a_resume_reads_a_bounded_number_of_samples(small_shards, builder, monkeypatch):
     urls = resolve_shards([str(d) for d in small_shards.values()])
     read = []
-    real_shard = _Reader.shard
+    real_shard = Reader.shard
 
     def counting_shard(self, url, skip=0):
         for raw in real_shard(self, url, skip):
@@ -128,12 +131,51 @@ def test_a_resume_reads_a_bounded_number_of_samples(small_shards, builder, monke
     counts = {}
     for consumed in (48, 48 * 20):  # after 1 epoch and after 20
         state = StreamState(consumed_batches=consumed, raw_consumed={0: consumed * BATCH})
-        monkeypatch.setattr(_Reader, "shard", counting_shard)
+        monkeypatch.setattr(Reader, "shard", counting_shard)
         read.clear()
         next(loader(urls, builder, resume=state))
-        monkeypatch.setattr(_Reader, "shard", real_shard)
+        monkeypatch.setattr(Reader, "shard", real_shard)
         counts[consumed] = len(read)
     epoch = 192
     assert counts[48] > 0, counts
     assert counts[48 * 20] <= epoch + BUFFER  # 20 epochs consumed, at most one epoch read again
     assert counts[48 * 20] <= 2 * counts[48] + BUFFER
+
+
+def batches_of(urls, builder, n, **kw) -> list[dict]:
+    return list(itertools.islice(loader(urls, builder, **kw), n))
+
+
+@pytest.mark.parametrize("old, new", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((2, 0), (3, 2)), ((1, 2), (2, 0))])
+def test_a_change_of_layout_finishes_the_epoch_without_loss_or_repeat(small_shards, builder, old, new):
+    """(world size, loader workers) old -> new, 5 batches into the first epoch: what the old slots
+    had yielded plus the new slots' transition epochs is the epoch, each sample once; then every new
+    slot goes on with the next epoch, and a resume inside the transition is exact."""
+    urls = resolve_shards([str(d) for d in small_shards.values()])  # 192 samples
+    (world, workers), (new_world, new_workers) = old, new
+    before, streams = [], []
+    for rank in range(world):
+        state = StreamState()
+        for batch in batches_of(urls, builder, 5, rank=rank, world=world, workers=workers):
+            state.update(batch)
+            before += batch["keys"]
+        streams.append(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
+    epoch = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    transition = []
+    for rank in range(new_world):
+        resume = StreamState.after_layout_change(streams, workers, BUFFER, rank)
+        s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=rank, world_size=new_world,
+                        batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume, num_workers=new_workers)
+        readers = max(new_workers, 1)
+        lengths = [s.transition_length(w) for w in range(readers)]
+        got = batches_of(urls, builder, sum(-(-n // BATCH) for n in lengths) + readers * 3, rank=rank,
+                         world=new_world, workers=new_workers, resume=resume)
+        for w in range(readers):  # the DataLoader takes batches from its workers in turn
+            keys = [k for b in got[w::readers] for k in b["keys"]]
+            transition += keys[:lengths[w]]
+            assert len(keys) > lengths[w]  # and the reader goes on with the next epoch
+    assert len(before) + len(transition) == len(epoch) == 192
+    assert sorted(before + transition) == sorted(epoch)
+    # a checkpoint in the middle of the transition resumes exactly (the origin travels in the state)
+    resume = StreamState.after_layout_change(streams, workers, BUFFER, 0)
+    assert_resumes_exactly(urls, builder, [2, 9], world=new_world, workers=new_workers, resume=resume)

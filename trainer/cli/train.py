@@ -18,12 +18,11 @@ from trainer.dist import finish_process, shutdown_distributed
 from trainer.logs import setup_logging
 from trainer.model.ifas import ModelLoadError
 from trainer.model.tokenizer import TokenizerError
-from trainer.training.checkpoint import LayoutMismatch
 from trainer.training.inputs import check_inputs, prepare_tokenizer
 from trainer.training.loop import TrainingHalted, train
 
 log = logging.getLogger("ifas.train")
-USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError, LayoutMismatch)
+USER_ERRORS = (ConfigError, ShardSetError, TokenizerError, ModelLoadError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,23 +6,25 @@ marker into it and only then moves the ``latest`` pointer (write to a temp file 
 kill at any moment therefore leaves ``latest`` naming a complete checkpoint; half-written
 directories have no marker and are pruned at the next save. The last ``keep_last`` complete
 checkpoints are kept, plus any ``protected`` one (the best step by held-out HTER).
+
+A checkpoint written by another layout (world size or loader workers) is converted once, by rank
+0, into DeepSpeed's universal format (``step_<N>/universal``, with its own ``COMPLETE``), which any
+world size loads; the data streams continue through a transition epoch (trainer/stream.py).
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from shards.io import atomic_write_text
-from trainer.run_dir import COMPLETE, LATEST, LAYOUT, latest_tag, tag_for
+from trainer.run_dir import COMPLETE, LATEST, LAYOUT, UNIVERSAL, latest_tag, tag_for
 
 log = logging.getLogger(__name__)
-
-
-class LayoutMismatch(ValueError):
-    """The checkpoint was written by another number of ranks or loader workers."""
 
 
 class Checkpointer:
@@ -56,20 +58,43 @@ class Checkpointer:
             if path.name != keep and path.name not in self.protected:
                 shutil.rmtree(path, ignore_errors=True)
 
+    def saved_layout(self) -> dict[str, int] | None:
+        """The layout (world_size, num_workers) of the latest complete checkpoint, None if there is none."""
+        tag = latest_tag(self.dir)
+        return json.loads((self.dir / tag / LAYOUT).read_text()) if tag is not None else None
+
     def load(self, engine, layout: dict[str, int]) -> dict[str, Any] | None:
         """Load the latest complete checkpoint into ``engine``; return its client state (None if none).
-        ``layout`` (world_size, num_workers) must match the one the checkpoint was written with."""
+        From another world size (the engine must then be built with ``load_universal``) through the
+        universal checkpoint; the client state's ``data`` still describes the old streams."""
         tag = latest_tag(self.dir)
         if tag is None:
             return None
         saved = json.loads((self.dir / tag / LAYOUT).read_text())
-        if saved != layout:
-            raise LayoutMismatch(
-                f"the checkpoint {self.dir / tag} was written by {saved['world_size']} ranks with "
-                f"data.num_workers={saved['num_workers']}, this run has {layout['world_size']} ranks and "
-                f"data.num_workers={layout['num_workers']}; resume with the same, or convert the checkpoint for "
-                f"another world size with DeepSpeed's ds_to_universal.py and start a new train.output_dir from it")
-        path, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        load_dir, load_tag = self.dir, tag
+        if saved["world_size"] != layout["world_size"]:  # (other loader workers: the streams alone differ)
+            self._convert_to_universal(self.dir / tag)
+            log.info("checkpoint %s was written by %d rank(s) x %d loader worker(s), this run has %d x %d: loading "
+                     "its universal form", tag, saved["world_size"], max(saved["num_workers"], 1),
+                     layout["world_size"], max(layout["num_workers"], 1))
+            load_dir, load_tag = self.dir / tag, UNIVERSAL
+        path, client = engine.load_checkpoint(str(load_dir), tag=load_tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
         return client
+
+    def _convert_to_universal(self, tag_dir: Path) -> None:
+        """Rank 0 converts (once, atomically by marker) while the other ranks wait."""
+        import torch.distributed as dist
+
+        out = tag_dir / UNIVERSAL
+        if self.is_main and not (out / COMPLETE).is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                   "--output_folder", str(out)]
+            log.info("converting %s for another world size: %s", tag_dir, " ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+            atomic_write_text(out / COMPLETE, tag_dir.name + "\n")
+        dist.barrier()

@@ -31,9 +31,12 @@ def deepspeed_config_path(cfg: RunConfig) -> Path:
     return path
 
 
-def deepspeed_config(cfg: RunConfig, on_cuda: bool) -> dict[str, Any]:
-    """The JSON config with everything the run config owns filled in (one source of truth)."""
+def deepspeed_config(cfg: RunConfig, on_cuda: bool, load_universal: bool = False) -> dict[str, Any]:
+    """The JSON config with everything the run config owns filled in (one source of truth).
+    ``load_universal``: the run resumes from a universal checkpoint (another world size)."""
     ds = json.loads(deepspeed_config_path(cfg).read_text())
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds.pop("train_batch_size", None)
@@ -84,7 +87,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.op
         optimizer, lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio))
 
 
-def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device):
+def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, load_universal: bool = False):
     """Model + DeepSpeed engine for a run; rank 0 writes what export needs (architecture, tokenizer)
     to output_dir, and every rank then uses exactly that tokenizer. Returns (model, tokenizer,
     engine, optimizer)."""
@@ -107,6 +110,7 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device):
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d image tokens per sample", n_params / 1e6, model.num_image_tokens)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg), config=deepspeed_config(cfg, dev.type == "cuda"),
+        model=model, model_parameters=param_groups(model, cfg),
+        config=deepspeed_config(cfg, dev.type == "cuda", load_universal),
         lr_scheduler=lambda opt: make_scheduler(opt, cfg))
     return model, tokenizer, engine, optimizer

@@ -196,6 +196,11 @@ def training_batches(
         caption_source=cfg.data.caption_source,
         held_out=held_out,
     )
+    if state.origin is not None:  # collective: every rank reports its share of the old epoch's rest
+        left = gather_objects([stream.transition_length(r) for r in range(max(cfg.data.num_workers, 1))], info)
+        if info.is_main:
+            log.info("new layout: the samples the old ranks had not reached in their epoch come first, per rank and "
+                     "loader worker: %s", json.dumps(left))
     return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
 
 
@@ -209,18 +214,27 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     run = RunDir(cfg.train.output_dir)
     stop_request = StopRequest()
 
-    model, tokenizer, engine, optimizer = build_engine(cfg, tokenizer, info, dev)
+    checkpointer = Checkpointer(run.checkpoints, cfg.train.keep_last, info.is_main)
+    layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
+    saved_layout = checkpointer.saved_layout() if cfg.train.resume else None
+    elastic = saved_layout is not None and saved_layout != layout  # resumed by another world size / workers
+    universal = elastic and saved_layout["world_size"] != layout["world_size"]  # (model states are per rank)
+    model, tokenizer, engine, optimizer = build_engine(cfg, tokenizer, info, dev, load_universal=universal)
     if info.is_main:
         run.preempted.unlink(missing_ok=True)
 
-    checkpointer = Checkpointer(run.checkpoints, cfg.train.keep_last, info.is_main)
     start_step, stream_state = 0, StreamState()
-    layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
     client = checkpointer.load(engine, layout) if cfg.train.resume else None
     if client is not None:
         start_step = client["step"]
-        stream_state = StreamState.from_state_dict(client["data"]["streams"][info.rank])
-        log.info("resumed from step %d", start_step)
+        old = client["data"]
+        if elastic:  # the old ranks' streams finish their epoch through a transition (trainer/stream.py)
+            stream_state = StreamState.after_layout_change(old["streams"], old["num_workers"],
+                                                           client["config"]["data"]["shuffle_buffer"], info.rank)
+        else:
+            stream_state = StreamState.from_state_dict(old["streams"][info.rank])
+        log.info("resumed from step %d%s", start_step, f" (checkpoint of {old['world_size']} rank(s) x "
+                 f"{max(old['num_workers'], 1)} worker(s))" if elastic else "")
 
     builder, transform, batches = training_batches(cfg, train_urls, model, tokenizer, info, stream_state)
 

@@ -110,9 +110,62 @@ def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
     assert min(losses(out)) == stopped_at + 1 and max(losses(out)) == 25
     assert not (out / "preempted").exists()
 
-    # Another world size: refused with a message that says how to convert, not silently wrong.
-    code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps, ranks=1)))
-    assert code != 0 and "written by 2 ranks" in log and "ds_to_universal" in log
+
+def records(out: Path, rank: int) -> list[dict]:
+    """A rank's sample-key records in the order it wrote them (runs append)."""
+    path = out / "sample_keys" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("before, after, workers", [(2, 1, 0), (1, 2, 0), (2, 2, 1)])
+def test_resume_on_another_world_size_finishes_the_epoch_then_goes_on(small_shards, tmp_path, before, after, workers):
+    """kill -9 at one world size, the same command at another (or with other loader workers): the
+    checkpoint is converted to DeepSpeed's universal form where the world size changed, optimizer and
+    schedule continue, and over the interrupted epoch every sample is trained on exactly once (what
+    the old ranks had not reached comes first)."""
+    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c", "domain_d")]  # 192 samples
+    steps = ["train.max_steps=60", "train.save_every=6", "data.num_workers=0", "data.shuffle_buffer=16"]
+    out = tmp_path / "run"
+    proc = start(command(shards, small_shards["domain_d"], out, *steps, ranks=before))
+    wait_for(lambda: latest(out) == "step_00000006", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    trained = [k for r in range(before) for rec in records(out, r) if rec["step"] <= 6 for k in rec["keys"]]
+    first = losses_logged(out)
+    assert len(trained) == 6 * 4 * before
+
+    code, log = finish(start(command(shards, small_shards["domain_d"], out, *steps, f"data.num_workers={workers}",
+                                     ranks=after)))
+    assert code == 0, log[-3000:]
+    assert f"checkpoint of {before} rank(s) x 1 worker(s)" in log
+    # converted, then loaded, where the world size changed
+    assert ("step_00000006 for another world size" in log) == (before != after)
+    left = json.loads(log.split("per rank and loader worker: ")[1].splitlines()[0])
+    assert sum(n for per_rank in left for n in per_rank) == 192 - len(trained)
+    # the killed run may have logged steps after its checkpoint: the resumed run's 54 steps come last
+    resumed = [[k for rec in records(out, r)[-(60 - 6):] for k in rec["keys"]] for r in range(after)]
+    transition = [k for r in range(after) for k in resumed[r][:left[r][0]]]
+    epoch = sorted(k for d in shards for k in keys_of_set(d))
+    assert sorted(trained + transition) == epoch  # none lost, none repeated
+    assert all(len(resumed[r]) > left[r][0] for r in range(after))  # then the next epoch
+    history = losses(out)
+    assert sorted(history) == list(range(7, 61))
+    # the weights and optimizer came back (a fresh model would start near the first loss) and keep learning
+    assert history[7] < (first[1] + first[6]) / 2 and abs(history[7] - first[6]) < 0.25 * first[6]
+    assert history[60] < history[7]
+
+
+def losses_logged(out: Path) -> dict[int, float]:
+    """step -> loss of a run that did not finish, read from its TensorBoard events."""
+    return {int(e.step): e.value for e in tensorboard_events(out / "tb").Scalars("train/loss")}
+
+
+def keys_of_set(shard_dir: Path) -> list[str]:
+    import webdataset as wds
+
+    from trainer.data import resolve_shards
+
+    return [s["__key__"] for s in wds.WebDataset(resolve_shards([str(shard_dir)]), shardshuffle=False)]
 
 
 def _corrupt_shards(src: Path, dst: Path) -> list[Path]:
