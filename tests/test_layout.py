@@ -5,7 +5,7 @@
 - ``trainer`` takes from ``shards`` only what defines a sample (schema, manifest, io, captions,
   keywords, face crop, the captioner prompt), never the build machinery;
 - inside ``trainer`` the data flow is one-way: foundation (config, dist, logs, run_dir) < model <
-  data (data, epochs, stream) < eval < training < commands (cli/, bench, resume_bench); nothing imports
+  data (data, augment, epochs, stream) < eval < training < commands (cli/, bench, resume_bench); nothing imports
   ``trainer.cli``.
 The rules are also checked on synthetic graphs, so a broken checker cannot pass silently.
 """
@@ -30,7 +30,8 @@ TRAINER_MAY_USE_FROM_SHARDS = {
 }
 FOUNDATION = {"trainer", "trainer.config", "trainer.dist", "trainer.logs", "trainer.run_dir"}
 # Each layer may import only those before it; the commands are cli/ and the benchmarks.
-TRAINER_LAYERS = (("model",), ("data", "epochs", "stream"), ("eval",), ("training",), ("cli", "bench", "resume_bench"))
+TRAINER_LAYERS = (("model",), ("data", "augment", "epochs", "stream"), ("eval",), ("training",),
+                  ("cli", "bench", "resume_bench"))
 
 
 def module_name(path: Path) -> str:

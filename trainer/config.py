@@ -53,6 +53,21 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Train-time image augmentation against capture-condition shift (trainer/augment.py); never
+    applied in evaluation."""
+
+    enabled: bool = False
+    crop_scale: float = 0.8  # random resized crop keeps this..100% of the area (1 = no crop)
+    flip: float = 0.5  # probability of a horizontal flip
+    color: float = 0.2  # brightness/contrast/saturation jitter +-this, colour cast +-half of it (0 = off)
+    resample: float = 0.25  # probability of down-up resampling by 2-4x (resolution shift)
+    blur: float = 0.1  # probability of a Gaussian blur, radius 0.5-1.5 px (blur is also a spoof cue: keep low)
+    jpeg: float = 0.5  # probability of a JPEG re-encode
+    jpeg_quality_min: int = 40  # its quality is drawn from this..95
+
+
+@dataclass
 class DataConfig:
     train_shards: list[str] = field(default_factory=list)  # shard-set dirs, globs or brace URLs
     eval_shards: list[str] = field(default_factory=list)
@@ -68,6 +83,7 @@ class DataConfig:
     # be LLaVA-shaped (model.gac=false, model.projector_merge=1) to export for ifas-shards caption.
     task: str = "fas"
     caption_prompt: str = CAPTION_PROMPT
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.captions import template_caption
 from shards.schema import is_live
+from trainer.augment import Augment
 from trainer.data import BadSample, ImageTransform, ShardSetError, decode_sample, sample_tensors
 from trainer.epochs import EpochPlan, Reader, manifest_sizes, read_samples, replay_shuffle
 from trainer.model.prompt import PromptBuilder
@@ -99,8 +100,10 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], builder: PromptBuilder, transform: ImageTransform, *, rank: int,
                  world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
                  with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0,
-                 caption_source: str = "shards", held_out: tuple[str, frozenset[str]] | None = None) -> None:
+                 caption_source: str = "shards", held_out: tuple[str, frozenset[str]] | None = None,
+                 augment: Augment | None = None) -> None:
         super().__init__()
+        self.augment = augment if train else None  # evaluation never augments
         self.caption_source = caption_source  # shards | template (config.DataConfig.caption_source)
         # (split, shards): training never sees that split's samples in those shards, which fix the
         # decision threshold instead (eval.dev_shards; docs/architecture.md, "Thresholds").
@@ -257,6 +260,8 @@ class ShardStream(IterableDataset):
                 continue
             if self._is_held_out(raw, meta):
                 continue
+            if self.augment is not None:  # seeded by the sample's place in the stream: the same after a resume
+                image = self.augment(image, np.random.default_rng([self.seed, slot, pos, 4]))
             if self.with_answers:
                 caption = (meta.get("caption", "") if self.caption_source == "shards"
                            else template_caption(meta.get("attack", "none"), raw["__key__"]))

@@ -53,6 +53,7 @@ class Variant:
     captions: str  # shards | none | template | spoof_aware
     overrides: tuple[str, ...] = ()
     requires_caption_source: str | None = None  # run only when the training shards hold such captions
+    requires_augment: bool = False  # run only when the protocol trains with data.augment on
 
 
 @dataclass
@@ -79,6 +80,7 @@ def load_grid(path: str | Path) -> list[Variant]:
                 captions=str(v["captions"]),
                 overrides=tuple(v.get("overrides") or ()),
                 requires_caption_source=v.get("requires_caption_source"),
+                requires_augment=bool(v.get("requires_augment", False)),
             )
             for v in data["variants"]
         ]
@@ -132,6 +134,9 @@ def skip_reason(variant: Variant, sources: Counter, protocol: Path, base: list[s
         )
     try:
         load_config(protocol, base + list(variant.overrides))
+        if variant.requires_augment and not load_config(protocol, base).data.augment.enabled:
+            return ("not comparable here: the protocol trains without augmentation (data.augment.enabled false), "
+                    "so the full variant already is this one")
     except ConfigError as exc:
         return f"not runnable: {exc}"
     return ""

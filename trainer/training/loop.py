@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from shards.scf import captioner_prompt
+from trainer.augment import Augment
 from trainer.config import RunConfig
 from trainer.data import SKIP_REASONS, ImageTransform, make_loader
 from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, gather_objects, init_distributed
@@ -195,6 +196,7 @@ def training_batches(
         num_workers=cfg.data.num_workers,
         caption_source=cfg.data.caption_source,
         held_out=held_out,
+        augment=Augment(cfg.data.augment) if cfg.data.augment.enabled else None,
     )
     if state.origin is not None:  # collective: every rank reports its share of the old epoch's rest
         left = gather_objects([stream.transition_length(r) for r in range(max(cfg.data.num_workers, 1))], info)

@@ -28,12 +28,14 @@ def protocol(small_shards, tmp_path):
 
 def test_default_grid_turns_off_each_part():
     variants = {v.name: v for v in load_grid(DEFAULT_GRID)}
-    assert list(variants) == ["full", "no_gac", "plain_lm", "judgment_only", "template_captions"]
+    assert list(variants) == ["full", "no_gac", "plain_lm", "judgment_only", "template_captions", "no_augment"]
     assert variants["full"].overrides == () and variants["full"].gac and variants["full"].llm
     assert variants["no_gac"].overrides == ("model.gac=false",) and not variants["no_gac"].gac
     assert variants["plain_lm"].overrides == ("loss.mode=plain",) and not variants["plain_lm"].llm
     assert variants["judgment_only"].overrides == ("data.answer_style=judgment",)
     assert variants["template_captions"].requires_caption_source == "spoof_aware"
+    assert variants["no_augment"].overrides == ("data.augment.enabled=false",)
+    assert variants["no_augment"].requires_augment
 
 
 def test_bad_grid_is_one_line(tmp_path, capsys, protocol):
@@ -54,6 +56,16 @@ def test_dry_run_prints_one_command_per_runnable_variant(protocol, tmp_path, cap
         assert "--num_gpus" in cmd and "launch/train.sh --config" in cmd and "train.max_steps=3" in cmd
         assert cmd.endswith(extra)
     assert "template_captions: skipped (not comparable here" in caplog.text
+    assert "no_augment: skipped (not comparable here: the protocol trains without augmentation" in caplog.text
+
+
+def test_no_augment_runs_where_the_protocol_augments(protocol, tmp_path, capsys):
+    augmented = tmp_path / "aug.yaml"
+    augmented.write_text(protocol.read_text().replace("data:\n", "data:\n  augment: {enabled: true}\n", 1))
+    assert main(["--protocol", str(augmented), "--variants", "full", "no_augment", "--steps", "3", "--out",
+                 str(tmp_path / "abl"), "--dry-run"]) == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2 and commands[1].endswith("data.augment.enabled=false")
 
 
 def test_unknown_override_makes_a_variant_not_runnable(protocol, tmp_path, capsys, caplog):
