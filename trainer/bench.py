@@ -93,7 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     info = init_distributed()
     dev = device()
     torch.manual_seed(cfg.train.seed)
-    train_urls = resolve_shards(cfg.data.train_shards)
+    train_urls = resolve_shards([s.path for s in cfg.data.train_sources()])
     tokenizer = prepare_tokenizer(cfg, train_urls)
     model, tokenizer, engine, _ = build_engine(cfg, tokenizer, info, dev)
     torch.manual_seed(cfg.train.seed)

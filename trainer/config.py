@@ -53,6 +53,14 @@ class ModelConfig:
 
 
 @dataclass
+class ShardSource:
+    """A training shard set with its share of the samples (data.train_shards: {path: ..., weight: ...})."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
 class AugmentConfig:
     """Train-time image augmentation against capture-condition shift (trainer/augment.py); never
     applied in evaluation."""
@@ -69,7 +77,10 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: list[str] = field(default_factory=list)  # shard-set dirs, globs or brace URLs
+    # Shard-set dirs, globs or brace URLs, read as one set; or with weights ({path: ..., weight: 0.3}):
+    # each set then streams on its own and every sample is drawn from a set with probability
+    # proportional to its weight (trainer/stream.py, deterministic for the seed and resumable).
+    train_shards: list[str | ShardSource] = field(default_factory=list)
     eval_shards: list[str] = field(default_factory=list)
     max_length: int = 128  # tokens per sample, image tokens included; captions are truncated
     shuffle_buffer: int = 512
@@ -84,6 +95,15 @@ class DataConfig:
     task: str = "fas"
     caption_prompt: str = CAPTION_PROMPT
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def train_sources(self) -> list[ShardSource]:
+        """data.train_shards as sources (a plain path has weight 1)."""
+        return [s if isinstance(s, ShardSource) else ShardSource(s) for s in self.train_shards]
+
+    @property
+    def mixed(self) -> bool:
+        """Weighted mixing: some train_shards entry gives a weight."""
+        return any(isinstance(s, ShardSource) for s in self.train_shards)
 
 
 @dataclass
@@ -166,7 +186,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
-                pass
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise  # a mapping meant that section: its own error says what is wrong
         raise ConfigError(f"config key {key!r}: {value!r} is not a valid {hint}")
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -180,6 +201,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
         return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping ({', '.join(hint.__dataclass_fields__)}), "
+                              f"got {value!r}")
+        return _build(hint, value, f"{key}.")
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -4,6 +4,7 @@ TensorBoard writer (``MetricsWriter``) with every tag the project writes named b
 Tags (docs/architecture.md "TensorBoard"):
   train/<field>                  the training loop's window averages (loss, lr, samples_per_s, ...)
   data/skipped/<reason>          bad samples skipped so far, summed over ranks
+  data/source/<i>_<set>          share of the samples drawn from each weighted source so far
   data/wait_s/rank<r>, data/wait_frac  loader wait per rank (the slowest rank's fraction)
   memory/<kind>/rank<r>          resident set and CUDA memory per rank
   lr/<group>                     learning rate of each module group
@@ -43,6 +44,10 @@ class Tags:
     @staticmethod
     def skipped(reason: str) -> str:
         return f"data/skipped/{reason}"
+
+    @staticmethod
+    def source(name: str) -> str:
+        return f"data/source/{name}"
 
     @staticmethod
     def data_wait(rank: int) -> str:
@@ -117,6 +122,8 @@ class MetricsWriter:
         for field, value in record.items():
             if field == "skipped_samples":
                 values.update({Tags.skipped(reason): count for reason, count in value.items()})
+            elif field == "source_fractions":
+                values.update({Tags.source(name): share for name, share in value.items()})
             elif field != "step":
                 values[Tags.train(field)] = value
         self.scalars(values, step)

@@ -46,7 +46,7 @@ def measure(consumed_samples: list[int], repeats: int, verify_up_to: int, config
     from trainer.training.inputs import read_captions
 
     cfg = load_config(config, [])
-    urls = resolve_shards(cfg.data.train_shards)
+    urls = resolve_shards([s.path for s in cfg.data.train_sources()])
     tokenizer = build_demo_tokenizer(read_captions(urls))
     builder = PromptBuilder(tokenizer, 24, cfg.data.max_length)  # the demo model's 16 + 8 image tokens
     transform = ImageTransform(128, [0.5] * 3, [0.5] * 3)

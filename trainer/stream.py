@@ -45,13 +45,22 @@ class StreamState:
     # After a change of layout: the stream before it ({"slots", "consumed" per old slot, its own
     # "origin"}); positions then count from the transition epoch (trainer/epochs.py).
     origin: dict[str, Any] | None = None
+    # Weighted sources: per reader, the source chooser's generator state and each source's position.
+    mix: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def update(self, batch: dict[str, Any]) -> None:
-        reader, raw_pos, skipped, sizes = batch["stream_pos"]
+        reader, raw_pos, skipped, sizes, mix = batch["stream_pos"]
         self.consumed_batches += 1
         self.raw_consumed[reader] = raw_pos
         self.skipped[reader] = skipped
         self.shard_sizes.update(sizes)
+        if mix is not None:
+            self.mix[reader] = mix
+
+    def source_counts(self) -> list[int]:
+        """Samples drawn from each weighted source so far, over this rank's readers."""
+        counts = [m["consumed"] for m in self.mix.values()]
+        return [sum(c) for c in zip(*counts)] if counts else []
 
     def skipped_total(self) -> Counter:
         total: Counter = Counter()
@@ -62,14 +71,15 @@ class StreamState:
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_batches": self.consumed_batches, "raw_consumed": dict(self.raw_consumed),
                 "skipped": {k: dict(v) for k, v in self.skipped.items()}, "shard_sizes": dict(self.shard_sizes),
-                "origin": self.origin}
+                "origin": self.origin, "mix": {k: dict(v) for k, v in self.mix.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "StreamState":
         # JSON/pickle round trips may turn int keys into strings.
         return cls(int(state["consumed_batches"]), {int(k): int(v) for k, v in state["raw_consumed"].items()},
                    {int(k): dict(v) for k, v in state.get("skipped", {}).items()},
-                   {str(k): int(v) for k, v in state.get("shard_sizes", {}).items()}, state.get("origin"))
+                   {str(k): int(v) for k, v in state.get("shard_sizes", {}).items()}, state.get("origin"),
+                   {int(k): dict(v) for k, v in state.get("mix", {}).items()})
 
     @classmethod
     def after_layout_change(cls, streams: list[dict[str, Any]], num_workers: int, shuffle_buffer: int,
@@ -82,6 +92,13 @@ class StreamState:
         consumed = {r * readers + w: c for r, st in enumerate(old) for w, c in st.raw_consumed.items()}
         state = cls(origin={"slots": len(old) * readers, "consumed": consumed, "shuffle_buffer": shuffle_buffer,
                             "origin": old[0].origin})
+        if any(st.mix for st in old):  # weighted sources: each source's own positions, its own transition
+            per_source = {r * readers + w: m["consumed"] for r, st in enumerate(old) for w, m in st.mix.items()}
+            sources = len(next(iter(per_source.values())))
+            parents = (old[0].origin or {}).get("sources") or [None] * sources
+            state.origin["sources"] = [{"slots": len(old) * readers, "shuffle_buffer": shuffle_buffer,
+                                        "consumed": {s: c[i] for s, c in per_source.items()}, "origin": parents[i]}
+                                       for i in range(sources)]
         for st in old:
             state.shard_sizes.update(st.shard_sizes)
             if rank == 0:
@@ -101,8 +118,11 @@ class ShardStream(IterableDataset):
                  world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
                  with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0,
                  caption_source: str = "shards", held_out: tuple[str, frozenset[str]] | None = None,
-                 augment: Augment | None = None) -> None:
+                 augment: Augment | None = None, sources: list[tuple[list[str], float]] | None = None) -> None:
         super().__init__()
+        # Weighted sources (urls, weight), training only: each streams on its own, a seeded chooser
+        # draws every sample's source with probability proportional to its weight.
+        self.sources = sources if train else None
         self.augment = augment if train else None  # evaluation never augments
         self.caption_source = caption_source  # shards | template (config.DataConfig.caption_source)
         # (split, shards): training never sees that split's samples in those shards, which fix the
@@ -238,8 +258,40 @@ class ShardStream(IterableDataset):
         """Samples of the transition epoch a reader delivers first after a change of layout (0 if none)."""
         if self.resume.origin is None:
             return 0
+        if self.sources:
+            origins = self.resume.origin.get("sources") or [None] * len(self.sources)
+            return sum(self._part(urls, o).transition_length(reader_id) for (urls, _), o in zip(self.sources, origins))
         reader, slot, slots = self._reader(reader_id)
         return next(self._plans(reader, slot, slots, self.resume.origin)).length(reader)
+
+    def _part(self, urls: list[str], origin: dict[str, Any] | None) -> "ShardStream":
+        """The stream of one weighted source (its position comes from the chooser's state)."""
+        return ShardStream(urls, self.builder, self.transform, rank=self.rank, world_size=self.world_size,
+                           batch_size=self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+                           resume=StreamState(origin=origin), num_workers=self.num_workers)
+
+    def _mixed(self, reader: Reader, reader_id: int, slot: int, slots: int) -> Iterator[tuple[dict, dict]]:
+        """(raw sample, chooser state after it) of the weighted sources, resumed from the state."""
+        assert self.sources is not None
+        cumulative = np.cumsum([w for _, w in self.sources]) / sum(w for _, w in self.sources)
+        chooser = np.random.default_rng([self.seed, slot, 5])
+        consumed = [0] * len(self.sources)
+        if reader_id in self.resume.mix:
+            chooser.bit_generator.state = self.resume.mix[reader_id]["rng"]
+            consumed = list(self.resume.mix[reader_id]["consumed"])
+        origins = (self.resume.origin or {}).get("sources") or [None] * len(self.sources)
+        streams = []
+        for (urls, _), origin, done in zip(self.sources, origins, consumed):
+            part_reader = Reader(reader.skipped, count_tar_errors=len(urls) >= slots or slot == 0,
+                                 expected=reader.expected)
+            part_reader.corrections = reader.corrections  # one record of damaged shards per reader
+            streams.append(self._part(urls, origin)._shuffled(part_reader, slot, slots, done))
+        while True:
+            source = int(np.searchsorted(cumulative, chooser.random(), side="right"))
+            source = min(source, len(streams) - 1)
+            raw = next(streams[source])
+            consumed[source] += 1
+            yield raw, {"rng": chooser.bit_generator.state, "consumed": list(consumed)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -250,9 +302,13 @@ class ShardStream(IterableDataset):
         reader, slot, slots = self._reader(reader_id)
         skipped = reader.skipped
         consumed = self.resume.raw_consumed.get(reader_id, 0)
-        raws = (self._shuffled(reader, slot, slots, consumed) if self.train
-                else self._standard(0, slot, slots).raws(reader))
-        for pos, raw in enumerate(raws, start=consumed + 1):
+        if self.sources:
+            mixed = self._mixed(reader, reader_id, slot, slots)
+        else:
+            raws = (self._shuffled(reader, slot, slots, consumed) if self.train
+                    else self._standard(0, slot, slots).raws(reader))
+            mixed = ((raw, None) for raw in raws)
+        for pos, (raw, mix) in enumerate(mixed, start=consumed + 1):
             try:
                 image, meta = decode_sample(raw)
             except BadSample as exc:
@@ -270,5 +326,5 @@ class ShardStream(IterableDataset):
                 enc = self.builder.encode_prompt()
             sample = sample_tensors(enc, self.transform(image), meta, raw["__key__"])
             if self.train:
-                sample["stream_pos"] = (reader_id, pos, dict(skipped), dict(reader.corrections))
+                sample["stream_pos"] = (reader_id, pos, dict(skipped), dict(reader.corrections), mix)
             yield sample

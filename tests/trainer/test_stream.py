@@ -179,3 +179,37 @@ def test_a_change_of_layout_finishes_the_epoch_without_loss_or_repeat(small_shar
     # a checkpoint in the middle of the transition resumes exactly (the origin travels in the state)
     resume = StreamState.after_layout_change(streams, workers, BUFFER, 0)
     assert_resumes_exactly(urls, builder, [2, 9], world=new_world, workers=new_workers, resume=resume)
+
+
+def mixed(urls_a, urls_b, builder, resume=None, seed=0, workers=0, weights=(0.75, 0.25)):
+    s = ShardStream(urls_a + urls_b, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1,
+                    batch_size=BATCH, seed=seed, shuffle_buffer=BUFFER, resume=resume, num_workers=workers,
+                    sources=[(urls_a, weights[0]), (urls_b, weights[1])])
+    return iter(make_loader(s, builder.tokenizer.pad_token_id))
+
+
+def test_weighted_sources_are_drawn_in_proportion_deterministically(small_shards, builder):
+    a, b = (resolve_shards([str(small_shards[d])]) for d in ("domain_a", "domain_b"))
+    batches = list(itertools.islice(mixed(a, b, builder), 500))  # 2000 samples: each 48-sample set many times over
+    domains = [m["dataset"] for batch in batches for m in batch["meta"]]
+    assert abs(domains.count("domain_a") / len(domains) - 0.75) <= 0.02
+    state = StreamState()
+    for batch in batches:
+        state.update(batch)
+    assert state.source_counts() == [domains.count("domain_a"), domains.count("domain_b")]  # what gets logged
+    again = [b["keys"] for b in itertools.islice(mixed(a, b, builder), 20)]
+    assert again == [b["keys"] for b in batches[:20]]
+    assert again != [b["keys"] for b in itertools.islice(mixed(a, b, builder, seed=1), 20)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_weighted_sources_resume_exactly(small_shards, builder, workers):
+    a, b = (resolve_shards([str(small_shards[d])]) for d in ("domain_a", "domain_b"))
+    unbroken = [x["keys"] for x in itertools.islice(mixed(a, b, builder, workers=workers), 40)]
+    for consumed in (3, 17, 36):
+        state = StreamState()
+        for batch in itertools.islice(mixed(a, b, builder, workers=workers), consumed):
+            state.update(batch)
+        state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+        resumed = [x["keys"] for x in itertools.islice(mixed(a, b, builder, resume=state, workers=workers), 4)]
+        assert resumed == unbroken[consumed:consumed + 4], consumed

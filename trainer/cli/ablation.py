@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--protocol {protocol} has no data.eval_shards: the ablation compares held-out "
                 "metrics; set data.eval_shards"
             )
-        sources = caption_sources(cfg.data.train_shards)
+        sources = caption_sources([s.path for s in cfg.data.train_sources()])
         t0 = time.perf_counter()
         outcomes = run_grid(
             variants, protocol, out, args.steps, args.seeds, ranks, args.overrides, sources, args.dry_run

@@ -42,7 +42,12 @@ def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
 def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     """Resolve shard sets and check the DeepSpeed config; raises a user error naming the problem.
     (The tokenizer is checked by prepare_tokenizer, also before any rank starts work.)"""
-    train_urls = resolve_shards(cfg.data.train_shards, "data.train_shards")
+    sources = cfg.data.train_sources()
+    train_urls = resolve_shards([s.path for s in sources], "data.train_shards")
+    bad = [s for s in sources if not s.weight > 0]
+    if bad:
+        raise ConfigError(f"data.train_shards: {bad[0].path} has weight {bad[0].weight}; weights must be positive "
+                          "(leave a set out to not train on it)")
     eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
     held = held_out_dev(cfg, train_urls)
     if held and not held[0] and held[1] == frozenset(train_urls):

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from shards.scf import captioner_prompt
 from trainer.augment import Augment
 from trainer.config import RunConfig
-from trainer.data import SKIP_REASONS, ImageTransform, make_loader
+from trainer.data import SKIP_REASONS, ImageTransform, make_loader, resolve_shards
 from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, gather_objects, init_distributed
 from trainer.eval.periodic import PeriodicEvaluator
 from trainer.logs import MetricsWriter, log_system_scalars, setup_logging
@@ -157,6 +158,14 @@ class StopRequest:
         return flag.item() > 0
 
 
+def source_fractions(cfg: RunConfig, state: StreamState) -> dict[str, float]:
+    """Share of the samples drawn so far from each weighted source, over all ranks (collective)."""
+    sources = cfg.data.train_sources()
+    counts = state.source_counts() or [0] * len(sources)
+    totals = all_reduce_sum(torch.tensor([float(c) for c in counts], dtype=torch.float64)).tolist()
+    return {f"{i}_{Path(s.path).name}": c / max(sum(totals), 1.0) for i, (s, c) in enumerate(zip(sources, totals))}
+
+
 def skipped_counts(state: StreamState) -> dict[str, int]:
     """Bad samples skipped so far, summed over ranks, per reason (collective)."""
     local = state.skipped_total()
@@ -197,6 +206,7 @@ def training_batches(
         caption_source=cfg.data.caption_source,
         held_out=held_out,
         augment=Augment(cfg.data.augment) if cfg.data.augment.enabled else None,
+        sources=[(resolve_shards([s.path]), s.weight) for s in cfg.data.train_sources()] if cfg.data.mixed else None,
     )
     if state.origin is not None:  # collective: every rank reports its share of the old epoch's rest
         left = gather_objects([stream.transition_length(r) for r in range(max(cfg.data.num_workers, 1))], info)
@@ -327,6 +337,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                 "data_wait_frac": window.wait_s / window.seconds,
                 "skipped_steps": skipped_steps,
                 "skipped_samples": skipped_counts(stream_state),
+                **({"source_fractions": source_fractions(cfg, stream_state)} if cfg.data.mixed else {}),
             }
             history.append(rec)
             lrs = {g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)}

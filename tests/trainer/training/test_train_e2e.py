@@ -266,3 +266,17 @@ def test_predict_prints_judgment_score_and_explanation(exported, small_shards, t
         assert 0.0 <= ln["score"] <= 1.0 and ln["judgment"] == ("Yes" if ln["score"] >= 0.5 else "No")
         assert isinstance(ln["explanation"], str)
     assert main(["--model", str(exported), str(tmp_path / "missing.jpg")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_weighted_sources_train_and_log_their_realised_shares(small_shards, tmp_path):
+    a, b = small_shards["domain_a"], small_shards["domain_b"]
+    out = tmp_path / "mixed"
+    run_train(small_shards, out, f"data.train_shards=[{{path: {a}, weight: 3}}, {{path: {b}, weight: 1}}]",
+              "train.max_steps=8", "train.save_every=8", "eval.at_end=false", "eval.dev_shards=[]")
+    events = tensorboard_events(out / "tb")
+    share_a = events.Scalars("data/source/0_domain_a")[-1].value
+    share_b = events.Scalars("data/source/1_domain_b")[-1].value
+    assert share_a + share_b == pytest.approx(1.0) and 0.6 <= share_a <= 0.9  # 64 draws at 3:1
+    assert json.loads((out / "train_result.json").read_text())["history"][-1]["source_fractions"]
