@@ -95,6 +95,9 @@ class DataConfig:
     task: str = "fas"
     caption_prompt: str = CAPTION_PROMPT
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Live/spoof balancing: every training set's live and spoof samples stream apart and are drawn
+    # half and half (within the set's weight), the minority label then coming round more often.
+    balance: bool = False
 
     def train_sources(self) -> list[ShardSource]:
         """data.train_shards as sources (a plain path has weight 1)."""

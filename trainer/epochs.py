@@ -45,6 +45,31 @@ def manifest_sizes(urls: list[str]) -> dict[str, int]:
     return sizes
 
 
+def label_offsets(url: str) -> dict[str, tuple[int, ...]]:
+    """{label: offsets of its samples in the shard}, from the json members alone (tar headers are
+    skipped over, images never read). Samples are numbered as webdataset groups them: consecutive
+    members sharing the name before the first dot. Used by live/spoof balancing (data.balance)."""
+    found: dict[str, list[int]] = {}
+    index, key = -1, None
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                name = Path(member.name).name
+                stem = name.split(".", 1)[0]
+                if stem != key:
+                    index, key = index + 1, stem
+                if name.endswith(".json") and member.isfile():
+                    try:
+                        label = json.loads(tar.extractfile(member).read()).get("label")  # type: ignore[union-attr]
+                    except (ValueError, AttributeError):
+                        continue  # a bad json: the stream skips and counts it when decoding
+                    if isinstance(label, str):
+                        found.setdefault(label, []).append(index)
+    except (OSError, tarfile.TarError) as exc:  # damaged: what came before still streams
+        log.warning("%s: labels read up to sample %d (%s)", url, index, exc)
+    return {label: tuple(offsets) for label, offsets in found.items()}
+
+
 def replay_shuffle(rng: np.random.Generator, n: int, buffer_size: int, done: int) -> tuple[list[int], int, bool]:
     """The shuffle buffer of an epoch of ``n`` raw samples after it yielded ``done`` of them, on
     indices only: (buffer contents, next index to read, draining). Draws from ``rng`` exactly what
@@ -151,6 +176,8 @@ class EpochPlan:
                         yield raw
                     g += 1
                 base += reader.expected.get(url, g - base)  # the shard's true size, now that it was read
+                continue
+            if not offsets:
                 continue
             position = {offset: j for j, offset in enumerate(offsets)}
             for offset, raw in enumerate(reader.shard(url)):

@@ -26,7 +26,7 @@ from shards.captions import template_caption
 from shards.schema import is_live
 from trainer.augment import Augment
 from trainer.data import BadSample, ImageTransform, ShardSetError, decode_sample, sample_tensors
-from trainer.epochs import EpochPlan, Reader, manifest_sizes, read_samples, replay_shuffle
+from trainer.epochs import EpochPlan, Reader, label_offsets, manifest_sizes, read_samples, replay_shuffle
 from trainer.model.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,13 @@ class ShardStream(IterableDataset):
                  world_size: int, batch_size: int, seed: int = 0, shuffle_buffer: int = 512, train: bool = True,
                  with_answers: bool = True, resume: StreamState | None = None, num_workers: int = 0,
                  caption_source: str = "shards", held_out: tuple[str, frozenset[str]] | None = None,
-                 augment: Augment | None = None, sources: list[tuple[list[str], float]] | None = None) -> None:
+                 augment: Augment | None = None, sources: list[tuple[list[str], float, str | None]] | None = None,
+                 label: str | None = None) -> None:
         super().__init__()
-        # Weighted sources (urls, weight), training only: each streams on its own, a seeded chooser
-        # draws every sample's source with probability proportional to its weight.
+        self.label = label  # only this label's samples (a part of a live/spoof balanced source)
+        self._label_offsets: dict[str, dict[str, tuple[int, ...]]] = {}
+        # Weighted sources (urls, weight, label or None), training only: each streams on its own, a
+        # seeded chooser draws every sample's source with probability proportional to its weight.
         self.sources = sources if train else None
         self.augment = augment if train else None  # evaluation never augments
         self.caption_source = caption_source  # shards | template (config.DataConfig.caption_source)
@@ -136,14 +139,21 @@ class ShardStream(IterableDataset):
         self.num_workers = num_workers  # DataLoader workers; 0 = read in the training process
 
     # -- which raw samples a slot reads, epoch by epoch (trainer/epochs.py) -----------------------
+    def _segment(self, url: str) -> tuple[str, tuple[int, ...] | None]:
+        if self.label is None:
+            return url, None
+        if url not in self._label_offsets:
+            self._label_offsets[url] = label_offsets(url)
+        return url, self._label_offsets[url].get(self.label, ())
+
     def _standard(self, epoch: int, slot: int, slots: int) -> EpochPlan:
         order = list(self.urls)
         if self.train:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
         if len(order) >= slots and self.train:
-            return EpochPlan(epoch, tuple((u, None) for u in order[slot::slots]))
+            return EpochPlan(epoch, tuple(self._segment(u) for u in order[slot::slots]))
         # fewer shards than slots (or evaluation): every slots-th sample
-        return EpochPlan(epoch, tuple((u, None) for u in order), stride=slots, phase=slot)
+        return EpochPlan(epoch, tuple(self._segment(u) for u in order), stride=slots, phase=slot)
 
     def _plans(self, reader: Reader, slot: int, slots: int, origin: dict[str, Any] | None) -> Iterator[EpochPlan]:
         """The slot's epochs: after a change of layout a transition first, then standard epochs."""
@@ -260,20 +270,21 @@ class ShardStream(IterableDataset):
             return 0
         if self.sources:
             origins = self.resume.origin.get("sources") or [None] * len(self.sources)
-            return sum(self._part(urls, o).transition_length(reader_id) for (urls, _), o in zip(self.sources, origins))
+            return sum(self._part(urls, label, o).transition_length(reader_id)
+                       for (urls, _, label), o in zip(self.sources, origins))
         reader, slot, slots = self._reader(reader_id)
         return next(self._plans(reader, slot, slots, self.resume.origin)).length(reader)
 
-    def _part(self, urls: list[str], origin: dict[str, Any] | None) -> "ShardStream":
+    def _part(self, urls: list[str], label: str | None, origin: dict[str, Any] | None) -> "ShardStream":
         """The stream of one weighted source (its position comes from the chooser's state)."""
         return ShardStream(urls, self.builder, self.transform, rank=self.rank, world_size=self.world_size,
                            batch_size=self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
-                           resume=StreamState(origin=origin), num_workers=self.num_workers)
+                           resume=StreamState(origin=origin), num_workers=self.num_workers, label=label)
 
     def _mixed(self, reader: Reader, reader_id: int, slot: int, slots: int) -> Iterator[tuple[dict, dict]]:
         """(raw sample, chooser state after it) of the weighted sources, resumed from the state."""
         assert self.sources is not None
-        cumulative = np.cumsum([w for _, w in self.sources]) / sum(w for _, w in self.sources)
+        cumulative = np.cumsum([w for _, w, _ in self.sources]) / sum(w for _, w, _ in self.sources)
         chooser = np.random.default_rng([self.seed, slot, 5])
         consumed = [0] * len(self.sources)
         if reader_id in self.resume.mix:
@@ -281,11 +292,12 @@ class ShardStream(IterableDataset):
             consumed = list(self.resume.mix[reader_id]["consumed"])
         origins = (self.resume.origin or {}).get("sources") or [None] * len(self.sources)
         streams = []
-        for (urls, _), origin, done in zip(self.sources, origins, consumed):
-            part_reader = Reader(reader.skipped, count_tar_errors=len(urls) >= slots or slot == 0,
-                                 expected=reader.expected)
+        for (urls, _, label), origin, done in zip(self.sources, origins, consumed):
+            # a source's live and spoof parts read the same shards: only the live part counts tar errors
+            part_reader = Reader(reader.skipped, count_tar_errors=(len(urls) >= slots or slot == 0)
+                                 and label in (None, "live"), expected=reader.expected)
             part_reader.corrections = reader.corrections  # one record of damaged shards per reader
-            streams.append(self._part(urls, origin)._shuffled(part_reader, slot, slots, done))
+            streams.append(self._part(urls, label, origin)._shuffled(part_reader, slot, slots, done))
         while True:
             source = int(np.searchsorted(cumulative, chooser.random(), side="right"))
             source = min(source, len(streams) - 1)

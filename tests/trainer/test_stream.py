@@ -184,7 +184,7 @@ def test_a_change_of_layout_finishes_the_epoch_without_loss_or_repeat(small_shar
 def mixed(urls_a, urls_b, builder, resume=None, seed=0, workers=0, weights=(0.75, 0.25)):
     s = ShardStream(urls_a + urls_b, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1,
                     batch_size=BATCH, seed=seed, shuffle_buffer=BUFFER, resume=resume, num_workers=workers,
-                    sources=[(urls_a, weights[0]), (urls_b, weights[1])])
+                    sources=[(urls_a, weights[0], None), (urls_b, weights[1], None)])
     return iter(make_loader(s, builder.tokenizer.pad_token_id))
 
 
@@ -213,3 +213,48 @@ def test_weighted_sources_resume_exactly(small_shards, builder, workers):
         state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
         resumed = [x["keys"] for x in itertools.islice(mixed(a, b, builder, resume=state, workers=workers), 4)]
         assert resumed == unbroken[consumed:consumed + 4], consumed
+
+
+@pytest.fixture(scope="module")
+def lopsided_set(small_shards, tmp_path_factory):
+    """1 live : 4 spoof, in shards of 10 (written by the project's ShardWriter)."""
+    from shards.writer import ShardWriter
+
+    out = tmp_path_factory.mktemp("lopsided") / "set"
+    raws = list(wds.WebDataset(resolve_shards([str(d) for d in small_shards.values()]), shardshuffle=False))
+    live = [r for r in raws if json.loads(r["json"])["label"] == "live"][:12]
+    spoof = [r for r in raws if json.loads(r["json"])["label"] == "spoof"][:48]
+    with ShardWriter(out, max_samples=10) as writer:
+        for r in sorted(live + spoof, key=lambda r: r["__key__"]):
+            writer.write(r["__key__"], r["jpg"], json.loads(r["json"]))
+    return resolve_shards([str(out)])
+
+
+def test_label_offsets_are_webdatasets_samples(lopsided_set):
+    from trainer.epochs import label_offsets
+
+    for url in lopsided_set:
+        labels = [json.loads(r["json"])["label"] for r in wds.WebDataset([url], shardshuffle=False)]
+        assert label_offsets(url) == {k: tuple(i for i, lab in enumerate(labels) if lab == k) for k in set(labels)}
+
+
+def balanced(urls, builder, resume=None):
+    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1,
+                    batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume,
+                    sources=[(urls, 0.5, "live"), (urls, 0.5, "spoof")])
+    return iter(make_loader(s, builder.tokenizer.pad_token_id))
+
+
+def test_live_spoof_balance_draws_half_and_half_and_resumes_exactly(lopsided_set, builder):
+    batches = list(itertools.islice(balanced(lopsided_set, builder), 200))  # 800 samples
+    labels = [m["label"] for b in batches for m in b["meta"]]
+    assert abs(labels.count("live") / len(labels) - 0.5) <= 0.03  # the set itself is 20% live
+    live_keys = [k for b in batches for k, m in zip(b["keys"], b["meta"]) if m["label"] == "live"]
+    assert len(set(live_keys)) == 12 and len(live_keys) > 12 * 25  # every live sample, many epochs over
+    for consumed in (5, 31):
+        state = StreamState()
+        for batch in batches[:consumed]:
+            state.update(batch)
+        state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
+        resumed = [b["keys"] for b in itertools.islice(balanced(lopsided_set, builder, resume=state), 4)]
+        assert resumed == [b["keys"] for b in batches[consumed:consumed + 4]], consumed

@@ -158,12 +158,25 @@ class StopRequest:
         return flag.item() > 0
 
 
-def source_fractions(cfg: RunConfig, state: StreamState) -> dict[str, float]:
-    """Share of the samples drawn so far from each weighted source, over all ranks (collective)."""
-    sources = cfg.data.train_sources()
-    counts = state.source_counts() or [0] * len(sources)
+def stream_sources(cfg: RunConfig) -> list[tuple[str, list[str], float, str | None]] | None:
+    """(name, shards, weight, label) of the streams a mixed or balanced run draws from; None = one set."""
+    if not (cfg.data.mixed or cfg.data.balance):
+        return None
+    out = []
+    for i, s in enumerate(cfg.data.train_sources()):
+        urls, name = resolve_shards([s.path]), f"{i}_{Path(s.path).name}"
+        if cfg.data.balance:
+            out += [(f"{name}_live", urls, s.weight / 2, "live"), (f"{name}_spoof", urls, s.weight / 2, "spoof")]
+        else:
+            out.append((name, urls, s.weight, None))
+    return out
+
+
+def source_fractions(names: list[str], state: StreamState) -> dict[str, float]:
+    """Share of the samples drawn so far from each source stream, over all ranks (collective)."""
+    counts = state.source_counts() or [0] * len(names)
     totals = all_reduce_sum(torch.tensor([float(c) for c in counts], dtype=torch.float64)).tolist()
-    return {f"{i}_{Path(s.path).name}": c / max(sum(totals), 1.0) for i, (s, c) in enumerate(zip(sources, totals))}
+    return {name: c / max(sum(totals), 1.0) for name, c in zip(names, totals)}
 
 
 def skipped_counts(state: StreamState) -> dict[str, int]:
@@ -189,6 +202,7 @@ def training_batches(
     )
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     held_out = held_out_dev(cfg, train_urls)
+    sources = stream_sources(cfg)
     if held_out and info.is_main:
         log.info("training skips %s of %d training shard(s): eval.dev_shards holds them out to fix the threshold",
                  f"the split={held_out[0]!r} samples" if held_out[0] else "every sample", len(held_out[1]))
@@ -206,7 +220,7 @@ def training_batches(
         caption_source=cfg.data.caption_source,
         held_out=held_out,
         augment=Augment(cfg.data.augment) if cfg.data.augment.enabled else None,
-        sources=[(resolve_shards([s.path]), s.weight) for s in cfg.data.train_sources()] if cfg.data.mixed else None,
+        sources=[(urls, weight, label) for _, urls, weight, label in sources] if sources else None,
     )
     if state.origin is not None:  # collective: every rank reports its share of the old epoch's rest
         left = gather_objects([stream.transition_length(r) for r in range(max(cfg.data.num_workers, 1))], info)
@@ -249,6 +263,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                  f"{max(old['num_workers'], 1)} worker(s))" if elastic else "")
 
     builder, transform, batches = training_batches(cfg, train_urls, model, tokenizer, info, stream_state)
+    source_names = [name for name, *_ in stream_sources(cfg) or []]  # logged as data/source/<name>
 
     def save(step: int) -> None:
         client_state = {
@@ -337,7 +352,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                 "data_wait_frac": window.wait_s / window.seconds,
                 "skipped_steps": skipped_steps,
                 "skipped_samples": skipped_counts(stream_state),
-                **({"source_fractions": source_fractions(cfg, stream_state)} if cfg.data.mixed else {}),
+                **({"source_fractions": source_fractions(source_names, stream_state)} if source_names else {}),
             }
             history.append(rec)
             lrs = {g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)}

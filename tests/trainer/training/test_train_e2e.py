@@ -270,13 +270,21 @@ def test_predict_prints_judgment_score_and_explanation(exported, small_shards, t
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_weighted_sources_train_and_log_their_realised_shares(small_shards, tmp_path):
+@pytest.mark.parametrize("balance", [False, True])
+def test_weighted_sources_train_and_log_their_realised_shares(small_shards, tmp_path, balance):
     a, b = small_shards["domain_a"], small_shards["domain_b"]
     out = tmp_path / "mixed"
     run_train(small_shards, out, f"data.train_shards=[{{path: {a}, weight: 3}}, {{path: {b}, weight: 1}}]",
-              "train.max_steps=8", "train.save_every=8", "eval.at_end=false", "eval.dev_shards=[]")
+              f"data.balance={str(balance).lower()}", "train.max_steps=8", "train.save_every=8", "eval.at_end=false",
+              "eval.dev_shards=[]")
     events = tensorboard_events(out / "tb")
-    share_a = events.Scalars("data/source/0_domain_a")[-1].value
-    share_b = events.Scalars("data/source/1_domain_b")[-1].value
-    assert share_a + share_b == pytest.approx(1.0) and 0.6 <= share_a <= 0.9  # 64 draws at 3:1
+    shares = {tag.removeprefix("data/source/"): events.Scalars(tag)[-1].value
+              for tag in events.Tags()["scalars"] if tag.startswith("data/source/")}
+    parts = ["_live", "_spoof"] if balance else [""]
+    assert sorted(shares) == sorted(f"{i}_{d}{p}" for i, d in enumerate(["domain_a", "domain_b"]) for p in parts)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    share_a = sum(v for k, v in shares.items() if k.startswith("0_"))
+    assert 0.6 <= share_a <= 0.9  # 64 draws at 3:1
+    if balance:
+        assert 0.3 <= sum(v for k, v in shares.items() if k.endswith("_live")) <= 0.7
     assert json.loads((out / "train_result.json").read_text())["history"][-1]["source_fractions"]
