@@ -194,7 +194,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r}: {value!r} is not a valid {hint}")
     if origin is list:
         (item,) = typing.get_args(hint)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
+        takes_str = item is str or str in typing.get_args(item)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and takes_str:
             value = [value]  # a single shard path is a list of one
         if not isinstance(value, list):
             raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")

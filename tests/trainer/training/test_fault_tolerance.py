@@ -117,14 +117,15 @@ def records(out: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-@pytest.mark.parametrize("before, after, workers", [(2, 1, 0), (1, 2, 0), (2, 2, 1)])
+# (a change of data.num_workers alone goes through the same stream transition, tested in test_stream.py)
+@pytest.mark.parametrize("before, after, workers", [(2, 1, 0), (1, 2, 1)])
 def test_resume_on_another_world_size_finishes_the_epoch_then_goes_on(small_shards, tmp_path, before, after, workers):
     """kill -9 at one world size, the same command at another (or with other loader workers): the
     checkpoint is converted to DeepSpeed's universal form where the world size changed, optimizer and
     schedule continue, and over the interrupted epoch every sample is trained on exactly once (what
     the old ranks had not reached comes first)."""
-    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c", "domain_d")]  # 192 samples
-    steps = ["train.max_steps=60", "train.save_every=6", "data.num_workers=0", "data.shuffle_buffer=16"]
+    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]  # 144 samples in 9 shards
+    steps = ["train.max_steps=34", "train.save_every=6", "data.num_workers=0", "data.shuffle_buffer=16"]
     out = tmp_path / "run"
     proc = start(command(shards, small_shards["domain_d"], out, *steps, ranks=before))
     wait_for(lambda: latest(out) == "step_00000006", proc)
@@ -141,18 +142,18 @@ def test_resume_on_another_world_size_finishes_the_epoch_then_goes_on(small_shar
     # converted, then loaded, where the world size changed
     assert ("step_00000006 for another world size" in log) == (before != after)
     left = json.loads(log.split("per rank and loader worker: ")[1].splitlines()[0])
-    assert sum(n for per_rank in left for n in per_rank) == 192 - len(trained)
-    # the killed run may have logged steps after its checkpoint: the resumed run's 54 steps come last
-    resumed = [[k for rec in records(out, r)[-(60 - 6):] for k in rec["keys"]] for r in range(after)]
+    assert sum(n for per_rank in left for n in per_rank) == 144 - len(trained)
+    # the killed run may have logged steps after its checkpoint: the resumed run's 28 steps come last
+    resumed = [[k for rec in records(out, r)[-(34 - 6):] for k in rec["keys"]] for r in range(after)]
     transition = [k for r in range(after) for k in resumed[r][:left[r][0]]]
     epoch = sorted(k for d in shards for k in keys_of_set(d))
     assert sorted(trained + transition) == epoch  # none lost, none repeated
     assert all(len(resumed[r]) > left[r][0] for r in range(after))  # then the next epoch
     history = losses(out)
-    assert sorted(history) == list(range(7, 61))
+    assert sorted(history) == list(range(7, 35))
     # the weights and optimizer came back (a fresh model would start near the first loss) and keep learning
     assert history[7] < (first[1] + first[6]) / 2 and abs(history[7] - first[6]) < 0.25 * first[6]
-    assert history[60] < history[7]
+    assert history[34] < history[7]
 
 
 def losses_logged(out: Path) -> dict[int, float]:
