@@ -58,6 +58,18 @@ def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, Pret
     return vision, text
 
 
+def vision_config_of(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    """The vision encoder's config alone (config.json files, no weights): for checks before a build."""
+    from transformers import AutoConfig
+
+    if cfg.llava_path:
+        return AutoConfig.from_pretrained(str(_require_dir(cfg.llava_path, "model.llava_path"))).vision_config
+    if cfg.vision_path:
+        vcfg = AutoConfig.from_pretrained(str(_require_dir(cfg.vision_path, "model.vision_path")))
+        return getattr(vcfg, "vision_config", vcfg)
+    return preset_configs(cfg.preset, vocab_size)[0]
+
+
 def _has_class_token(vision_config: PretrainedConfig) -> bool:
     # CLIP-style ViTs prepend a class token; SigLIP and similar pool over patches instead.
     return "siglip" not in vision_config.model_type

@@ -57,6 +57,18 @@ class ArchConfig:
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
 
+def image_token_counts(vision_config: PretrainedConfig, projector_merge: int, gac: bool,
+                       gac_prefix_queries: int) -> tuple[int, int]:
+    """(projector tokens, all image tokens) per image of an I-FAS model on this vision encoder:
+    one projector token per ``projector_merge`` x ``projector_merge`` patches, then the GAC's
+    prefix queries and one token per vision layer (model/gac.py)."""
+    grid = vision_config.image_size // vision_config.patch_size
+    if grid % projector_merge:
+        raise ModelLoadError(f"model.projector_merge={projector_merge} does not divide the {grid}x{grid} patch grid")
+    patches = (grid // projector_merge) ** 2
+    return patches, patches + (gac_prefix_queries + vision_config.num_hidden_layers if gac else 0)
+
+
 class IFASOutput(NamedTuple):
     loss: LossParts  # zeros when no labels were given
     scores: torch.Tensor  # [B] liveness score P(Yes) among {Yes, No}
@@ -114,13 +126,8 @@ class IFASModel(nn.Module):
             if arch.gac
             else None
         )
-        grid = vision_config.image_size // vision_config.patch_size
-        if grid % arch.projector_merge:
-            raise ModelLoadError(
-                f"model.projector_merge={arch.projector_merge} does not divide the {grid}x{grid} patch grid"
-            )
-        self.num_patch_tokens = (grid // arch.projector_merge) ** 2
-        self.num_image_tokens = self.num_patch_tokens + (self.gac.num_tokens if self.gac is not None else 0)
+        self.num_patch_tokens, self.num_image_tokens = image_token_counts(
+            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries)
         self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
 
     def use_fused_loss(self, enabled: bool) -> None:

@@ -71,3 +71,26 @@ def held_out_dev(cfg: RunConfig, train_urls: list[str]) -> tuple[str, frozenset[
     dev = {os.path.realpath(u) for u in resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")}
     shared = frozenset(u for u in train_urls if os.path.realpath(u) in dev)
     return (cfg.eval.dev_split, shared) if shared else None
+
+
+def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
+    """data.max_length against the image tokens (from the configs alone, no weights), the prompt and
+    the shortest answer (judgment + end of text); returns the tokens left for the interpretation.
+    Raises a ConfigError naming the numbers and the value to set."""
+    from trainer.model.build import vision_config_of
+    from trainer.model.ifas import image_token_counts
+    from trainer.model.prompt import PromptBuilder
+
+    if cfg.data.task == "caption":  # its prompt comes from the captioner's processor, written at build time
+        return cfg.data.max_length
+    m = cfg.model
+    _, image_tokens = image_token_counts(vision_config_of(m, len(tokenizer)), m.projector_merge, m.gac,
+                                         m.gac_prefix_queries)
+    prompt = len(PromptBuilder(tokenizer, image_tokens, 1 << 20, cfg.data.answer_style).prompt_ids)
+    shortest = prompt + 2  # + judgment + end of text
+    if cfg.data.max_length < shortest:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} is too short: {image_tokens} image tokens + "
+            f"{prompt - image_tokens} prompt tokens + the shortest answer need {shortest}; set data.max_length to at "
+            f"least {shortest}, better {shortest + 64} so the explanations fit")
+    return cfg.data.max_length - shortest
