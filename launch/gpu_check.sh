@@ -12,6 +12,11 @@
 # Without a GPU it says so in one line and exits 0.
 #   bash launch/gpu_check.sh --install-only SITE   # only the offline install into SITE, checked
 set -uo pipefail
+OUT=${1:-}
+SITE_ARG=${2:-}
+# paths given relative to where the script was called from, resolved before the cd below
+[ -z "$OUT" ] || [ "$OUT" = "--install-only" ] || OUT=$(realpath -m "$OUT")
+[ -z "$SITE_ARG" ] || SITE_ARG=$(realpath -m "$SITE_ARG")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
@@ -29,18 +34,19 @@ install_wheels() {  # install_wheels SITE: every wheel, offline, into SITE; then
   "$PYTHON" launch/gpu_wheels.py verify "$site" "$WHEELS"
 }
 
-if [ "${1:-}" = "--install-only" ]; then
-  install_wheels "${2:?usage: launch/gpu_check.sh --install-only SITE}"
+if [ "$OUT" = "--install-only" ]; then
+  install_wheels "${SITE_ARG:?usage: launch/gpu_check.sh --install-only SITE}"
   exit $?
 fi
 
-if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')  # (grep -q could end nvidia-smi with SIGPIPE)
+if [ "${gpus:-0}" -eq 0 ]; then
   echo "gpu_check: no NVIDIA GPU on this machine (nvidia-smi lists none); nothing to check"
   exit 0
 fi
 
-OUT=${1:-runs/gpu_check}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+OUT=${OUT:-$PWD/runs/gpu_check}
+mkdir -p "$OUT"
 SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
 REPORT=$OUT/report.md
@@ -90,7 +96,7 @@ part() {  # part NAME SECONDS COMMAND...: one part under its own time limit, its
   status=pass
   if [ "$rc" -ne 0 ]; then
     failed=1
-    status="FAIL (exit $rc$([ "$rc" -ge 124 ] && echo ", time limit $limit s"))"
+    status="FAIL (exit $rc$({ [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && echo ", time limit $limit s"))"
   fi
   echo "| $name | $status | $((SECONDS - start)) s | $name.log |" >>"$REPORT"
   echo "gpu_check: $name: $status in $((SECONDS - start)) s"

@@ -313,6 +313,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"loss.mode must be lopsided or plain, got {cfg.loss.mode!r}")
     if cfg.eval.every < 0:
         raise ConfigError(f"eval.every must be >= 0 (0 = only at the end), got {cfg.eval.every}")
+    a = cfg.data.augment
+    for key in ("flip", "resample", "blur", "jpeg"):
+        if not 0.0 <= getattr(a, key) <= 1.0:
+            raise ConfigError(f"data.augment.{key} is a probability in [0, 1], got {getattr(a, key)}")
+    if not 0.0 < a.crop_scale <= 1.0 or not 0.0 <= a.color < 1.0 or not 1 <= a.jpeg_quality_min <= 95:
+        raise ConfigError(f"data.augment: crop_scale must be in (0, 1], color in [0, 1), jpeg_quality_min in "
+                          f"[1, 95]; got {a.crop_scale}, {a.color}, {a.jpeg_quality_min}")
     for name in list(cfg.optim.lr_scale) + cfg.optim.freeze:
         if name not in MODULE_GROUPS:
             raise ConfigError(f"unknown module group {name!r} in optim.lr_scale/optim.freeze; use {MODULE_GROUPS}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -54,11 +55,15 @@ def label_offsets(url: str) -> dict[str, tuple[int, ...]]:
     try:
         with tarfile.open(url) as tar:
             for member in tar:
-                name = Path(member.name).name
-                stem = name.split(".", 1)[0]
-                if stem != key:
-                    index, key = index + 1, stem
-                if name.endswith(".json") and member.isfile():
+                # webdataset's rules: regular files, no __meta__ files, key = the path up to the
+                # first dot of the file name (files without one belong to no sample)
+                match = re.match(r"^((?:.*/|)[^./]+)[.]([^/]*)$", member.name)
+                if not member.isreg() or Path(member.name).name.startswith("__") or match is None:
+                    continue
+                if match.group(1) != key:
+                    index, key = index + 1, match.group(1)
+                name = member.name
+                if name.endswith(".json"):
                     try:
                         label = json.loads(tar.extractfile(member).read()).get("label")  # type: ignore[union-attr]
                     except (ValueError, AttributeError):
@@ -152,8 +157,15 @@ class EpochPlan:
     def rng(self, seed: int, slot: int) -> np.random.Generator:
         return np.random.default_rng([seed, self.number, slot, 2 if self.transition else 1])
 
+    @staticmethod
+    def _kept(reader: Reader, url: str, offsets: tuple[int, ...]) -> tuple[int, ...]:
+        """Listed offsets the shard really has (a damaged shard found shorter than its manifest)."""
+        size = reader.expected.get(url)
+        return offsets if size is None or not offsets or offsets[-1] < size else tuple(o for o in offsets if o < size)
+
     def _sizes(self, reader: Reader) -> list[int]:
-        return [len(offsets) if offsets is not None else reader.size(url) for url, offsets in self.segments]
+        return [len(self._kept(reader, url, offsets)) if offsets is not None else reader.size(url)
+                for url, offsets in self.segments]
 
     def length(self, reader: Reader) -> int:
         total = sum(self._sizes(reader))
@@ -177,16 +189,17 @@ class EpochPlan:
                     g += 1
                 base += reader.expected.get(url, g - base)  # the shard's true size, now that it was read
                 continue
-            if not offsets:
+            kept = self._kept(reader, url, offsets)
+            if not kept:
                 continue
-            position = {offset: j for j, offset in enumerate(offsets)}
+            position = {offset: j for j, offset in enumerate(kept)}
             for offset, raw in enumerate(reader.shard(url)):
                 j = position.get(offset)
                 if j is not None and base + j >= first and (base + j - self.phase) % self.stride == 0:
                     yield raw
-                if offset >= offsets[-1]:
+                if offset >= kept[-1]:
                     break
-            base += len(offsets)
+            base += len(self._kept(reader, url, kept))  # fewer if reading it just found it short
 
     def identities(self, reader: Reader, ids: list[int]) -> list[tuple[str, int]]:
         """(shard, offset in the shard) of the slot's samples with these indices."""
@@ -196,7 +209,7 @@ class EpochPlan:
             g = self.phase + k * self.stride
             s = bisect.bisect_right(starts, g) - 1
             url, offsets = self.segments[s]
-            found.append((url, g - starts[s] if offsets is None else offsets[g - starts[s]]))
+            found.append((url, g - starts[s] if offsets is None else self._kept(reader, url, offsets)[g - starts[s]]))
         return found
 
 

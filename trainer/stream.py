@@ -14,6 +14,7 @@ those samples are read. The batches are exactly the unbroken run's (docs/archite
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -106,6 +107,14 @@ class StreamState:
         return state
 
 
+def _split_of(raw: dict[str, Any]) -> dict[str, Any]:
+    """The json member's split field alone (the held-out test before decoding; bad json: none)."""
+    try:
+        return {"split": json.loads(raw["json"]).get("split")}
+    except (KeyError, ValueError, AttributeError):
+        return {}
+
+
 class ShardStream(IterableDataset):
     """Samples of a shard set for one rank, split further across DataLoader workers.
 
@@ -171,14 +180,26 @@ class ShardStream(IterableDataset):
         """(the epochs after it, the epoch, samples done in it) of the slot after ``consumed``: whole
         epochs are skipped by their lengths."""
         plans = self._plans(reader, slot, slots, origin)
+        if consumed == 0:  # a fresh start needs no epoch length (a set without manifest is not read for it)
+            return plans, next(plans), 0
+        empty = 0
         for plan in plans:
             n = plan.length(reader)
-            if n <= 0 and not plan.transition:
-                raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... yielded no samples")
+            empty = empty + 1 if n <= 0 else 0
+            if n <= 0:
+                self._check_empty(plan, slot, empty)
             if consumed < n:
                 return plans, plan, consumed
             consumed -= n
         raise AssertionError("unreachable: the epochs never end")
+
+    def _check_empty(self, plan: EpochPlan, slot: int, in_a_row: int) -> None:
+        """An epoch in which the slot has nothing to read: a transition may be empty, and so may a
+        label part's epoch (its shards that epoch hold only the other label), but not forever."""
+        if plan.transition or (self.label is not None and in_a_row < 64):
+            return
+        what = f"no {self.label} samples" if self.label else "no samples"
+        raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... hold {what} for it")
 
     def _remaining(self, reader: Reader, slot: int, slots: int, consumed: int, origin: dict[str, Any] | None,
                    shuffle_buffer: int) -> tuple[int, list[tuple[str, int]]]:
@@ -222,17 +243,13 @@ class ShardStream(IterableDataset):
             if draining:
                 yield from buffer
                 return
-        got_any = bool(buffer)
         for raw in plan.raws(reader, start):
-            got_any = True
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(raw)
                 continue
             i = int(rng.integers(len(buffer)))
             buffer[i], raw = raw, buffer[i]
             yield raw
-        if not got_any and not plan.transition:
-            raise ShardSetError(f"rank {self.rank} slot {slot}: shards {self.urls[:3]}... yielded no samples")
         rng.shuffle(buffer)
         yield from buffer
 
@@ -240,11 +257,18 @@ class ShardStream(IterableDataset):
         """The slot's infinite shuffled raw stream after its first ``consumed`` samples."""
         plans, plan, done = self._position(reader, slot, slots, consumed, self.resume.origin)
         tar_errors = reader.count_tar_errors
+        empty = 0  # epochs in a row in which the slot had nothing
         while True:
             reader.counting = plan.number == 0  # bad samples are counted in the first pass only
             # a transition re-reads shards whose damage the old slots already counted
             reader.count_tar_errors = tar_errors and not plan.transition
-            yield from self._epoch(reader, slot, plan, done)
+            yielded = 0
+            for raw in self._epoch(reader, slot, plan, done):
+                yielded += 1
+                yield raw
+            empty = 0 if yielded or done else empty + 1
+            if empty:
+                self._check_empty(plan, slot, empty)
             plan, done = next(plans), 0
 
     # -- samples -------------------------------------------------------------------------------
@@ -297,12 +321,16 @@ class ShardStream(IterableDataset):
             part_reader = Reader(reader.skipped, count_tar_errors=(len(urls) >= slots or slot == 0)
                                  and label in (None, "live"), expected=reader.expected)
             part_reader.corrections = reader.corrections  # one record of damaged shards per reader
-            streams.append(self._part(urls, label, origin)._shuffled(part_reader, slot, slots, done))
+            streams.append((self._part(urls, label, origin)._shuffled(part_reader, slot, slots, done), part_reader))
         while True:
-            source = int(np.searchsorted(cumulative, chooser.random(), side="right"))
-            source = min(source, len(streams) - 1)
-            raw = next(streams[source])
-            consumed[source] += 1
+            source = min(int(np.searchsorted(cumulative, chooser.random(), side="right")), len(streams) - 1)
+            stream, part_reader = streams[source]
+            while True:  # held-out dev samples do not count towards the source's share
+                raw = next(stream)
+                consumed[source] += 1
+                if not self._is_held_out(raw, _split_of(raw)):
+                    break
+            reader.counting = part_reader.counting  # bad samples counted in the source's first pass only
             yield raw, {"rng": chooser.bit_generator.state, "consumed": list(consumed)}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -320,7 +348,13 @@ class ShardStream(IterableDataset):
             raws = (self._shuffled(reader, slot, slots, consumed) if self.train
                     else self._standard(0, slot, slots).raws(reader))
             mixed = ((raw, None) for raw in raws)
+        # Every sample bad or held out would loop forever: stop after twice the data without one to train on.
+        limit, unusable = 2 * sum(reader.expected.values()) + 10_000, 0
         for pos, (raw, mix) in enumerate(mixed, start=consumed + 1):
+            unusable += 1
+            if unusable > limit:
+                raise ShardSetError(f"rank {self.rank}: {limit} samples in a row from {self.urls[:3]}... were bad or "
+                                    "held out for eval.dev_shards; nothing is left to train on")
             try:
                 image, meta = decode_sample(raw)
             except BadSample as exc:
@@ -328,6 +362,7 @@ class ShardStream(IterableDataset):
                 continue
             if self._is_held_out(raw, meta):
                 continue
+            unusable = 0
             if self.augment is not None:  # seeded by the sample's place in the stream: the same after a resume
                 image = self.augment(image, np.random.default_rng([self.seed, slot, pos, 4]))
             if self.with_answers:

@@ -87,3 +87,12 @@ def test_evaluation_streams_never_augment(small_shards, builder):
     with_aug = next(stream(urls, builder, train=False))
     without = next(stream(urls, builder, train=False, augment=False))
     assert torch.equal(with_aug["pixel_values"], without["pixel_values"])
+
+
+@pytest.mark.parametrize("override", ["data.augment.jpeg_quality_min=96", "data.augment.flip=1.5",
+                                      "data.augment.crop_scale=0"])
+def test_impossible_settings_are_config_errors(override):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.augment"):
+        load_config(None, [override])

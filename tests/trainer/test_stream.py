@@ -258,3 +258,18 @@ def test_live_spoof_balance_draws_half_and_half_and_resumes_exactly(lopsided_set
         state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
         resumed = [b["keys"] for b in itertools.islice(balanced(lopsided_set, builder, resume=state), 4)]
         assert resumed == [b["keys"] for b in batches[consumed:consumed + 4]], consumed
+
+
+def test_a_change_of_layout_over_a_damaged_shard_still_resumes_exactly(small_shards, builder, tmp_path):
+    """The old run had not reached the end of a shard shorter than its manifest: the transition
+    must not count the samples it lacks, or a later resume rebuilds another transition."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small_shards["domain_a"], damaged)
+    tar = damaged / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    urls = resolve_shards([str(damaged)])  # 3 shards: with 4 new slots, a sample-level split
+    state = state_after(urls, builder, 2)
+    streams = [json.loads(json.dumps(state.state_dict()))]
+    for rank in (0, 1, 3):
+        resume = StreamState.after_layout_change(streams, 0, BUFFER, rank)
+        assert_resumes_exactly(urls, builder, list(range(1, 16)), ahead=2, rank=rank, world=4, resume=resume)

@@ -88,13 +88,17 @@ class Checkpointer:
         import torch.distributed as dist
 
         out = tag_dir / UNIVERSAL
+        failure = [None]  # rank 0's error, sent to every rank so that none waits for a conversion that failed
         if self.is_main and not (out / COMPLETE).is_file():
             shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                    "--output_folder", str(out)]
             log.info("converting %s for another world size: %s", tag_dir, " ".join(cmd))
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
-            atomic_write_text(out / COMPLETE, tag_dir.name + "\n")
-        dist.barrier()
+            if proc.returncode == 0:
+                atomic_write_text(out / COMPLETE, tag_dir.name + "\n")
+            else:
+                failure[0] = f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0]:
+            raise RuntimeError(failure[0])
