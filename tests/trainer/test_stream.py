@@ -273,3 +273,34 @@ def test_a_change_of_layout_over_a_damaged_shard_still_resumes_exactly(small_sha
     for rank in (0, 1, 3):
         resume = StreamState.after_layout_change(streams, 0, BUFFER, rank)
         assert_resumes_exactly(urls, builder, list(range(1, 16)), ahead=2, rank=rank, world=4, resume=resume)
+
+
+def test_mixed_runs_count_a_bad_sample_once_however_many_epochs(small_shards, builder, tmp_path):
+    from shards.writer import ShardWriter
+
+    raws = list(wds.WebDataset(resolve_shards([str(small_shards["domain_a"])]), shardshuffle=False))[:10]
+    with ShardWriter(tmp_path / "bad", max_samples=5) as writer:
+        for i, r in enumerate(raws):
+            writer.write(r["__key__"], b"not an image" if i == 3 else r["jpg"], json.loads(r["json"]))
+    bad, good = resolve_shards([str(tmp_path / "bad")]), resolve_shards([str(small_shards["domain_b"])])
+    state = StreamState()
+    for batch in itertools.islice(mixed(bad, good, builder, weights=(0.5, 0.5)), 60):  # the 10-sample set ~12x
+        state.update(batch)
+    assert state.skipped_total() == {"bad_image": 1}
+
+
+def test_balance_works_when_shards_hold_one_label_each(small_shards, builder, tmp_path):
+    """Builds write sorted files, so real/ and attack/ folders land in different shards: on 4 slots
+    a slot's shards hold no live sample in some epochs, which is not an error."""
+    from shards.writer import ShardWriter
+
+    raws = list(wds.WebDataset(resolve_shards([str(small_shards["domain_a"])]), shardshuffle=False))
+    with ShardWriter(tmp_path / "pure", max_samples=6) as writer:
+        for r in sorted(raws, key=lambda r: json.loads(r["json"])["label"]):
+            writer.write(r["__key__"], r["jpg"], json.loads(r["json"]))
+    urls = resolve_shards([str(tmp_path / "pure")])  # 8 shards, each live only or spoof only
+    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=1, world_size=4, batch_size=BATCH,
+                    shuffle_buffer=BUFFER, sources=[(urls, 0.5, "live"), (urls, 0.5, "spoof")])
+    labels = [m["label"] for b in itertools.islice(iter(make_loader(s, builder.tokenizer.pad_token_id)), 50)
+              for m in b["meta"]]
+    assert 0.35 <= labels.count("live") / len(labels) <= 0.65
