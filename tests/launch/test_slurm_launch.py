@@ -76,7 +76,7 @@ def test_sbatch_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
     headers = [ln for ln in SBATCH.read_text().splitlines() if ln.startswith("#SBATCH")]
     for flag in ("--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time",
-                 "--signal=USR1@180", "--requeue", "--output"):
+                 "--signal=USR1@180", "--requeue", "--output", "--mem=0"):
         assert any(ln.split()[1].startswith(flag) for ln in headers), flag
 
 
