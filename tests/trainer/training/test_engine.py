@@ -68,3 +68,17 @@ def test_default_deepspeed_config_is_found_from_any_working_directory(small_shar
     cfg = load_config(None, [f"data.train_shards=[{small_shards['domain_a']}]", "train.deepspeed_config=my/ds.json"])
     with pytest.raises(ConfigError, match="train.deepspeed_config my/ds.json does not exist"):
         check_inputs(cfg)
+
+
+def test_the_shipped_deepspeed_configs_parse_with_deepspeeds_own_model():
+    import json
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from trainer.config import PROJECT_ROOT
+
+    zero = {name: DeepSpeedZeroConfig(**json.loads((PROJECT_ROOT / "launch" / name).read_text())["zero_optimization"])
+            for name in ("ds_zero3.json", "ds_zero3_7b.json", "ds_zero3_hpz.json", "ds_zero2.json")}
+    assert [z.stage for z in zero.values()] == [3, 3, 3, 2]
+    assert zero["ds_zero3_7b.json"].overlap_comm and zero["ds_zero3_7b.json"].prefetch_bucket_size == 5e8
+    assert zero["ds_zero3_hpz.json"].zero_hpz_partition_size == 8 and zero["ds_zero2.json"].overlap_comm

@@ -105,6 +105,20 @@ def test_fused_loss_under_zero3_matches_reference(unbroken, small_shards, tmp_pa
         assert loss == pytest.approx(expected[step], rel=1e-5), step
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("ds_config", ["launch/ds_zero3_7b.json", "launch/ds_zero2.json"])
+def test_the_real_run_deepspeed_configs_train_like_the_default(unbroken, small_shards, tmp_path, ds_config):
+    """ZeRO-3 with overlapped communication and large buckets, and ZeRO-2: the same losses as the
+    default ZeRO-3 config (fp32 on CPU; only the communication schedule differs)."""
+    out, _ = unbroken
+    run_train(small_shards, tmp_path, "train.max_steps=6", "train.save_every=3", "eval.every=2", "train.keep_last=1",
+              f"train.deepspeed_config={ds_config}")
+    expected = history(out)
+    for step, loss in history(tmp_path).items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+
+
 @pytest.fixture(scope="module")
 def exported(unbroken):
     from trainer.model.export import export_run
