@@ -132,16 +132,3 @@ def write_llava(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], proc
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      bos_token_id=tok.bos_token_id).save_pretrained(str(directory))
     verify_weights(skeleton, directory)  # read back: every tensor present once, with LLaVA's shapes
-
-
-def processor_chat_template(path: str | Path | None) -> str | None:
-    """The processor-level chat template stored in a checkpoint directory (None when it has none)."""
-    if path is None:
-        return None
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError):  # a checkpoint without processor files
-        return None
-    return getattr(processor, "chat_template", None) if hasattr(processor, "tokenizer") else None

@@ -30,6 +30,21 @@ class EncodedSample:
     score_position: int  # last prompt token: its logits predict the judgment
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The I-FAS question in the checkpoint's chat template. Multimodal templates (LLaVA's) take the
+    message as parts ({"type": "image"}, {"type": "text"}) and place the image token themselves;
+    text-only templates take a string, into which the image token goes first."""
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    try:
+        text = tokenizer.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+        if text.count(IMAGE_TOKEN) == 1 and QUESTION in text:
+            return text
+    except Exception:  # noqa: BLE001 - a template written for string content may fail on parts
+        pass
+    plain = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTION}"}]
+    return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+
+
 class PromptBuilder:
     """Tokenises prompts and answers for one tokenizer and one image-token count."""
 
@@ -51,10 +66,9 @@ class PromptBuilder:
         if self.captioning:  # special tokens (e.g. BOS) added as the captioner's processor adds them
             ids = tokenizer(caption_prompt, add_special_tokens=True)["input_ids"]
         else:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTION}"}], add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            text = render_prompt(tokenizer)
+            # special tokens (e.g. Llama's BOS) as the checkpoint's processor adds them to the templated text
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if ids.count(self.image_token_id) != 1:
             raise ValueError(
                 f"the prompt template produced {ids.count(self.image_token_id)} {IMAGE_TOKEN} tokens, expected 1"

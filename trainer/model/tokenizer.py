@@ -5,6 +5,7 @@ must be exactly one token. Any tokenizer that breaks this is refused before trai
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Iterable
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 JUDGMENT_WORDS = ("Yes", "No")
-# Used when a tokenizer has no chat template of its own (the demo BPE gets this one too).
+# The offline demo BPE's chat template (a real checkpoint brings its own, or is refused).
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -78,10 +79,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     ensure_image_token(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if getattr(tok, "chat_template", None) is None:
-        tok.chat_template = PLAIN_CHAT_TEMPLATE
     judgment_token_ids(tok, f"the tokenizer at {p}")
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = processor_chat_template(p)  # llava-hf keeps it at processor level
+    if tok.chat_template is None:
+        raise TokenizerError(
+            f"{p} has no chat template (neither its tokenizer's nor a processor's chat_template.json/.jinja): I-FAS "
+            "prompts a checkpoint in its own chat format; use its instruction-tuned release, or set "
+            "model.tokenizer_path to a tokenizer directory that has the template")
     return tok
+
+
+def processor_chat_template(p: Path) -> str | None:
+    """The chat template a processor saved beside the tokenizer (chat_template.jinja or .json), if any."""
+    if (p / "chat_template.jinja").is_file():
+        return (p / "chat_template.jinja").read_text()
+    if (p / "chat_template.json").is_file():
+        try:
+            return json.loads((p / "chat_template.json").read_text()).get("chat_template")
+        except ValueError:
+            return None
+    return None
 
 
 def ensure_image_token(tok: PreTrainedTokenizerBase) -> int:

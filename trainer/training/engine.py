@@ -15,8 +15,8 @@ from trainer.config import PROJECT_ROOT, RunConfig
 from trainer.dist import WorldInfo
 from trainer.model.build import build_model
 from trainer.model.ifas import IFASModel
-from trainer.model.llava import is_llava_compatible, llava_processor, processor_chat_template
-from trainer.model.tokenizer import load_tokenizer
+from trainer.model.llava import is_llava_compatible, llava_processor
+from trainer.model.tokenizer import load_tokenizer, processor_chat_template
 from trainer.run_dir import CONFIG_NAME, RunDir
 
 log = logging.getLogger("ifas.train")
@@ -102,7 +102,8 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
         (run.model_config / CONFIG_NAME).write_text(json.dumps(model.config_dict(), indent=2))
         tokenizer.save_pretrained(str(run.model_config))
         if is_llava_compatible(model.config_dict()["arch"]):  # exportable as LLaVA (ifas-export --format llava)
-            chat_template = processor_chat_template(cfg.model.llava_path)  # the base captioner's, if any
+            # the base captioner's processor-level template, if it has one
+            chat_template = processor_chat_template(Path(cfg.model.llava_path)) if cfg.model.llava_path else None
             llava_processor(model.config_dict(), tokenizer, chat_template).save_pretrained(str(run.processor))
         run.run_config.write_text(json.dumps(cfg.to_dict(), indent=2))
     dist.barrier()

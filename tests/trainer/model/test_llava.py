@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shards.scf import captioner_prompt
-from shards.schema import CAPTION_PROMPT
+from shards.schema import CAPTION_PROMPT, QUESTION
 from trainer.config import ModelConfig
 from trainer.data import ImageTransform
 from trainer.model.build import build_model
@@ -76,3 +76,52 @@ def test_caption_task_config_is_checked_before_any_rank_starts():
                            (["data.task=vqa"], "data.task must be fas or caption")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ok + extra)
+
+
+LLAVA15_TEMPLATE = (  # llava-1.5-hf's processor-level template, as its chat_template.json holds it
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def bos_tokenizer():
+    """A Llama-like tokenizer: adds <s> in front of every text, has no chat template of its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["Yes. No. Yes, No"] * 50 + ["USER: ASSISTANT: Is this photo of a real person?"] * 20,
+                             trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<image>", "<pad>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_prompt_is_the_processors_own_with_its_template_and_bos(demo_tokenizer, tmp_path):
+    """A llava-hf checkpoint keeps its chat template at processor level and its tokenizer adds BOS:
+    the training prompt is token for token what its processor makes of its own template."""
+    from trainer.model.tokenizer import load_tokenizer
+
+    tok = bos_tokenizer()
+    model, _ = build_model(ModelConfig(preset="tiny", gac=False), demo_tokenizer)
+    processor = llava_processor(model.config_dict(), tok, chat_template=LLAVA15_TEMPLATE)
+    processor.save_pretrained(tmp_path / "ckpt")
+    loaded = load_tokenizer(tmp_path / "ckpt")
+    assert loaded.chat_template == LLAVA15_TEMPLATE  # found beside the tokenizer, not invented
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    theirs = processor(images=[image], text=[text])["input_ids"][0]
+    ours = PromptBuilder(loaded, model.num_image_tokens, 256).prompt_ids
+    assert list(theirs) == ours and ours[0] == loaded.bos_token_id
+
+
+def test_a_checkpoint_without_any_chat_template_is_refused(tmp_path):
+    from trainer.model.tokenizer import TokenizerError, load_tokenizer
+
+    bos_tokenizer().save_pretrained(tmp_path / "tok")
+    with pytest.raises(TokenizerError, match="has no chat template"):
+        load_tokenizer(tmp_path / "tok")
