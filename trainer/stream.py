@@ -213,10 +213,10 @@ class ShardStream(IterableDataset):
         """What the old slots had left of their epoch, dealt out by shard over the new slots."""
         left: dict[str, set[int]] = {}
         epoch = 0
+        consumed = {int(k): v for k, v in origin["consumed"].items()}  # (JSON turns the keys into strings)
         for old_slot in range(origin["slots"]):
-            consumed = {int(k): v for k, v in origin["consumed"].items()}.get(old_slot, 0)
-            number, places = self._remaining(reader, old_slot, origin["slots"], consumed, origin.get("origin"),
-                                             origin["shuffle_buffer"])
+            number, places = self._remaining(reader, old_slot, origin["slots"], consumed.get(old_slot, 0),
+                                             origin.get("origin"), origin["shuffle_buffer"])
             epoch = max(epoch, number)
             for url, offset in places:
                 left.setdefault(url, set()).add(offset)
@@ -301,9 +301,11 @@ class ShardStream(IterableDataset):
 
     def _part(self, urls: list[str], label: str | None, origin: dict[str, Any] | None) -> "ShardStream":
         """The stream of one weighted source (its position comes from the chooser's state)."""
-        return ShardStream(urls, self.builder, self.transform, rank=self.rank, world_size=self.world_size,
+        part = ShardStream(urls, self.builder, self.transform, rank=self.rank, world_size=self.world_size,
                            batch_size=self.batch_size, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                            resume=StreamState(origin=origin), num_workers=self.num_workers, label=label)
+        part._label_offsets = self._label_offsets  # a source's live and spoof parts read each shard's labels once
+        return part
 
     def _mixed(self, reader: Reader, reader_id: int, slot: int, slots: int) -> Iterator[tuple[dict, dict]]:
         """(raw sample, chooser state after it) of the weighted sources, resumed from the state."""
@@ -343,14 +345,14 @@ class ShardStream(IterableDataset):
         skipped = reader.skipped
         consumed = self.resume.raw_consumed.get(reader_id, 0)
         if self.sources:
-            mixed = self._mixed(reader, reader_id, slot, slots)
+            drawn = self._mixed(reader, reader_id, slot, slots)  # (raw, chooser state)
         else:
             raws = (self._shuffled(reader, slot, slots, consumed) if self.train
                     else self._standard(0, slot, slots).raws(reader))
-            mixed = ((raw, None) for raw in raws)
+            drawn = ((raw, None) for raw in raws)
         # Every sample bad or held out would loop forever: stop after twice the data without one to train on.
         limit, unusable = 2 * sum(reader.expected.values()) + 10_000, 0
-        for pos, (raw, mix) in enumerate(mixed, start=consumed + 1):
+        for pos, (raw, mix) in enumerate(drawn, start=consumed + 1):
             unusable += 1
             if unusable > limit:
                 raise ShardSetError(f"rank {self.rank}: {limit} samples in a row from {self.urls[:3]}... were bad or "

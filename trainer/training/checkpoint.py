@@ -63,6 +63,11 @@ class Checkpointer:
         tag = latest_tag(self.dir)
         return json.loads((self.dir / tag / LAYOUT).read_text()) if tag is not None else None
 
+    def needs_universal(self, layout: dict[str, int]) -> bool:
+        """The latest checkpoint was written by another world size (model states are per rank)."""
+        saved = self.saved_layout()
+        return saved is not None and saved["world_size"] != layout["world_size"]
+
     def load(self, engine, layout: dict[str, int]) -> dict[str, Any] | None:
         """Load the latest complete checkpoint into ``engine``; return its client state (None if none).
         From another world size (the engine must then be built with ``load_universal``) through the
@@ -72,7 +77,7 @@ class Checkpointer:
             return None
         saved = json.loads((self.dir / tag / LAYOUT).read_text())
         load_dir, load_tag = self.dir, tag
-        if saved["world_size"] != layout["world_size"]:  # (other loader workers: the streams alone differ)
+        if self.needs_universal(layout):  # (other loader workers: the streams alone differ)
             self._convert_to_universal(self.dir / tag)
             log.info("checkpoint %s was written by %d rank(s) x %d loader worker(s), this run has %d x %d: loading "
                      "its universal form", tag, saved["world_size"], max(saved["num_workers"], 1),

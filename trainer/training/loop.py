@@ -158,18 +158,23 @@ class StopRequest:
         return flag.item() > 0
 
 
-def stream_sources(cfg: RunConfig) -> list[tuple[str, list[str], float, str | None]] | None:
-    """(name, shards, weight, label) of the streams a mixed or balanced run draws from; None = one set."""
+def _draws(cfg: RunConfig) -> list[tuple[str, str, float, str | None]]:
+    """(name, shard-set path, weight, label) of the streams a mixed or balanced run draws from; [] = one set."""
     if not (cfg.data.mixed or cfg.data.balance):
-        return None
+        return []
     out = []
     for i, s in enumerate(cfg.data.train_sources()):
-        urls, name = resolve_shards([s.path]), f"{i}_{Path(s.path).name}"
+        name = f"{i}_{Path(s.path).name}"
         if cfg.data.balance:
-            out += [(f"{name}_live", urls, s.weight / 2, "live"), (f"{name}_spoof", urls, s.weight / 2, "spoof")]
+            out += [(f"{name}_live", s.path, s.weight / 2, "live"), (f"{name}_spoof", s.path, s.weight / 2, "spoof")]
         else:
-            out.append((name, urls, s.weight, None))
+            out.append((name, s.path, s.weight, None))
     return out
+
+
+def source_names(cfg: RunConfig) -> list[str]:
+    """Names of the streams a mixed or balanced run draws from (TensorBoard data/source/<name>)."""
+    return [name for name, *_ in _draws(cfg)]
 
 
 def source_fractions(names: list[str], state: StreamState) -> dict[str, float]:
@@ -202,7 +207,7 @@ def training_batches(
     )
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     held_out = held_out_dev(cfg, train_urls)
-    sources = stream_sources(cfg)
+    sources = [(resolve_shards([path]), weight, label) for _, path, weight, label in _draws(cfg)]
     if held_out and info.is_main:
         log.info("training skips %s of %d training shard(s): eval.dev_shards holds them out to fix the threshold",
                  f"the split={held_out[0]!r} samples" if held_out[0] else "every sample", len(held_out[1]))
@@ -220,7 +225,7 @@ def training_batches(
         caption_source=cfg.data.caption_source,
         held_out=held_out,
         augment=Augment(cfg.data.augment) if cfg.data.augment.enabled else None,
-        sources=[(urls, weight, label) for _, urls, weight, label in sources] if sources else None,
+        sources=sources or None,
     )
     if state.origin is not None:  # collective: every rank reports its share of the old epoch's rest
         left = gather_objects([stream.transition_length(r) for r in range(max(cfg.data.num_workers, 1))], info)
@@ -244,8 +249,8 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
     saved_layout = checkpointer.saved_layout() if cfg.train.resume else None
     elastic = saved_layout is not None and saved_layout != layout  # resumed by another world size / workers
-    universal = elastic and saved_layout["world_size"] != layout["world_size"]  # (model states are per rank)
-    model, tokenizer, engine, optimizer = build_engine(cfg, tokenizer, info, dev, load_universal=universal)
+    model, tokenizer, engine, optimizer = build_engine(
+        cfg, tokenizer, info, dev, load_universal=cfg.train.resume and checkpointer.needs_universal(layout))
     if info.is_main:
         run.preempted.unlink(missing_ok=True)
 
@@ -263,7 +268,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                  f"{max(old['num_workers'], 1)} worker(s))" if elastic else "")
 
     builder, transform, batches = training_batches(cfg, train_urls, model, tokenizer, info, stream_state)
-    source_names = [name for name, *_ in stream_sources(cfg) or []]  # logged as data/source/<name>
+    names = source_names(cfg)
 
     def save(step: int) -> None:
         client_state = {
@@ -352,7 +357,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                 "data_wait_frac": window.wait_s / window.seconds,
                 "skipped_steps": skipped_steps,
                 "skipped_samples": skipped_counts(stream_state),
-                **({"source_fractions": source_fractions(source_names, stream_state)} if source_names else {}),
+                **({"source_fractions": source_fractions(names, stream_state)} if names else {}),
             }
             history.append(rec)
             lrs = {g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)}
