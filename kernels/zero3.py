@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,11 +36,20 @@ def _register_external(module: nn.Module, params: list[nn.Parameter]) -> bool:
     return True
 
 
+class HeadLossOutput(NamedTuple):
+    loss: LossParts
+    probe_logits: torch.Tensor | None  # [P, C] fp32, no gradient; None without a probe
+
+
 class FusedLMHeadLoss(nn.Module):
-    """``forward(hidden, targets, token_weights, groups) -> LossParts`` through ``lm_head`` without logits.
+    """``forward(hidden, targets, token_weights, groups, probe) -> HeadLossOutput`` through ``lm_head``
+    without logits.
 
     hidden [..., H] and targets/token_weights/groups [...] are flattened; positions must already
     be shifted (hidden_t predicts targets_t). See :func:`kernels.fused_linear_lopsided_ce`.
+    ``probe = (rows [P, H], columns [C])`` also reads the logits of ``columns`` at ``rows`` from the same
+    gathered head (the I-FAS judgment logits: the head is gathered once for both). They carry no
+    gradient: they are read out (scores), not trained.
     """
 
     def __init__(
@@ -60,8 +70,9 @@ class FusedLMHeadLoss(nn.Module):
             logger.debug("registered %d LM head parameter(s) as ZeRO-3 external parameters", len(params))
 
     def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, groups: torch.Tensor
-    ) -> LossParts:
+        self, hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, groups: torch.Tensor,
+        probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> HeadLossOutput:
         head = self.lm_head
         weight = head.weight
         if weight.numel() == 0 or weight.dim() != 2:
@@ -69,7 +80,15 @@ class FusedLMHeadLoss(nn.Module):
                 "lm_head.weight is not gathered (ZeRO-3 shard): call FusedLMHeadLoss as a submodule of the "
                 "model passed to deepspeed.initialize, inside that model's forward"
             )
-        return fused_linear_lopsided_ce(
+        probe_logits = None
+        if probe is not None:
+            rows, columns = probe
+            with torch.no_grad():
+                probe_logits = rows.detach() @ weight[columns].t()
+                if head.bias is not None:
+                    probe_logits = probe_logits + head.bias[columns]
+                probe_logits = probe_logits.float()
+        loss = fused_linear_lopsided_ce(
             hidden.reshape(-1, hidden.shape[-1]),
             weight,
             targets.reshape(-1),
@@ -80,6 +99,7 @@ class FusedLMHeadLoss(nn.Module):
             backend=self.backend,
             chunk_size=self.chunk_size,
         )
+        return HeadLossOutput(loss, probe_logits)
 
     def extra_repr(self) -> str:
         out, inp = self.lm_head.out_features, self.lm_head.in_features

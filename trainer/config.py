@@ -37,6 +37,9 @@ class ModelConfig:
     # Tokenizer directory; None = the LLM's/LLaVA's own, or for the tiny preset a BPE built from
     # the training captions (saved under train.output_dir/model_config, see trainer/run_dir.py).
     tokenizer_path: str | None = None
+    # An ifas-export directory to start a new run from: its architecture (the keys below are taken from
+    # it), tokenizer and weights. Not for resuming (a run resumes from its own checkpoints by itself).
+    init_from: str | None = None
     vision_feature_layer: int = -2  # patch features for the projector, as in LLaVA
     projector_merge: int = 1  # k > 1: one image token per k x k patches (fewer LLM tokens)
     pooling: str = "auto"  # GAC per-layer pooling: cls | mean | auto (cls if the encoder has one)
@@ -346,6 +349,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.model.init_from and (cfg.model.llava_path or cfg.model.vision_path):
+        raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight: drop "
+                          "model.llava_path / model.vision_path + model.llm_path")
     if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
         raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.llava_path)")
 

@@ -41,7 +41,7 @@ class TinyLM(nn.Module):
     def forward(self, tokens, targets, weights, groups):
         hidden = self.layers(self.embed(tokens))
         if self.fused_loss is not None:
-            return self.fused_loss(hidden, targets, weights, groups)
+            return self.fused_loss(hidden, targets, weights, groups).loss
         from trainer.model.loss import weighted_cross_entropy
 
         logits = self.head(hidden)

@@ -5,17 +5,36 @@ LLaVA-architecture checkpoint directory, (b) a vision-encoder directory plus an 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from trainer.config import ModelConfig
-from trainer.model.ifas import CLIP_MEAN, CLIP_STD, ArchConfig, IFASModel, ModelLoadError
+from trainer.model.ifas import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ArchConfig,
+    IFASModel,
+    ModelLoadError,
+    default_dtype,
+    image_token_counts,
+    sub_config,
+)
+from trainer.model.pretrained import CheckpointError, CheckpointPart, load_pretrained
 from trainer.model.tokenizer import ensure_image_token, judgment_token_ids, load_tokenizer
+from trainer.model.weights import WeightsError
+from trainer.run_dir import CONFIG_NAME
+
+# Where a llava-hf checkpoint's tensors go (names as transformers' LlavaForConditionalGeneration has them;
+# older files' layout is translated by transformers' own rules first, trainer/model/pretrained.py).
+LLAVA_PREFIXES = {"model.vision_tower.": "vision.", "model.multi_modal_projector.": "projector.",
+                  "model.language_model.": "llm.model.", "lm_head.": "llm.lm_head."}
 
 
 def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
@@ -58,16 +77,31 @@ def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, Pret
     return vision, text
 
 
-def vision_config_of(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
-    """The vision encoder's config alone (config.json files, no weights): for checks before a build."""
-    from transformers import AutoConfig
+def _export_config(cfg: ModelConfig) -> dict[str, Any]:
+    """ifas_config.json of ``model.init_from`` (an ifas-export directory)."""
+    path = _require_dir(cfg.init_from, "model.init_from") / CONFIG_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"model.init_from: {path.parent} is not an I-FAS export (no {CONFIG_NAME}); "
+                             "give a directory ifas-export wrote")
+    return json.loads(path.read_text())
 
+
+def image_tokens_of(cfg: ModelConfig, vocab_size: int) -> int:
+    """Image tokens per sample of the model ``cfg`` builds, from config files alone (no weights):
+    for checks before a build."""
+    if cfg.init_from:
+        saved = _export_config(cfg)
+        arch = saved["arch"]
+        return image_token_counts(sub_config(saved["vision_config"]), arch["projector_merge"], arch["gac"],
+                                  arch["gac_prefix_queries"])[1]
     if cfg.llava_path:
-        return AutoConfig.from_pretrained(str(_require_dir(cfg.llava_path, "model.llava_path"))).vision_config
-    if cfg.vision_path:
+        vision = AutoConfig.from_pretrained(str(_require_dir(cfg.llava_path, "model.llava_path"))).vision_config
+    elif cfg.vision_path:
         vcfg = AutoConfig.from_pretrained(str(_require_dir(cfg.vision_path, "model.vision_path")))
-        return getattr(vcfg, "vision_config", vcfg)
-    return preset_configs(cfg.preset, vocab_size)[0]
+        vision = getattr(vcfg, "vision_config", vcfg)
+    else:
+        vision = preset_configs(cfg.preset, vocab_size)[0]
+    return image_token_counts(vision, cfg.projector_merge, cfg.gac, cfg.gac_prefix_queries)[1]
 
 
 def _has_class_token(vision_config: PretrainedConfig) -> bool:
@@ -92,13 +126,52 @@ def _require_dir(path: str, key: str) -> Path:
     return p
 
 
+def _meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """A model built on the meta device (no memory, no init): the reference for a checkpoint's key names."""
+    with torch.device("meta"), no_init_weights():
+        return build()
+
+
+def _group_context(loaded: set[str], zero3_config: dict[str, Any] | None) -> Callable[[str], Any]:
+    """How each module group is built: a group the checkpoint fills is made without random init and,
+    under ZeRO-3, partitioned as each of its modules is made (``deepspeed.zero.Init``), so no rank ever
+    holds it whole (docs/architecture.md, "Loading checkpoints at scale")."""
+
+    def context(group: str) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if group in loaded:
+            if zero3_config is not None:
+                import deepspeed
+                import torch._dynamo  # noqa: F401  (imported lazily inside zero.Init it fails: "Known traps")
+
+                # the dtype follows the config's bf16 flag (an explicit dtype is ignored on CPU, "Known traps")
+                stack.enter_context(deepspeed.zero.Init(config_dict_or_path=zero3_config))
+            stack.enter_context(no_init_weights())
+        return stack
+
+    return context
+
+
+def _partition_fresh(model: IFASModel, loaded: set[str], zero3_config: dict[str, Any]) -> None:
+    """Partition the randomly initialised groups, built whole so that every init (transformers' and
+    torch's, which set submodules' weights after making them) ran as in a plain build: identical weights."""
+    import deepspeed
+
+    for group, module in model.module_groups().items():
+        if group not in loaded:
+            deepspeed.zero.Init(module=module, config_dict_or_path=zero3_config)
+
+
 def build_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, *, dtype: torch.dtype = torch.float32,
+    zero3_config: dict[str, Any] | None = None,
 ) -> tuple[IFASModel, PreTrainedTokenizerBase]:
     """Build the model and tokenizer for a run: LLaVA dir, vision+LLM dirs, or a tiny preset.
 
     For the tiny preset the caller passes the (demo) tokenizer; for checkpoints it is read from
-    ``cfg.tokenizer_path`` or the checkpoint directory.
+    ``cfg.tokenizer_path`` or the checkpoint directory. Parameters are made in ``dtype``; with a
+    ZeRO-3 DeepSpeed config they are partitioned as they are made, and the checkpoint's weights are
+    streamed into the partitions tensor by tensor (trainer/model/pretrained.py).
     """
     arch_kw = dict(
         vision_feature_layer=cfg.vision_feature_layer,
@@ -107,38 +180,41 @@ def build_model(
         gac_prefix_queries=cfg.gac_prefix_queries,
         gac_heads=cfg.gac_heads,
     )
-    pretrained: dict[str, nn.Module] = {}
-    if cfg.llava_path:
+    parts: list[CheckpointPart] = []
+    arch: ArchConfig | None = None
+    if cfg.init_from:  # a new run from an I-FAS export: its architecture, tokenizer and every weight
+        root = _require_dir(cfg.init_from, "model.init_from")
+        saved = _export_config(cfg)
+        tokenizer = load_tokenizer(cfg.tokenizer_path or root)
+        vision_config, text_config = sub_config(saved["vision_config"]), sub_config(saved["text_config"])
+        arch = ArchConfig(**saved["arch"])
+        groups = ("vision", "llm", "projector") + (("gac",) if arch.gac else ())
+        parts.append(CheckpointPart(root, {f"{g}.": f"{g}." for g in groups}))
+    elif cfg.llava_path:
         from transformers import LlavaForConditionalGeneration
 
         root = _require_dir(cfg.llava_path, "model.llava_path")
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_path or root)
-        llava = LlavaForConditionalGeneration.from_pretrained(str(root), dtype=torch.float32)
-        vision_config, text_config = llava.config.vision_config, llava.config.text_config
-        arch_kw["vision_feature_layer"] = llava.config.vision_feature_layer
+        llava_config = AutoConfig.from_pretrained(str(root))
+        vision_config, text_config = llava_config.vision_config, llava_config.text_config
+        arch_kw["vision_feature_layer"] = llava_config.vision_feature_layer
         if cfg.projector_merge != 1:
             raise ModelLoadError(
                 "model.projector_merge must be 1 with model.llava_path: LLaVA's projector reads single patches"
             )
         image_info = _image_processing(root, vision_config.image_size)
-        pretrained = {
-            "vision": llava.model.vision_tower,
-            "projector": llava.model.multi_modal_projector,
-            "llm.model": llava.model.language_model,
-            "llm.lm_head": llava.lm_head,
-        }
+        parts.append(CheckpointPart(root, dict(LLAVA_PREFIXES), _meta(lambda: LlavaForConditionalGeneration(
+            llava_config))))
     elif cfg.vision_path:
         vroot = _require_dir(cfg.vision_path, "model.vision_path")
         lroot = _require_dir(cfg.llm_path, "model.llm_path")
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_path or lroot)
         vcfg = AutoConfig.from_pretrained(str(vroot))
         vision_config = getattr(vcfg, "vision_config", vcfg)  # a full CLIP/SigLIP checkpoint holds one
-        vision_cls = type(AutoModel.from_config(vision_config))
-        vision = vision_cls.from_pretrained(str(vroot), dtype=torch.float32)
-        llm = AutoModelForCausalLM.from_pretrained(str(lroot), dtype=torch.float32)
-        text_config = llm.config
+        text_config = AutoConfig.from_pretrained(str(lroot))
         image_info = _image_processing(vroot, vision_config.image_size)
-        pretrained = {"vision": vision, "llm": llm}
+        parts.append(CheckpointPart(vroot, {"": "vision."}, _meta(lambda: AutoModel.from_config(vision_config))))
+        parts.append(CheckpointPart(lroot, {"": "llm."}, _meta(lambda: AutoModelForCausalLM.from_config(text_config))))
     else:
         if tokenizer is None:
             raise ModelLoadError(
@@ -147,29 +223,30 @@ def build_model(
         vision_config, text_config = preset_configs(cfg.preset, len(tokenizer))
         image_info = _image_processing(None, vision_config.image_size)
 
+    # Rows for tokens the checkpoint's vocabulary lacks (e.g. an added <image>) are made here, not by a
+    # resize after the build (which a partitioned embedding would not survive).
     image_token_id = ensure_image_token(tokenizer)
-    yes_id, no_id = judgment_token_ids(tokenizer)
-    has_cls = _has_class_token(vision_config)
-    pooling = cfg.pooling if cfg.pooling != "auto" else ("cls" if has_cls else "mean")
-    if pooling == "cls" and not has_cls:
-        raise ModelLoadError(
-            f"model.pooling=cls but the {vision_config.model_type} encoder has no class token; use mean"
-        )
-    arch = ArchConfig(
-        image_token_id=image_token_id,
-        yes_token_id=yes_id,
-        no_token_id=no_id,
-        pooling=pooling,
-        has_class_token=has_cls,
-        **arch_kw,
-        **image_info,
-    )
-    model = IFASModel(vision_config, text_config, arch, resolve_attn_implementation(cfg.attn_implementation))
-    for name, module in pretrained.items():
-        target = model.get_submodule(name)
-        target.load_state_dict(module.state_dict())
-    if len(tokenizer) > model.llm.get_input_embeddings().num_embeddings:
-        model.llm.resize_token_embeddings(len(tokenizer))
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    if arch is None:
+        yes_id, no_id = judgment_token_ids(tokenizer)
+        has_cls = _has_class_token(vision_config)
+        pooling = cfg.pooling if cfg.pooling != "auto" else ("cls" if has_cls else "mean")
+        if pooling == "cls" and not has_cls:
+            raise ModelLoadError(
+                f"model.pooling=cls but the {vision_config.model_type} encoder has no class token; use mean"
+            )
+        arch = ArchConfig(image_token_id=image_token_id, yes_token_id=yes_id, no_token_id=no_id, pooling=pooling,
+                          has_class_token=has_cls, **arch_kw, **image_info)
+    loaded = {target.split(".")[0] for part in parts for target in part.prefixes.values()}
+    with default_dtype(dtype):
+        model = IFASModel(vision_config, text_config, arch, resolve_attn_implementation(cfg.attn_implementation),
+                          group_context=_group_context(loaded, zero3_config))
+        if zero3_config is not None:
+            _partition_fresh(model, loaded, zero3_config)
+    try:
+        load_pretrained(model, parts)
+    except (CheckpointError, WeightsError) as exc:
+        raise ModelLoadError(str(exc)) from exc
     for name in cfg.gradient_checkpointing:  # recompute layer activations in backward
         getattr(model, name).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer

@@ -31,6 +31,7 @@ from trainer.run_dir import CONFIG_NAME, RunDir, latest_tag
 log = logging.getLogger("ifas.export")
 
 FORMATS = ("ifas", "llava")
+EXPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def export_run(
@@ -39,9 +40,11 @@ def export_run(
     tag: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
     fmt: str = "ifas",
+    dtype: str | None = None,
 ) -> Path:
     """Consolidate ``run_dir``'s checkpoint (latest unless ``tag``) into ``out_dir`` (default
-    run_dir/export), in this project's format or (``fmt="llava"``) as a transformers LLaVA."""
+    run_dir/export), in this project's format or (``fmt="llava"``) as a transformers LLaVA, with
+    weights in ``dtype`` (bf16 or fp32; default: the dtype the run trained in)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     run = RunDir(run_dir)
@@ -65,26 +68,36 @@ def export_run(
             check_llava_compatible(config["arch"])
         except NotLlavaCompatible as exc:
             raise ModelLoadError(f"{run.root} cannot be exported as LLaVA: {exc}") from exc
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ModelLoadError(f"export dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
+    weights_dtype = getattr(torch, EXPORT_DTYPES[dtype] if dtype else config.get("dtype", "float32"))
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
     out = Path(out_dir) if out_dir is not None else run.export
     if fmt == "llava":
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(run.processor))  # saved by the run (build_engine)
-        write_llava(config, lazy, processor, out, max_shard_size)
+        write_llava(config, lazy, processor, out, max_shard_size, weights_dtype)
     else:
         with torch.device("meta"):
             skeleton = IFASModel.from_config_dict(config)
-        skeleton.save_pretrained(out, load_tokenizer(run.model_config), tensors=lazy, max_shard_size=max_shard_size)
+        skeleton.save_pretrained(out, load_tokenizer(run.model_config), tensors=lazy, max_shard_size=max_shard_size,
+                                 dtype=weights_dtype)
     del lazy
     log.info("exported %s to %s", ckpt_dir, out)
     return out
 
 
-def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: WorldInfo):
+def inference_dtype(dev: torch.device) -> torch.dtype:
+    """What eval and predict compute in: bf16 on CUDA (as the model trained), fp32 on CPU."""
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: WorldInfo,
+                   dtype: torch.dtype | None = None):
     """(model, tokenizer) from an exported model directory, or from a training run directory whose
     checkpoint (latest, or ``tag``) is consolidated into OUT/export_<tag> first (by rank 0; the
-    others wait)."""
+    others wait); in ``dtype`` (default: the export's)."""
     p = Path(path)
     if not (p / CONFIG_NAME).is_file():
         if not RunDir(p).is_run():
@@ -98,4 +111,4 @@ def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: World
             export_run(p, target, tag)
         barrier(info)
         p = target
-    return IFASModel.from_pretrained(p)
+    return IFASModel.from_pretrained(p, dtype=dtype)

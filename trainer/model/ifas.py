@@ -11,16 +11,18 @@ and ``ifas-export`` writes the same directory from a ZeRO-3 checkpoint (trainer/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from trainer.model.gac import GloballyAwareConnector
 from trainer.model.loss import IGNORE_INDEX, LossParts, batch_token_weights, lopsided_lm_loss
@@ -32,6 +34,17 @@ log = logging.getLogger(__name__)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters created inside are ``dtype`` (a model built straight in bf16: no fp32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class ModelLoadError(ValueError):
@@ -112,20 +125,30 @@ class IFASModel(nn.Module):
         text_config: PretrainedConfig,
         arch: ArchConfig,
         attn_implementation: str = "sdpa",
+        group_context: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> None:
+        """``group_context(group)``: the context each module group (vision, llm, projector, gac) is
+        built in; trainer/model/build.py uses it to build checkpoint-loaded groups partitioned and
+        without random init."""
         super().__init__()
         self.arch = arch
-        self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation)
-        self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation)
+        made_in = group_context or (lambda group: contextlib.nullcontext())
+        with made_in("vision"):
+            self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation)
+        with made_in("llm"):
+            self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation)
+        self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
         vdim, tdim = vision_config.hidden_size, text_config.hidden_size
-        self.projector = Projector(vdim, tdim, arch.projector_merge)
-        self.gac = (
-            GloballyAwareConnector(
-                vdim, vision_config.num_hidden_layers, tdim, arch.gac_prefix_queries, arch.gac_heads, arch.pooling
+        with made_in("projector"):
+            self.projector = Projector(vdim, tdim, arch.projector_merge)
+        with made_in("gac"):
+            self.gac = (
+                GloballyAwareConnector(
+                    vdim, vision_config.num_hidden_layers, tdim, arch.gac_prefix_queries, arch.gac_heads, arch.pooling
+                )
+                if arch.gac
+                else None
             )
-            if arch.gac
-            else None
-        )
         self.num_patch_tokens, self.num_image_tokens = image_token_counts(
             vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries)
         self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
@@ -193,23 +216,32 @@ class IFASModel(nn.Module):
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         lm_head = self.llm.get_output_embeddings()
         batch = torch.arange(hidden.shape[0], device=hidden.device)
-        judgment_logits = lm_head(hidden[batch, score_positions])[:, [self.arch.yes_token_id, self.arch.no_token_id]]
-        judgment_logits = judgment_logits.float()
+        score_hidden = hidden[batch, score_positions]
+        judgment = torch.tensor([self.arch.yes_token_id, self.arch.no_token_id], device=hidden.device)
+        if labels is not None and self.head_loss is not None:
+            # one gather of the head (under ZeRO-3) for the judgment logits and the loss
+            targets, groups, h = self._supervised(hidden, labels, label_groups)
+            weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
+            loss, judgment_logits = self.head_loss(h, targets, weights, groups, probe=(score_hidden, judgment))
+            return IFASOutput(loss, torch.softmax(judgment_logits, dim=-1)[:, 0], judgment_logits)
+        judgment_logits = lm_head(score_hidden)[:, judgment].float()
         scores = torch.softmax(judgment_logits, dim=-1)[:, 0]
         if labels is None:
             zero = judgment_logits.sum() * 0.0
             return IFASOutput(LossParts(zero, zero, zero), scores, judgment_logits)
+        targets, groups, h = self._supervised(hidden, labels, label_groups)
+        loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)
+        return IFASOutput(loss, scores, judgment_logits)
+
+    @staticmethod
+    def _supervised(hidden: torch.Tensor, labels: torch.Tensor, label_groups: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets, groups, hidden states) of the answer positions: only they reach the LM head."""
         targets = labels[:, 1:].reshape(-1)
         groups = label_groups[:, 1:].reshape(-1)
-        supervised = targets != IGNORE_INDEX  # only answer positions reach the LM head
+        supervised = targets != IGNORE_INDEX
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
-        targets, groups = targets[supervised], groups[supervised]
-        if self.head_loss is not None:
-            weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
-            loss = self.head_loss(h, targets, weights, groups)
-        else:
-            loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)
-        return IFASOutput(loss, scores, judgment_logits)
+        return targets[supervised], groups[supervised], h
 
     @torch.no_grad()
     def generate(
@@ -220,12 +252,14 @@ class IFASModel(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----- saving and loading -----
-    def config_dict(self) -> dict[str, Any]:
+    def config_dict(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """ifas_config.json; ``dtype``: the weights' dtype, recorded for from_pretrained and ifas-export."""
         return {
             "architecture": "IFASModel",
             "vision_config": self.vision.config.to_dict(),
             "text_config": self.llm.config.to_dict(),
             "arch": dataclasses.asdict(self.arch),
+            **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),  # getattr(torch, ..)
         }
 
     def save_pretrained(
@@ -234,41 +268,52 @@ class IFASModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         tensors: Mapping[str, Any] | None = None,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
+        dtype: torch.dtype | None = None,
     ) -> Path:
         """Write the model directory ``from_pretrained`` reads: config, safetensors weights (one file, or
         shards + index above ``max_shard_size``) and tokenizer, then read the weights back to check them.
 
         ``tensors`` replaces the live weights, tensor by tensor (e.g. DeepSpeed's lazy consolidation of
         a ZeRO-3 checkpoint); then ``self`` may be a skeleton on the meta device: only its names,
-        shapes and tied weights are read. The one writer of model directories (``ifas-export`` too)."""
+        shapes and tied weights are read. ``dtype``: the weights' dtype on disk (default: theirs), recorded
+        in the config as the dtype ``from_pretrained`` loads. The one writer of model directories."""
         d = Path(directory)
-        write_weights(self, self.state_dict() if tensors is None else tensors, d, max_shard_size)
-        (d / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
+        source = self.state_dict() if tensors is None else tensors
+        dtype = dtype or next(iter(source.values())).dtype
+        write_weights(self, source, d, max_shard_size, dtype)
+        (d / CONFIG_NAME).write_text(json.dumps(self.config_dict(dtype), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(d))
         verify_weights(self, d)  # every tensor present once, with the model's shapes
         return d
 
     @classmethod
-    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa") -> "IFASModel":
+    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa",
+                         group_context: Callable[[str], contextlib.AbstractContextManager] | None = None
+                         ) -> "IFASModel":
         return cls(
             sub_config(cfg["vision_config"]),
             sub_config(cfg["text_config"]),
             ArchConfig(**cfg["arch"]),
             attn_implementation,
+            group_context,
         )
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, attn_implementation: str = "sdpa"
+        cls, directory: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
     ) -> tuple["IFASModel", PreTrainedTokenizerBase]:
+        """The model of an export directory, in ``dtype`` (default: the dtype its weights were saved in)."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise ModelLoadError(
                 f"{d} is not an I-FAS model directory (no {CONFIG_NAME}); "
                 f"export one with `ifas-export` or point to a training output's export/"
             )
-        model = cls.from_config_dict(json.loads((d / CONFIG_NAME).read_text()), attn_implementation)
+        config = json.loads((d / CONFIG_NAME).read_text())
+        with default_dtype(dtype or getattr(torch, config.get("dtype", "float32"))):
+            # every weight is read from the files: no random init (minutes at 7B)
+            model = cls.from_config_dict(config, attn_implementation, group_context=lambda group: no_init_weights())
         try:
             load_weights(model, d)  # model.safetensors, or shards + model.safetensors.index.json
         except WeightsError as exc:

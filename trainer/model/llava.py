@@ -115,8 +115,9 @@ def llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: st
 
 
 def write_llava(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], processor, directory: str | Path,
-                max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write a model (its config dict and state dict, or DeepSpeed's lazy one) as a transformers LLaVA
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, dtype=None) -> None:
+    """Write a model (its config dict and state dict, or DeepSpeed's lazy one; cast to ``dtype`` if given)
+    as a transformers LLaVA
     directory: weights streamed through trainer.model.weights, config, ``processor`` and a generation config
     that stops at the EOS every trained answer ends with; then check the weights against the config."""
     import torch
@@ -125,7 +126,9 @@ def write_llava(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], proc
     config = llava_config(ifas_config)
     with torch.device("meta"):
         skeleton = LlavaForConditionalGeneration(config)
-    write_weights(skeleton, LlavaNamedTensors(tensors), directory, max_shard_size)
+    write_weights(skeleton, LlavaNamedTensors(tensors), directory, max_shard_size, dtype)
+    if dtype is not None:
+        config.dtype = dtype  # what from_pretrained(dtype="auto") loads
     config.save_pretrained(str(directory))
     processor.save_pretrained(str(directory))
     tok = processor.tokenizer

@@ -87,9 +87,10 @@ def _same(a: TensorLike, b: TensorLike) -> bool:
 
 
 def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory: str | Path,
-                  max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+                  max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> list[Path]:
     """Write the weights of ``model`` (a skeleton is enough, e.g. built on the meta device: only names,
-    shapes and tying are read) taken from ``tensors``; returns the files written."""
+    shapes and tying are read) taken from ``tensors``, cast to ``dtype`` if given (one tensor at a
+    time); returns the files written."""
     try:
         limit = parse_size(max_shard_bytes)
     except ValueError as exc:
@@ -108,7 +109,7 @@ def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory
     size = total = 0
     for name in stored:
         t = tensors[source[name]]
-        nbytes = int(torch.Size(t.shape).numel()) * t.dtype.itemsize
+        nbytes = int(torch.Size(t.shape).numel()) * (dtype or t.dtype).itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -123,7 +124,8 @@ def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory
                                                        for i in range(len(shards))]
     files = []
     for file, members in zip(names, shards):
-        part = {name: tensors[source[name]].contiguous() for name in members}
+        part = {name: tensors[source[name]].contiguous().to(dtype or tensors[source[name]].dtype)
+                for name in members}
         tmp = d / (file + ".tmp")
         save_file(part, str(tmp), metadata={"format": "pt"})
         tmp.replace(d / file)
@@ -137,14 +139,15 @@ def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory
     return files
 
 
-def weight_files(directory: str | Path) -> list[Path]:
-    """The weight files of a model directory: the index's shards, or the single file."""
+def weight_files(directory: str | Path, hint: str = "export the model with ifas-export") -> list[Path]:
+    """The weight files of a model directory: the index's shards, or the single file (``hint``: the fix
+    an error message suggests)."""
     d = Path(directory)
     if (d / INDEX_NAME).is_file():
         try:
             weight_map = json.loads((d / INDEX_NAME).read_text())["weight_map"]
         except (ValueError, KeyError) as exc:
-            raise WeightsError(f"{d / INDEX_NAME} is not a safetensors index ({exc}); export the model again") from exc
+            raise WeightsError(f"{d / INDEX_NAME} is not a safetensors index ({exc}); {hint}") from exc
         files = [d / f for f in dict.fromkeys(weight_map.values())]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -153,7 +156,7 @@ def weight_files(directory: str | Path) -> list[Path]:
         return files
     if (d / WEIGHTS_NAME).is_file():
         return [d / WEIGHTS_NAME]
-    raise WeightsError(f"{d} holds no weights ({WEIGHTS_NAME} or {INDEX_NAME}); export the model with ifas-export")
+    raise WeightsError(f"{d} holds no weights ({WEIGHTS_NAME} or {INDEX_NAME}); {hint}")
 
 
 def verify_weights(model: nn.Module, directory: str | Path) -> dict[Path, dict[str, str]]:

@@ -168,3 +168,37 @@ def test_export_of_a_directory_that_is_no_run_is_one_error_line(tmp_path, capsys
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ifas-export: error:") and "not a training output" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bf16_export_scores_like_fp32_and_seeds_a_new_run(zero3_run, small_shards, tmp_path):
+    from safetensors import safe_open
+
+    from tests.trainer.model.test_ifas import forward, make_batch
+    from tests.trainer.training.test_train_e2e import run_train
+    from trainer.cli.export import main
+
+    assert main([str(zero3_run), "--out", str(tmp_path / "fp32")]) == 0  # the run trained in fp32 (CPU)
+    assert main([str(zero3_run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    with safe_open(str(tmp_path / "bf16" / WEIGHTS_NAME), framework="pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
+    sizes = {d: (tmp_path / d / WEIGHTS_NAME).stat().st_size for d in ("fp32", "bf16")}
+    assert sizes["bf16"] < 0.51 * sizes["fp32"]
+    full, tok = IFASModel.from_pretrained(tmp_path / "fp32")
+    half, _ = IFASModel.from_pretrained(tmp_path / "bf16")  # in the dtype it was saved in
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    batch = make_batch(full, tok, 4, seed=3)
+    with torch.no_grad():
+        scores_fp32, scores_bf16 = forward(full.eval(), batch).scores, forward(half.eval(), batch).scores
+    assert scores_bf16.dtype == torch.float32  # the judgment softmax runs in fp32 whatever the weights
+    torch.testing.assert_close(scores_bf16, scores_fp32, atol=3e-2, rtol=0)  # bf16 keeps ~3 significant digits
+    assert not torch.equal(scores_bf16, scores_fp32)
+
+    # a new run from the fp32 export: with lr 0 its first checkpoint holds exactly the export's weights
+    seeded = tmp_path / "seeded"
+    run_train(small_shards, seeded, f"model.init_from={tmp_path / 'fp32'}", "train.max_steps=1", "optim.lr=0",
+              "eval.at_end=false")
+    assert main([str(seeded), "--out", str(tmp_path / "again")]) == 0
+    again, _ = IFASModel.from_pretrained(tmp_path / "again")
+    assert_same_weights(again, full)
