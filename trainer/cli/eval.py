@@ -34,7 +34,7 @@ from trainer.eval.scoring import (
     threshold_from_file,
 )
 from trainer.logs import MetricsWriter, Tags, setup_logging
-from trainer.model.export import load_model_dir
+from trainer.model.export import inference_dtype, load_model_dir
 from trainer.model.ifas import ModelLoadError
 from trainer.model.prompt import PromptBuilder
 
@@ -105,7 +105,7 @@ def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
         raise ValueError("give at least one test shard set (PATH or NAME=PATH)")
     out = Path(args.out or args.model)
     keywords = load_keywords() if args.explain_samples > 0 else {}
-    model, tokenizer = load_model_dir(args.model, args.tag, out, info)
+    model, tokenizer = load_model_dir(args.model, args.tag, out, info, inference_dtype(device()))
     model.to(device()).eval()
     builder = PromptBuilder(tokenizer, model.num_image_tokens, max_length=PROMPT_ONLY_MAX_LENGTH)
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from trainer.logs import setup_logging
-from trainer.model.export import FORMATS, export_run
+from trainer.model.export import EXPORT_DTYPES, FORMATS, export_run
 from trainer.model.ifas import ModelLoadError
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError
 
@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="ifas",
                         help="ifas: for ifas-eval/ifas-predict (default); llava: a transformers LLaVA, for models "
                              "trained with model.gac=false and model.projector_merge=1 (e.g. SCF's captioner)")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
+                        help="dtype of the written weights (default: the dtype the run trained in: bf16 on CUDA)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        out = export_run(args.run_dir, args.out, args.tag, args.max_shard_size, args.format)
+        out = export_run(args.run_dir, args.out, args.tag, args.max_shard_size, args.format, args.dtype)
     except (ModelLoadError, WeightsError) as exc:
         print(f"ifas-export: error: {exc}", file=sys.stderr)
         return 2

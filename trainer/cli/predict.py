@@ -20,6 +20,7 @@ from trainer.dist import device
 from trainer.eval.predict import batches, crop_face, iter_inputs, predict_batch
 from trainer.eval.scoring import threshold_from_file
 from trainer.logs import setup_logging
+from trainer.model.export import inference_dtype
 from trainer.model.ifas import IFASModel, ModelLoadError
 
 log = logging.getLogger("ifas.predict")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             threshold = 0.5 if args.threshold is None else args.threshold
             source = "default" if args.threshold is None else "--threshold"
-        model, tokenizer = IFASModel.from_pretrained(args.model)
+        model, tokenizer = IFASModel.from_pretrained(args.model, dtype=inference_dtype(device()))
         model.to(device()).eval()
         out_file = open(args.out, "w") if args.out else None
         count = 0

@@ -16,8 +16,10 @@ from trainer.dist import WorldInfo
 from trainer.model.build import build_model
 from trainer.model.ifas import IFASModel
 from trainer.model.llava import is_llava_compatible, llava_processor
+from trainer.model.pretrained import full_numel, full_shape
 from trainer.model.tokenizer import load_tokenizer, processor_chat_template
 from trainer.run_dir import CONFIG_NAME, RunDir
+from trainer.training.memory import release_free_memory
 
 log = logging.getLogger("ifas.train")
 
@@ -65,7 +67,7 @@ def param_groups(model: IFASModel, cfg: RunConfig) -> list[dict[str, Any]]:
         for p in module.parameters():
             p.requires_grad_(not frozen)
             if not frozen:
-                (no_decay if p.ndim < 2 else decay).append(p)
+                (no_decay if len(full_shape(p)) < 2 else decay).append(p)
         lr = cfg.optim.lr * cfg.optim.lr_scale.get(name, 1.0)
         for params, wd, suffix in ((decay, cfg.optim.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
             if params:
@@ -95,11 +97,15 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
     import torch.distributed as dist
 
     run = RunDir(cfg.train.output_dir)
-    model, tokenizer = build_model(cfg.model, tokenizer)
+    ds_config = deepspeed_config(cfg, dev.type == "cuda", load_universal)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    model, tokenizer = build_model(cfg.model, tokenizer, dtype=dtype, zero3_config=ds_config if zero3 else None)
     model.use_fused_loss(cfg.model.fused_kernels is True or (cfg.model.fused_kernels == "auto" and dev.type == "cuda"))
     if info.is_main:
         run.model_config.mkdir(parents=True, exist_ok=True)
-        (run.model_config / CONFIG_NAME).write_text(json.dumps(model.config_dict(), indent=2))
+        # the training dtype: what ifas-export writes by default
+        (run.model_config / CONFIG_NAME).write_text(json.dumps(model.config_dict(dtype), indent=2))
         tokenizer.save_pretrained(str(run.model_config))
         if is_llava_compatible(model.config_dict()["arch"]):  # exportable as LLaVA (ifas-export --format llava)
             # the base captioner's processor-level template, if it has one
@@ -108,10 +114,10 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
         run.run_config.write_text(json.dumps(cfg.to_dict(), indent=2))
     dist.barrier()
     tokenizer = load_tokenizer(run.model_config)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(full_numel(p) for p in model.parameters())
     log.info("model: %.2fM parameters, %d image tokens per sample", n_params / 1e6, model.num_image_tokens)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg),
-        config=deepspeed_config(cfg, dev.type == "cuda", load_universal),
+        model=model, model_parameters=param_groups(model, cfg), config=ds_config,
         lr_scheduler=lambda opt: make_scheduler(opt, cfg))
+    release_free_memory()  # the partitions DeepSpeed copied into its flat buffers
     return model, tokenizer, engine, optimizer

@@ -32,8 +32,9 @@ def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
 def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
     """The run's tokenizer: given path, checkpoint's own, the saved demo one, or a fresh demo BPE."""
     saved = RunDir(cfg.train.output_dir).model_config
-    if cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path:
-        return load_tokenizer(cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path)
+    given = cfg.model.tokenizer_path or cfg.model.init_from or cfg.model.llava_path or cfg.model.llm_path
+    if given:
+        return load_tokenizer(given)
     if (saved / "tokenizer.json").is_file():
         return load_tokenizer(saved)  # resuming: the exact tokenizer the weights were trained with
     return build_demo_tokenizer(read_captions(train_urls))
@@ -77,15 +78,12 @@ def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
     """data.max_length against the image tokens (from the configs alone, no weights), the prompt and
     the shortest answer (judgment + end of text); returns the tokens left for the interpretation.
     Raises a ConfigError naming the numbers and the value to set."""
-    from trainer.model.build import vision_config_of
-    from trainer.model.ifas import image_token_counts
+    from trainer.model.build import image_tokens_of
     from trainer.model.prompt import PromptBuilder
 
     if cfg.data.task == "caption":  # its prompt comes from the captioner's processor, written at build time
         return cfg.data.max_length
-    m = cfg.model
-    _, image_tokens = image_token_counts(vision_config_of(m, len(tokenizer)), m.projector_merge, m.gac,
-                                         m.gac_prefix_queries)
+    image_tokens = image_tokens_of(cfg.model, len(tokenizer))
     prompt = len(PromptBuilder(tokenizer, image_tokens, 1 << 20, cfg.data.answer_style).prompt_ids)
     shortest = prompt + 2  # + judgment + end of text
     if cfg.data.max_length < shortest:

@@ -33,6 +33,7 @@ from trainer.stream import ShardStream, StreamState
 from trainer.training.checkpoint import Checkpointer
 from trainer.training.engine import build_engine
 from trainer.training.inputs import held_out_dev
+from trainer.training.memory import keep_host_heap_small
 from trainer.training.timing import PhaseTimer, phase
 
 log = logging.getLogger("ifas.train")
@@ -238,6 +239,7 @@ def training_batches(
 def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer) -> dict[str, Any]:
     from tqdm import tqdm
 
+    keep_host_heap_small()
     info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(info.rank, force=True)
     dev = device()
