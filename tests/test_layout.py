@@ -31,7 +31,7 @@ TRAINER_MAY_USE_FROM_SHARDS = {
 FOUNDATION = {"trainer", "trainer.config", "trainer.dist", "trainer.logs", "trainer.run_dir"}
 # Each layer may import only those before it; the commands are cli/ and the benchmarks.
 TRAINER_LAYERS = (("model",), ("data", "augment", "epochs", "stream"), ("eval",), ("training",),
-                  ("cli", "bench", "resume_bench"))
+                  ("cli", "bench", "resume_bench", "scale_rehearsal"))
 
 
 def module_name(path: Path) -> str:

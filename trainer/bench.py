@@ -37,6 +37,7 @@ from kernels.benchmarks_md import update_section
 from trainer.config import PROJECT_ROOT as ROOT
 from trainer.dist import finish_process, free_port, shutdown_distributed
 from trainer.logs import setup_logging
+from trainer.training.memory import model_state_bytes
 
 log = logging.getLogger("ifas.bench")
 # Dense bf16 peaks (FLOP/s) of accelerators the MFU target is stated for.
@@ -210,7 +211,7 @@ def scaling_table(per_rank_step_s: float, flops_per_sample: float, mfu: float = 
     tokens_per_gpu = 8 * 2048  # 8 samples x 2048 tokens per GPU per step (448 px image + answer)
     for params in (2e9, 8e9):
         for gpus in (8, 64):
-            states = 16 * params / gpus  # bf16 param + bf16 grad + fp32 master, m, v, partitioned
+            states = model_state_bytes(int(params), gpus, "bf16")
             layers, hidden = (28, 2048) if params < 4e9 else (32, 4096)
             acts = 2 * tokens_per_gpu * hidden * layers * 2  # one bf16 hidden state per layer, checkpointed
             compute = 6 * params * tokens_per_gpu / (peak * mfu)
@@ -282,8 +283,9 @@ def _section(results: list[dict[str, Any]], command: str, config: str) -> str:
                   "leaf modules: RuntimeError 'unknown parameter type')."]
     first = by_ws[min(by_ws)]
     lines += ["", "### Scaling on paper", "",
-              "Assumptions: bf16 weights and gradients with fp32 master weights and AdamW moments "
-              "(16 bytes/parameter, partitioned over all GPUs by ZeRO-3); 8 samples x 2048 tokens per GPU per step; "
+              "Assumptions: bf16 weights with fp32 gradient partitions, master weights and AdamW moments "
+              "(18 bytes/parameter, partitioned over all GPUs by ZeRO-3; trainer/training/memory.py); "
+              "8 samples x 2048 tokens per GPU per step; "
               "activation checkpointing at layer boundaries (one bf16 hidden state per layer kept); "
               "compute at the 45% MFU target of an H200 (989 TFLOP/s dense bf16); ZeRO-3 moves 3x the bf16 "
               "parameters per step (all-gather in forward and backward, reduce-scatter of gradients) over "
@@ -311,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file to update")
     parser.add_argument("--no-markdown", action="store_true", help="do not update the markdown file")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--scale", action="store_true",
+                        help="run the scale rehearsal instead (trainer/scale_rehearsal.py, section 'Scale rehearsal')")
+    parser.add_argument("--label", default="current", help="--scale: the row label (e.g. before/after a change)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.scale:
+        return scale_main(args, argv)
     if args.worker:
         try:
             worker(args)
@@ -349,6 +356,22 @@ def main(argv: list[str] | None = None) -> int:
                        "Trainer on GPU" if on_gpu else "Trainer", section)
     return 0
 
+
+def scale_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--scale``: rehearse on a real-width checkpoint; keeps other labels' figures in the JSON file."""
+    from trainer import scale_rehearsal
+
+    work = ROOT / "runs" / "scale"
+    store = work / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    results[args.label] = scale_rehearsal.run(work, [int(w) for w in args.world_sizes.split(",")], args.overrides)
+    store.write_text(json.dumps(results, indent=2))
+    command = "python -m trainer.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = scale_rehearsal.section(results, command.strip())
+    print(text)
+    if not args.no_markdown:
+        update_section(Path(args.markdown), "scale-rehearsal", "Scale rehearsal", text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,25 @@ def test_section_reports_targets_and_ratios(tmp_path):
 
 def test_scaling_on_paper_arithmetic():
     table = scaling_table(0.2, 1e9)
-    # 2B params x 16 bytes over 8 GPUs = 4e9 bytes = 3.7 GiB per GPU
-    assert "| 2B | 8 | 3.7 GiB |" in table
-    assert "| 8B | 64 | 1.9 GiB |" in table
+    # 2B params x 18 bytes over 8 GPUs = 4.5e9 bytes = 4.2 GiB per GPU
+    assert "| 2B | 8 | 4.2 GiB |" in table
+    assert "| 8B | 64 | 2.1 GiB |" in table  # 8e9 x 18 / 64 = 2.25e9 bytes
     # compute: 6 * 2e9 * 16384 tokens / (989e12 * 0.45) = 0.44 s
     assert "| 0.44 s |" in table
+
+
+def test_scale_rehearsal_section_judges_the_ratio_and_shows_a_run_that_died():
+    from trainer.scale_rehearsal import section
+
+    checkpoint = {"parameters": 572_530_304, "largest_tensor": 136_134_656, "bytes": 1 << 30}
+    run = {"first_step_s": 60.0, "wall_s": 200.0}
+    results = {
+        "before": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 19000.0, **run},
+                                                      {"world_size": 2, "error": "killed by the OOM killer"}]},
+        "after": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10000.0, **run},
+                                                     {"world_size": 2, "peak_rss_mb": 5500.0, **run}]},
+    }
+    text = section(results, "python -m trainer.bench --scale")
+    assert "| before | 2 | did not finish: killed by the OOM killer |" in text
+    assert "| 0.55 (pass) |" in text
+    assert "after: 4.39 GiB measured" in text  # (10000 - 5500) / 1024
