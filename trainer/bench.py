@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-markdown", action="store_true", help="do not update the markdown file")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--scale", action="store_true",
-                        help="run the scale rehearsal instead (trainer/scale_rehearsal.py, section 'Scale rehearsal')")
+                        help="run the scale rehearsal instead (trainer/scale_rehearsal.py, section 'Scale "
+                             "rehearsal'): its own checkpoint, config and data; --world-sizes and overrides apply")
     parser.add_argument("--label", default="current", help="--scale: the row label (e.g. before/after a change)")
     args = parser.parse_args(argv)
     setup_logging()

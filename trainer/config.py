@@ -349,9 +349,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.model.init_from and (cfg.model.llava_path or cfg.model.vision_path):
-        raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight: drop "
-                          "model.llava_path / model.vision_path + model.llm_path")
+    if cfg.model.init_from and (cfg.model.llava_path or cfg.model.vision_path or cfg.model.tokenizer_path):
+        raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight and the tokenizer "
+                          "its token ids belong to: drop model.llava_path / model.vision_path + model.llm_path / "
+                          "model.tokenizer_path")
     if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
         raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.llava_path)")
 

@@ -74,20 +74,14 @@ def save_checkpoint(out: Path, shards: Path) -> dict[str, Any]:
     return info
 
 
-def _scalars_at(logdir: Path, step: int) -> dict[str, float]:
+def _read_events(logdir: Path) -> tuple[dict[str, float], float]:
+    """(every scalar at step STEPS, the wall time of step 1's loss) from the run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag) if e.step == step}
-
-
-def _first_step_wall_time(logdir: Path) -> float:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    events.Reload()
-    return min(e.wall_time for e in events.Scalars("train/loss") if e.step == 1)
+    scalars = {tag: e.value for tag in events.Tags()["scalars"] for e in events.Scalars(tag) if e.step == STEPS}
+    return scalars, min(e.wall_time for e in events.Scalars("train/loss") if e.step == 1)
 
 
 def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
@@ -107,14 +101,14 @@ def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, override
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     wall = time.time() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"the world-size-{ws} rehearsal run failed (exit {proc.returncode}); see its log above")
-    logdir = RunDir(out).tensorboard
-    scalars = _scalars_at(logdir, STEPS)
+    if proc.returncode != 0:  # recorded, not raised: e.g. a rank the kernel killed for memory
+        log.error("the world-size-%d rehearsal run failed (exit %d); see its log above", ws, proc.returncode)
+        return {"world_size": ws, "threads_per_rank": threads,
+                "error": f"exit {proc.returncode} after {wall:.0f} s (an exit of -9/247: out of memory, see dmesg)"}
+    scalars, first_step = _read_events(RunDir(out).tensorboard)
     peaks = [scalars[f"memory/peak_rss_mb/rank{r}"] for r in range(ws)]
     return {"world_size": ws, "threads_per_rank": threads, "peak_rss_mb_per_rank": peaks,
-            "peak_rss_mb": max(peaks), "first_step_s": _first_step_wall_time(logdir) - start,
-            "wall_s": wall}
+            "peak_rss_mb": max(peaks), "first_step_s": first_step - start, "wall_s": wall}
 
 
 def run(work: Path, world_sizes: list[int], overrides: list[str]) -> dict[str, Any]:

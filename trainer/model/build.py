@@ -185,7 +185,7 @@ def build_model(
     if cfg.init_from:  # a new run from an I-FAS export: its architecture, tokenizer and every weight
         root = _require_dir(cfg.init_from, "model.init_from")
         saved = _export_config(cfg)
-        tokenizer = load_tokenizer(cfg.tokenizer_path or root)
+        tokenizer = load_tokenizer(root)  # the one the export's token ids belong to
         vision_config, text_config = sub_config(saved["vision_config"]), sub_config(saved["text_config"])
         arch = ArchConfig(**saved["arch"])
         groups = ("vision", "llm", "projector") + (("gac",) if arch.gac else ())
@@ -243,8 +243,10 @@ def build_model(
                           group_context=_group_context(loaded, zero3_config))
         if zero3_config is not None:
             _partition_fresh(model, loaded, zero3_config)
+    vocabulary = [name for name, p in model.named_parameters(remove_duplicate=False)
+                  if p is model.llm.get_input_embeddings().weight or p is model.llm.get_output_embeddings().weight]
     try:
-        load_pretrained(model, parts)
+        load_pretrained(model, parts, vocabulary)
     except (CheckpointError, WeightsError) as exc:
         raise ModelLoadError(str(exc)) from exc
     for name in cfg.gradient_checkpointing:  # recompute layer activations in backward

@@ -133,10 +133,13 @@ class IFASModel(nn.Module):
         super().__init__()
         self.arch = arch
         made_in = group_context or (lambda group: contextlib.nullcontext())
+        # the dtype in force here, not a checkpoint config's (from_config would build in config.dtype)
+        dtype = torch.get_default_dtype()
         with made_in("vision"):
-            self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation)
+            self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation, dtype=dtype)
         with made_in("llm"):
-            self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation)
+            self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation,
+                                                        dtype=dtype)
         self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
         vdim, tdim = vision_config.hidden_size, text_config.hidden_size
         with made_in("projector"):
@@ -214,7 +217,6 @@ class IFASModel(nn.Module):
         """
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        lm_head = self.llm.get_output_embeddings()
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
         judgment = torch.tensor([self.arch.yes_token_id, self.arch.no_token_id], device=hidden.device)
@@ -224,6 +226,7 @@ class IFASModel(nn.Module):
             weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
             loss, judgment_logits = self.head_loss(h, targets, weights, groups, probe=(score_hidden, judgment))
             return IFASOutput(loss, torch.softmax(judgment_logits, dim=-1)[:, 0], judgment_logits)
+        lm_head = self.llm.get_output_embeddings()
         judgment_logits = lm_head(score_hidden)[:, judgment].float()
         scores = torch.softmax(judgment_logits, dim=-1)[:, 0]
         if labels is None:

@@ -127,8 +127,8 @@ def write_llava(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], proc
     with torch.device("meta"):
         skeleton = LlavaForConditionalGeneration(config)
     write_weights(skeleton, LlavaNamedTensors(tensors), directory, max_shard_size, dtype)
-    if dtype is not None:
-        config.dtype = dtype  # what from_pretrained(dtype="auto") loads
+    if dtype is not None:  # what from_pretrained(dtype="auto") loads, on every level of the config
+        config.dtype = config.text_config.dtype = config.vision_config.dtype = dtype
     config.save_pretrained(str(directory))
     processor.save_pretrained(str(directory))
     tok = processor.tokenizer

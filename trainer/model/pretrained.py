@@ -20,6 +20,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import torch
 from safetensors import safe_open
@@ -84,11 +85,16 @@ class _Copy:
     target: str  # the I-FAS state-dict entry (the first name of a tied group)
 
 
-def plan_loading(model: nn.Module, parts: list[CheckpointPart]) -> list[_Copy]:
-    """Which tensor of which file fills which entry of ``model``, checked from the headers alone."""
+def _entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by state-dict name (tied names included)."""
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def plan_loading(model: nn.Module, parts: list[CheckpointPart], vocabulary: Collection[str] = ()) -> list[_Copy]:
+    """Which tensor of which file fills which entry of ``model``, checked from the headers alone.
+    ``vocabulary``: the entries (embedding, LM head) that may have more rows than the checkpoint's."""
     aliases = tied_aliases(model)
-    entries = dict(model.named_parameters(remove_duplicate=False))
-    entries.update(dict(model.named_buffers(remove_duplicate=False)))
+    entries = _entries(model)
     plan: dict[str, _Copy] = {}
     for part in parts:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -103,10 +109,12 @@ def plan_loading(model: nn.Module, parts: list[CheckpointPart]) -> list[_Copy]:
                 unused += 1
                 continue
             stored = aliases[name]
-            if stored in plan:
-                continue  # a tied copy saved twice (e.g. lm_head beside tied embeddings)
+            if stored in plan:  # the config ties this tensor to one already planned: as transformers, keep that
+                log.warning("%s: %s is ignored: the config ties %s to %s", part.directory, key, name, stored)
+                continue
             want, have = full_shape(entries[name]), shapes[key]
-            grows_rows = len(want) == len(have) and want[1:] == have[1:] and want[0] > have[0]
+            grows_rows = (name in vocabulary and len(want) == len(have) and want[1:] == have[1:]
+                          and want[0] > have[0])
             if want != have and not grows_rows:
                 raise CheckpointError(f"{part.directory}: {key} has shape {list(have)}, the model's {name} wants "
                                       f"{list(want)}; is the checkpoint's config.json the one its weights came from?")
@@ -124,14 +132,15 @@ def _fill(target: torch.Tensor, source: torch.Tensor) -> None:
     rows = source.shape[0]
     target[:rows].copy_(source)
     if target.shape[0] > rows:  # new vocabulary rows (e.g. an added <image> token): the mean embedding
-        target[rows:].copy_(source.float().mean(dim=0, keepdim=True).to(target.dtype).expand_as(target[rows:]))
+        mean = source.sum(dim=0, dtype=torch.float32) / rows  # no fp32 copy of the whole table
+        target[rows:].copy_(mean.to(target.dtype).expand_as(target[rows:]))
 
 
-def load_pretrained(model: nn.Module, parts: list[CheckpointPart]) -> int:
-    """Copy the parts' tensors into ``model`` (plain or ZeRO-3 partitioned); returns the tensors loaded."""
-    plan = plan_loading(model, parts)
-    entries = dict(model.named_parameters(remove_duplicate=False))
-    entries.update(dict(model.named_buffers(remove_duplicate=False)))
+def load_pretrained(model: nn.Module, parts: list[CheckpointPart], vocabulary: Collection[str] = ()) -> None:
+    """Copy the parts' tensors into ``model`` (plain or ZeRO-3 partitioned); ``vocabulary`` as in
+    :func:`plan_loading`."""
+    plan = plan_loading(model, parts, vocabulary)
+    entries = _entries(model)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     by_file = itertools.groupby(sorted(plan, key=lambda c: str(c.file)), key=lambda c: c.file)
     with torch.no_grad():
@@ -148,4 +157,3 @@ def load_pretrained(model: nn.Module, parts: list[CheckpointPart]) -> int:
                                 _fill(target.data, fh.get_tensor(copy.key))
                     else:  # replicated (no ZeRO-3, or a buffer): every rank fills its own copy
                         _fill(target.data, fh.get_tensor(copy.key))
-    return len(plan)

@@ -32,7 +32,7 @@ def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
 def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
     """The run's tokenizer: given path, checkpoint's own, the saved demo one, or a fresh demo BPE."""
     saved = RunDir(cfg.train.output_dir).model_config
-    given = cfg.model.tokenizer_path or cfg.model.init_from or cfg.model.llava_path or cfg.model.llm_path
+    given = cfg.model.init_from or cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path
     if given:
         return load_tokenizer(given)
     if (saved / "tokenizer.json").is_file():

@@ -2,9 +2,10 @@
 figures, the trainer benchmark's scaling table and the scale rehearsal's predictions come from
 (``python -m trainer.training.memory`` prints the README table).
 
-Per parameter, partitioned over the world size (DeepSpeed ZeRO-3 with AdamW, as trainer.bench
-measures it on a live engine): the parameter in the training dtype, an fp32 gradient partition, an
-fp32 master copy and AdamW's two fp32 moments: 18 bytes in bf16, 20 in fp32. The partitioned build
+Per parameter, partitioned over the world size (DeepSpeed ZeRO-3 with AdamW; trainer.bench reads the
+parameter, master and optimizer-state bytes off a live engine, 20 per parameter for the fp32 demo):
+the parameter in the training dtype, an fp32 gradient partition, an fp32 master copy and AdamW's two
+fp32 moments: 18 bytes in bf16, 20 in fp32. The partitioned build
 (trainer/model/build.py) adds, per rank and only while loading, one full tensor in the training dtype
 (the gathered parameter being filled) and on rank 0 the same tensor as read from the checkpoint. The
 build it replaced held the model twice in fp32 on every rank: 8 bytes per parameter.
@@ -64,10 +65,10 @@ def model_state_bytes(parameters: int, world_size: int, precision: str) -> int:
     return -(-parameters // world_size) * per_param
 
 
-def build_peak_bytes(largest_tensor: int, precision: str, checkpoint_precision: str = "bf16") -> int:
+def build_peak_bytes(largest_tensor: int, precision: str) -> int:
     """Extra bytes a rank holds while the partitioned build streams the checkpoint in (rank 0's figure:
-    the gathered parameter plus the tensor read from the file)."""
-    return largest_tensor * (DTYPE_BYTES[precision] + DTYPE_BYTES[checkpoint_precision])
+    the gathered parameter plus the tensor read from the file, bf16 as checkpoints are shipped)."""
+    return largest_tensor * (DTYPE_BYTES[precision] + DTYPE_BYTES["bf16"])
 
 
 def legacy_build_bytes(parameters: int) -> int:

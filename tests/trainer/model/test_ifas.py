@@ -209,14 +209,17 @@ def test_fused_loss_matches_reference(tiny):
         out = forward(model, batch, n_judgment=5, n_interpretation=40)
         out.loss.total.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        return out.loss, grads
+        return out, grads
 
-    ref_loss, ref_grad = run(False)
-    fused_loss, fused_grad = run(True)
+    ref, ref_grad = run(False)
+    fused, fused_grad = run(True)
     model.use_fused_loss(False)
-    for a, b in zip(fused_loss, ref_loss):
+    for a, b in zip(fused.loss, ref.loss):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
     torch.testing.assert_close(fused_grad, ref_grad, atol=1e-6, rtol=1e-4)
+    # the judgment logits (scores) read from the fused loss's head are the unfused path's
+    torch.testing.assert_close(fused.judgment_logits, ref.judgment_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.scores, ref.scores, atol=1e-6, rtol=0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(demo_tokenizer):

@@ -23,7 +23,7 @@ from tests.trainer.model.test_ifas import _tiny_vision_text, assert_same_weights
 from trainer.config import ModelConfig
 from trainer.dist import free_port
 from trainer.model.build import build_model
-from trainer.model.ifas import ModelLoadError
+from trainer.model.ifas import IFASModel, ModelLoadError
 
 # File layouts of llava-hf checkpoints, as functions of the module's state-dict name: what transformers
 # 4.x saved (and the Hub's llava-1.5-7b-hf holds), and the module names themselves.
@@ -121,11 +121,25 @@ def test_a_checkpoint_missing_a_tensor_is_refused_naming_it(demo_tokenizer, tmp_
 def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(demo_tokenizer, tmp_path):
     save_llava(tmp_path / "llava", demo_tokenizer)
     config = json.loads((tmp_path / "llava" / "config.json").read_text())
-    config["text_config"]["intermediate_size"] = 96  # a config.json that does not match the weights
+    config["text_config"]["num_key_value_heads"] = 2  # a config.json that does not match the weights
     (tmp_path / "llava" / "config.json").write_text(json.dumps(config))
-    wrong = r"proj.weight has shape \[32, 64\], the model's llm.model.layers.0.mlp.down_proj.weight wants \[32, 96\]"
+    # more rows than the file's, as a grown vocabulary would have, but not a vocabulary tensor
+    wrong = r"k_proj\.(weight|bias) has shape \[16(, 32)?\], the model's llm\.model\.layers\.0\.self_attn\.k_proj"
     with pytest.raises(ModelLoadError, match=wrong):
         build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+
+
+def test_the_build_takes_the_training_dtype_not_the_checkpoint_configs(demo_tokenizer, tmp_path):
+    save_llava(tmp_path / "llava", demo_tokenizer)
+    config = json.loads((tmp_path / "llava" / "config.json").read_text())
+    for level in (config, config["text_config"], config["vision_config"]):
+        level["dtype"] = "bfloat16"  # as Hub configs say
+    (tmp_path / "llava" / "config.json").write_text(json.dumps(config))
+    model, tok = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model.save_pretrained(tmp_path / "export", tok)
+    again, _ = IFASModel.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
 
 
 WORKER = """
@@ -180,8 +194,6 @@ def test_two_rank_partitioned_build_equals_a_plain_load(demo_tokenizer, tmp_path
 
 
 def test_init_from_an_export_takes_its_architecture_tokenizer_and_every_weight(tiny_model_dir):
-    from trainer.model.ifas import IFASModel
-
     exported, exported_tok = IFASModel.from_pretrained(tiny_model_dir)
     model, tok = build_model(ModelConfig(init_from=str(tiny_model_dir), projector_merge=1, gac=False))
     assert model.arch == exported.arch and len(tok) == len(exported_tok)  # the export's, not the keys given
@@ -191,8 +203,9 @@ def test_init_from_an_export_takes_its_architecture_tokenizer_and_every_weight(t
 def test_init_from_with_another_weight_source_is_refused():
     from trainer.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="model.init_from starts from an I-FAS export"):
-        load_config(None, ["model.init_from=/x", "model.llava_path=/y"])
+    for other in ("model.llava_path=/y", "model.tokenizer_path=/t"):
+        with pytest.raises(ConfigError, match="model.init_from starts from an I-FAS export"):
+            load_config(None, ["model.init_from=/x", other])
 
 
 def test_a_sharded_checkpoint_loads_from_its_index(demo_tokenizer, tmp_path):
