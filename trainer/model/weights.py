@@ -86,6 +86,10 @@ def _same(a: TensorLike, b: TensorLike) -> bool:
             and a.numel() > 0 and a.data_ptr() == b.data_ptr())
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
 def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory: str | Path,
                   max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> list[Path]:
     """Write the weights of ``model`` (a skeleton is enough, e.g. built on the meta device: only names,
@@ -124,8 +128,8 @@ def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory
                                                        for i in range(len(shards))]
     files = []
     for file, members in zip(names, shards):
-        part = {name: tensors[source[name]].contiguous().to(dtype or tensors[source[name]].dtype)
-                for name in members}
+        # cast tensor by tensor: the source's copy of a shard never lives beside the cast one
+        part = {name: _cast(tensors[source[name]].contiguous(), dtype) for name in members}
         tmp = d / (file + ".tmp")
         save_file(part, str(tmp), metadata={"format": "pt"})
         tmp.replace(d / file)

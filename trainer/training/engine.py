@@ -19,7 +19,6 @@ from trainer.model.llava import is_llava_compatible, llava_processor
 from trainer.model.pretrained import full_numel, full_shape
 from trainer.model.tokenizer import load_tokenizer, processor_chat_template
 from trainer.run_dir import CONFIG_NAME, RunDir
-from trainer.training.memory import release_free_memory
 
 log = logging.getLogger("ifas.train")
 
@@ -119,5 +118,4 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg), config=ds_config,
         lr_scheduler=lambda opt: make_scheduler(opt, cfg))
-    release_free_memory()  # the partitions DeepSpeed copied into its flat buffers
     return model, tokenizer, engine, optimizer

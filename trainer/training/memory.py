@@ -94,7 +94,13 @@ HOST_MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
-def _glibc():
+def keep_host_heap_small() -> None:
+    """Host tensors of 1 MiB and more get their own memory map, returned to the OS when freed. glibc's
+    default raises that threshold up to 32 MiB as large blocks are freed, and then keeps the freed
+    memory of the build's transient tensors, DeepSpeed's copies into its flat buffers and ZeRO-3's
+    gather buffers and gradients in its heap: at 2 CPU ranks of the scale rehearsal (BENCHMARKS.md)
+    2.5 GiB of RSS per rank that nothing used. Called once per process, at the start of training; a
+    no-op where the C library is not glibc."""
     import ctypes
     import ctypes.util
 
@@ -102,31 +108,9 @@ def _glibc():
     try:
         libc = ctypes.CDLL(name) if name else None
     except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def keep_host_heap_small() -> None:
-    """Host tensors of 1 MiB and more get their own memory map, returned to the OS when freed. glibc's
-    default raises that threshold up to 32 MiB as large blocks are freed, and then keeps the freed
-    memory of ZeRO-3's gather buffers and gradients in its heap: at 2 CPU ranks of the scale rehearsal
-    (BENCHMARKS.md) 2.5 GiB of RSS per rank that nothing used. Called once per process, at the start of
-    training; a no-op where the C library is not glibc."""
-    libc = _glibc()
-    if libc is not None:
+        return
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
-
-
-def release_free_memory() -> None:
-    """Hand the heap memory freed so far back to the OS: after DeepSpeed's initialisation, which frees a
-    copy of each rank's partition, partly in blocks under the threshold above (without the threshold,
-    1.1 GiB per rank at the rehearsal's two ranks). A no-op where the C library is not glibc."""
-    import gc
-
-    gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def main(argv: list[str] | None = None) -> int:
