@@ -72,3 +72,30 @@ def assert_compiles_for_hopper(script: str, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=110)
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def assert_export_scores_equal_the_runs(exported: Path, run_dir: Path, shard_set: Path) -> None:
+    """The export, reloaded by IFASModel.from_pretrained, scores ``shard_set`` as the trained engine did
+    in the run's evaluation (eval_scores.json, set "held-out")."""
+    from trainer.data import ImageTransform, make_loader, resolve_shards
+    from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
+    from trainer.model.ifas import IFASModel
+    from trainer.model.prompt import PromptBuilder
+    from trainer.stream import ShardStream
+
+    model, tok = IFASModel.from_pretrained(exported)
+    model.eval()
+    expected = json.loads((run_dir / "eval_scores.json").read_text())["held-out"]
+    builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH, image_span=model.arch.image_span)
+    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    stream = ShardStream(resolve_shards([str(shard_set)]), builder, transform, rank=0, world_size=1, batch_size=16,
+                         train=False, with_answers=False)
+    got = {}
+    with torch.no_grad():
+        for batch in make_loader(stream, tok.pad_token_id):
+            scores = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                                    "score_positions")}).scores
+            got.update(zip(batch["keys"], scores.tolist()))
+    assert got.keys() == expected.keys()
+    for key, score in got.items():
+        assert score == pytest.approx(expected[key], abs=1e-5), key

@@ -28,9 +28,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # Where the weights come from (first that is set wins): a LLaVA-architecture HF checkpoint
-    # directory; or a vision-encoder directory plus an LLM directory; or a named offline preset.
-    llava_path: str | None = None
+    # Where the weights come from (first that is set wins): a local image-text-to-text checkpoint of a
+    # supported family (LLaVA, InternVL: trainer/model/families.py), found from its config.json model_type;
+    # or a vision-encoder directory plus an LLM directory; or a named offline preset.
+    path: str | None = None
+    llava_path: str | None = None  # the name model.path had before other families: the same key
     vision_path: str | None = None
     llm_path: str | None = None
     preset: str = "tiny"
@@ -349,12 +351,22 @@ def validate(cfg: RunConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.model.init_from and (cfg.model.llava_path or cfg.model.vision_path or cfg.model.tokenizer_path):
+    resolve_model_path(cfg.model)
+    if cfg.model.init_from and (cfg.model.path or cfg.model.vision_path or cfg.model.tokenizer_path):
         raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight and the tokenizer "
-                          "its token ids belong to: drop model.llava_path / model.vision_path + model.llm_path / "
+                          "its token ids belong to: drop model.path / model.vision_path + model.llm_path / "
                           "model.tokenizer_path")
     if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
-        raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.llava_path)")
+        raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.path)")
+
+
+def resolve_model_path(model: ModelConfig) -> None:
+    """model.llava_path is model.path under its old name: fold it in (both set must agree)."""
+    if model.llava_path:
+        if model.path and model.path != model.llava_path:
+            raise ConfigError(f"model.path={model.path} and model.llava_path={model.llava_path} name two checkpoints; "
+                              "model.llava_path is the old name of model.path: set only model.path")
+        model.path = model.llava_path
 
 
 def _validate_captioning(cfg: RunConfig) -> None:

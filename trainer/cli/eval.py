@@ -107,7 +107,8 @@ def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
     keywords = load_keywords() if args.explain_samples > 0 else {}
     model, tokenizer = load_model_dir(args.model, args.tag, out, info, inference_dtype(device()))
     model.to(device()).eval()
-    builder = PromptBuilder(tokenizer, model.num_image_tokens, max_length=PROMPT_ONLY_MAX_LENGTH)
+    builder = PromptBuilder(tokenizer, model.num_image_tokens, max_length=PROMPT_ONLY_MAX_LENGTH,
+                            image_span=model.arch.image_span)
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
     sets = [parse_set(s) for s in args.shards]
     if len({n for n, _ in sets}) != len(sets):

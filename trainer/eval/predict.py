@@ -94,7 +94,8 @@ def predict_batch(model: IFASModel, tokenizer, images: list[Image.Image], thresh
                   explain: bool = True, max_new_tokens: int = 48) -> list[tuple[float, str, str]]:
     """(score, judgment, explanation) per image."""
     dev = next(model.parameters()).device
-    builder = PromptBuilder(tokenizer, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
+    builder = PromptBuilder(tokenizer, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH,
+                            image_span=model.arch.image_span)
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
     enc = builder.encode_prompt()
     samples = [{"input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,

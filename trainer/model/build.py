@@ -1,6 +1,7 @@
 """Building the model of a run (``build_model``) from ``ModelConfig``: weights from (a) a local
-LLaVA-architecture checkpoint directory, (b) a vision-encoder directory plus an LLM directory, or
-(c) a named tiny preset built offline (demo, tests). Nothing is downloaded.
+checkpoint of a supported family (LLaVA, InternVL: trainer/model/families.py), (b) a vision-encoder
+directory plus an LLM directory, (c) an I-FAS export (``model.init_from``), or (d) a named tiny preset
+built offline (demo, tests). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, resolve_model_path
+from trainer.model.families import HF_PREFIXES, Family, checkpoint_family
 from trainer.model.ifas import (
     CLIP_MEAN,
     CLIP_STD,
@@ -24,6 +26,7 @@ from trainer.model.ifas import (
     ModelLoadError,
     default_dtype,
     image_token_counts,
+    side,
     sub_config,
 )
 from trainer.model.pretrained import CheckpointError, CheckpointPart, load_pretrained
@@ -31,10 +34,9 @@ from trainer.model.tokenizer import ensure_image_token, judgment_token_ids, load
 from trainer.model.weights import WeightsError
 from trainer.run_dir import CONFIG_NAME
 
-# Where a llava-hf checkpoint's tensors go (names as transformers' LlavaForConditionalGeneration has them;
-# older files' layout is translated by transformers' own rules first, trainer/model/pretrained.py).
-LLAVA_PREFIXES = {"model.vision_tower.": "vision.", "model.multi_modal_projector.": "projector.",
-                  "model.language_model.": "llm.model.", "lm_head.": "llm.lm_head."}
+# Where a family checkpoint's tensors go (names as its transformers class has them; older files' layout,
+# e.g. llava-hf's transformers-4 one, is translated by transformers' own rules first, trainer/model/pretrained.py).
+CHECKPOINT_PREFIXES = {theirs: ours for ours, theirs in HF_PREFIXES}
 
 
 def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
@@ -86,22 +88,41 @@ def _export_config(cfg: ModelConfig) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def image_tokens_of(cfg: ModelConfig, vocab_size: int) -> int:
-    """Image tokens per sample of the model ``cfg`` builds, from config files alone (no weights):
-    for checks before a build."""
+def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, list[str]]:
+    """(image tokens per sample, the tokens the prompt puts around them) of the model ``cfg`` builds,
+    from config files alone (no weights): for checks before a build."""
     if cfg.init_from:
         saved = _export_config(cfg)
         arch = saved["arch"]
-        return image_token_counts(sub_config(saved["vision_config"]), arch["projector_merge"], arch["gac"],
-                                  arch["gac_prefix_queries"])[1]
-    if cfg.llava_path:
-        vision = AutoConfig.from_pretrained(str(_require_dir(cfg.llava_path, "model.llava_path"))).vision_config
+        return (image_token_counts(sub_config(saved["vision_config"]), arch["projector_merge"], arch["gac"],
+                                   arch["gac_prefix_queries"])[1], arch.get("image_span", ["", ""]))
+    resolve_model_path(cfg)
+    fixed: dict[str, Any] = {"projector_merge": cfg.projector_merge}
+    if cfg.path:
+        root = _require_dir(cfg.path, "model.path")
+        family = checkpoint_family(root)
+        family_config = AutoConfig.from_pretrained(str(root))
+        vision = family_config.vision_config
+        fixed = _family_arch(family, family_config, tokenizer, cfg)
     elif cfg.vision_path:
         vcfg = AutoConfig.from_pretrained(str(_require_dir(cfg.vision_path, "model.vision_path")))
         vision = getattr(vcfg, "vision_config", vcfg)
     else:
-        vision = preset_configs(cfg.preset, vocab_size)[0]
-    return image_token_counts(vision, cfg.projector_merge, cfg.gac, cfg.gac_prefix_queries)[1]
+        vision = preset_configs(cfg.preset, len(tokenizer))[0]
+    count = image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries)[1]
+    return count, fixed.get("image_span", ["", ""])
+
+
+def _family_arch(family: Family, family_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+                 cfg: ModelConfig) -> dict[str, Any]:
+    """The ArchConfig fields a family checkpoint fixes; model.projector_merge may only repeat its merge."""
+    fixed = family.arch(family_config, tokenizer)
+    merge = fixed["projector_merge"]
+    if cfg.projector_merge not in (1, merge):
+        raise ModelLoadError(f"model.projector_merge={cfg.projector_merge} with a {family.name} checkpoint: its "
+                             f"pretrained projector reads {merge}x{merge} patches per token; leave "
+                             "model.projector_merge unset")
+    return {**fixed, "family": family.name}
 
 
 def _has_class_token(vision_config: PretrainedConfig) -> bool:
@@ -117,6 +138,17 @@ def _image_processing(path: str | Path | None, image_size: int) -> dict[str, Any
         info["image_mean"] = list(pre.get("image_mean", info["image_mean"]))
         info["image_std"] = list(pre.get("image_std", info["image_std"]))
     return info
+
+
+def _check_image_token(family_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, root: Path) -> None:
+    """The checkpoint's image token must be the tokenizer's placeholder: its embedding row is the one trained."""
+    from trainer.model.tokenizer import image_token_of
+
+    theirs = getattr(family_config, "image_token_id", None)
+    ours = tokenizer.convert_tokens_to_ids(image_token_of(tokenizer))
+    if theirs is not None and theirs != ours:
+        raise ModelLoadError(f"{root}/config.json has image_token_id {theirs} but the tokenizer's "
+                             f"{image_token_of(tokenizer)} is {ours}: use the checkpoint's own tokenizer")
 
 
 def _require_dir(path: str, key: str) -> Path:
@@ -173,7 +205,8 @@ def build_model(
     ZeRO-3 DeepSpeed config they are partitioned as they are made, and the checkpoint's weights are
     streamed into the partitions tensor by tensor (trainer/model/pretrained.py).
     """
-    arch_kw = dict(
+    resolve_model_path(cfg)
+    arch_kw: dict[str, Any] = dict(
         vision_feature_layer=cfg.vision_feature_layer,
         projector_merge=cfg.projector_merge,
         gac=cfg.gac,
@@ -190,21 +223,19 @@ def build_model(
         arch = ArchConfig(**saved["arch"])
         groups = ("vision", "llm", "projector") + (("gac",) if arch.gac else ())
         parts.append(CheckpointPart(root, {f"{g}.": f"{g}." for g in groups}))
-    elif cfg.llava_path:
-        from transformers import LlavaForConditionalGeneration
-
-        root = _require_dir(cfg.llava_path, "model.llava_path")
+    elif cfg.path:
+        root = _require_dir(cfg.path, "model.path")
+        family = checkpoint_family(root)
         tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_path or root)
-        llava_config = AutoConfig.from_pretrained(str(root))
-        vision_config, text_config = llava_config.vision_config, llava_config.text_config
-        arch_kw["vision_feature_layer"] = llava_config.vision_feature_layer
-        if cfg.projector_merge != 1:
-            raise ModelLoadError(
-                "model.projector_merge must be 1 with model.llava_path: LLaVA's projector reads single patches"
-            )
-        image_info = _image_processing(root, vision_config.image_size)
-        parts.append(CheckpointPart(root, dict(LLAVA_PREFIXES), _meta(lambda: LlavaForConditionalGeneration(
-            llava_config))))
+        family_config = AutoConfig.from_pretrained(str(root))
+        vision_config, text_config = family_config.vision_config, family_config.text_config
+        # the composite config decides the tying in transformers; the I-FAS LLM is built from the text config
+        text_config.tie_word_embeddings = bool(getattr(family_config, "tie_word_embeddings",
+                                                       text_config.tie_word_embeddings))
+        arch_kw.update(_family_arch(family, family_config, tokenizer, cfg))
+        _check_image_token(family_config, tokenizer, root)
+        image_info = _image_processing(root, side(vision_config.image_size))
+        parts.append(CheckpointPart(root, dict(CHECKPOINT_PREFIXES), _meta(lambda: family.model_type()(family_config))))
     elif cfg.vision_path:
         vroot = _require_dir(cfg.vision_path, "model.vision_path")
         lroot = _require_dir(cfg.llm_path, "model.llm_path")

@@ -7,10 +7,11 @@ against a skeleton of the model built on the meta device (names, shapes, tied we
 and written tensor by tensor by ``IFASModel.save_pretrained``: one file, or shards plus an index above
 ``max_shard_size``. Peak memory is about one shard, never two copies of the model.
 
-``fmt="llava"`` writes a model trained without GAC and patch merging (e.g. SCF's captioner,
-``data.task=caption``) as a transformers ``LlavaForConditionalGeneration`` + ``LlavaProcessor``
-instead (trainer/model/llava.py): what ``ifas-shards caption --captioner`` and any transformers
-code load with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+``fmt="hf"`` (alias ``llava``) writes a model trained without GAC (e.g. SCF's captioner,
+``data.task=caption``) in its checkpoint family's transformers format instead, e.g.
+``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (trainer/model/families.py): what
+``ifas-shards caption --captioner``, inference servers and any transformers code load with
+``AutoModelForImageTextToText`` / ``AutoProcessor``.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from pathlib import Path
 import torch
 
 from trainer.dist import WorldInfo, barrier
+from trainer.model.families import NotFamilyCompatible, check_family_compatible, write_family
 from trainer.model.ifas import IFASModel, ModelLoadError
-from trainer.model.llava import NotLlavaCompatible, check_llava_compatible, write_llava
 from trainer.model.tokenizer import load_tokenizer
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES
 from trainer.run_dir import CONFIG_NAME, RunDir, latest_tag
 
 log = logging.getLogger("ifas.export")
 
-FORMATS = ("ifas", "llava")
+FORMATS = ("ifas", "hf", "llava")  # llava: the name hf had before other families
 EXPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -43,7 +44,7 @@ def export_run(
     dtype: str | None = None,
 ) -> Path:
     """Consolidate ``run_dir``'s checkpoint (latest unless ``tag``) into ``out_dir`` (default
-    run_dir/export), in this project's format or (``fmt="llava"``) as a transformers LLaVA, with
+    run_dir/export), in this project's format or (``fmt="hf"``) in its family's transformers format, with
     weights in ``dtype`` (bf16 or fp32; default: the dtype the run trained in)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -63,21 +64,19 @@ def export_run(
     if not (ckpt_dir / tag).is_dir():
         raise ModelLoadError(f"{ckpt_dir / tag} does not exist; pick a tag from {ckpt_dir} or omit --tag")
     config = json.loads((run.model_config / CONFIG_NAME).read_text())
-    if fmt == "llava":
+    family_format = fmt in ("hf", "llava")
+    if family_format:
         try:
-            check_llava_compatible(config["arch"])
-        except NotLlavaCompatible as exc:
-            raise ModelLoadError(f"{run.root} cannot be exported as LLaVA: {exc}") from exc
+            check_family_compatible(config["arch"])
+        except NotFamilyCompatible as exc:
+            raise ModelLoadError(f"{run.root} cannot be exported in its family's format: {exc}") from exc
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ModelLoadError(f"export dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     weights_dtype = getattr(torch, EXPORT_DTYPES[dtype] if dtype else config.get("dtype", "float32"))
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
     out = Path(out_dir) if out_dir is not None else run.export
-    if fmt == "llava":
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(run.processor))  # saved by the run (build_engine)
-        write_llava(config, lazy, processor, out, max_shard_size, weights_dtype)
+    if family_format:  # with the processor the run saved (build_engine)
+        write_family(config, lazy, run.processor, out, max_shard_size, weights_dtype)
     else:
         with torch.device("meta"):
             skeleton = IFASModel.from_config_dict(config)

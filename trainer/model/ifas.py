@@ -68,6 +68,11 @@ class ArchConfig:
     image_size: int = 128
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    # What the checkpoint family fixes (trainer/model/families.py; the defaults are LLaVA's and the demo's):
+    family: str = "llava"
+    projector_norm: bool = False  # a LayerNorm before the projector's first linear (InternVL)
+    features_from_output: bool = False  # vision_feature_layer -1 is the encoder's output, after its final norm
+    image_span: list[str] = field(default_factory=lambda: ["", ""])  # tokens around the image tokens (<img>, </img>)
 
 
 def image_token_counts(vision_config: PretrainedConfig, projector_merge: int, gac: bool,
@@ -75,11 +80,20 @@ def image_token_counts(vision_config: PretrainedConfig, projector_merge: int, ga
     """(projector tokens, all image tokens) per image of an I-FAS model on this vision encoder:
     one projector token per ``projector_merge`` x ``projector_merge`` patches, then the GAC's
     prefix queries and one token per vision layer (model/gac.py)."""
-    grid = vision_config.image_size // vision_config.patch_size
+    grid = side(vision_config.image_size) // side(vision_config.patch_size)
     if grid % projector_merge:
         raise ModelLoadError(f"model.projector_merge={projector_merge} does not divide the {grid}x{grid} patch grid")
     patches = (grid // projector_merge) ** 2
     return patches, patches + (gac_prefix_queries + vision_config.num_hidden_layers if gac else 0)
+
+
+def side(size: int | list[int] | tuple[int, ...]) -> int:
+    """The side of a square image or patch size (InternVL's configs give [height, width])."""
+    if isinstance(size, int):
+        return size
+    if len(set(size)) != 1:
+        raise ModelLoadError(f"only square images and patches are supported, the config gives {list(size)}")
+    return int(size[0])
 
 
 class IFASOutput(NamedTuple):
@@ -92,12 +106,15 @@ class Projector(nn.Module):
     """LLaVA's two-layer MLP projector (same parameter names, so LLaVA weights load directly).
 
     With ``merge`` k > 1, each k x k block of neighbouring patches is concatenated into one token
-    first (as InternVL/Qwen2-VL do), so the LLM reads k^2 times fewer image tokens.
+    first (as InternVL/Qwen2-VL do), so the LLM reads k^2 times fewer image tokens; the channels are
+    concatenated row of the block first, exactly as InternVL's pixel shuffle orders them. ``norm``: a
+    LayerNorm over the merged features first (InternVL's ``multi_modal_projector.layer_norm``).
     """
 
-    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1) -> None:
+    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1, norm: bool = False) -> None:
         super().__init__()
         self.merge = merge
+        self.layer_norm = nn.LayerNorm(vision_dim * merge * merge) if norm else nn.Identity()
         self.linear_1 = nn.Linear(vision_dim * merge * merge, text_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_dim, text_dim)
@@ -109,7 +126,7 @@ class Projector(nn.Module):
             b, n, d = x.shape
             g = int(round(n**0.5))
             x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
-        return self.linear_2(self.act(self.linear_1(x)))
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
 def sub_config(saved: dict[str, Any]) -> PretrainedConfig:
@@ -143,7 +160,7 @@ class IFASModel(nn.Module):
         self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
         vdim, tdim = vision_config.hidden_size, text_config.hidden_size
         with made_in("projector"):
-            self.projector = Projector(vdim, tdim, arch.projector_merge)
+            self.projector = Projector(vdim, tdim, arch.projector_merge, arch.projector_norm)
         with made_in("gac"):
             self.gac = (
                 GloballyAwareConnector(
@@ -178,7 +195,11 @@ class IFASModel(nn.Module):
         """pixel_values [B, 3, S, S] -> visual tokens [B, num_image_tokens, D_llm]."""
         out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
         states = out.hidden_states  # embeddings + one per layer
-        patches = states[self.arch.vision_feature_layer]
+        if len(states) != self.vision.config.num_hidden_layers + 1:
+            raise ValueError(f"the {self.vision.config.model_type} encoder returned {len(states)} hidden states "
+                             f"for {self.vision.config.num_hidden_layers} layers; the GAC needs every layer's")
+        last = self.arch.features_from_output and self.arch.vision_feature_layer == -1
+        patches = out.last_hidden_state if last else states[self.arch.vision_feature_layer]
         if self.arch.has_class_token:
             patches = patches[:, 1:]
         tokens = self.projector(patches)

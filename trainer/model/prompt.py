@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shards.schema import QUESTION
 from trainer.model.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
-from trainer.model.tokenizer import IMAGE_TOKEN, judgment_token_ids
+from trainer.model.tokenizer import image_token_of, judgment_token_ids
 
 
 @dataclass
@@ -31,17 +31,18 @@ class EncodedSample:
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The I-FAS question in the checkpoint's chat template. Multimodal templates (LLaVA's) take the
-    message as parts ({"type": "image"}, {"type": "text"}) and place the image token themselves;
+    """The I-FAS question in the checkpoint's chat template. Multimodal templates (LLaVA's, InternVL's)
+    take the message as parts ({"type": "image"}, {"type": "text"}) and place the image token themselves;
     text-only templates take a string, into which the image token goes first."""
+    image_token = image_token_of(tokenizer)
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     try:
         text = tokenizer.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
-        if text.count(IMAGE_TOKEN) == 1 and QUESTION in text:
+        if text.count(image_token) == 1 and QUESTION in text:
             return text
     except Exception:  # noqa: BLE001 - a template written for string content may fail on parts
         pass
-    plain = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTION}"}]
+    plain = [{"role": "user", "content": f"{image_token}\n{QUESTION}"}]
     return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
 
@@ -55,11 +56,15 @@ class PromptBuilder:
         max_length: int,
         answer_style: str = "caption",
         caption_prompt: str | None = None,
+        image_span: tuple[str, str] | list[str] = ("", ""),
     ) -> None:
-        """``caption_prompt``: the full prompt text of a captioner (captioning task); None = I-FAS."""
+        """``caption_prompt``: the full prompt text of a captioner (captioning task); None = I-FAS.
+        ``image_span``: the tokens the checkpoint's processor puts around the image tokens (InternVL's
+        ``<img>`` and ``</img>``; ArchConfig.image_span), none by default."""
         self.tokenizer = tokenizer
         self.yes_id, self.no_id = judgment_token_ids(tokenizer)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        image_token = image_token_of(tokenizer)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.answer_style = answer_style
         self.captioning = caption_prompt is not None
         self.max_length = max_length
@@ -71,11 +76,12 @@ class PromptBuilder:
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if ids.count(self.image_token_id) != 1:
             raise ValueError(
-                f"the prompt template produced {ids.count(self.image_token_id)} {IMAGE_TOKEN} tokens, expected 1"
+                f"the prompt template produced {ids.count(self.image_token_id)} {image_token} tokens, expected 1"
             )
         at = ids.index(self.image_token_id)
+        start, end = ([tokenizer.convert_tokens_to_ids(t)] if t else [] for t in image_span)
         # The prompt is the same for every sample: tokenise it once.
-        self.prompt_ids = ids[:at] + [self.image_token_id] * num_image_tokens + ids[at + 1 :]
+        self.prompt_ids = ids[:at] + start + [self.image_token_id] * num_image_tokens + end + ids[at + 1 :]
         if len(self.prompt_ids) + 1 > max_length:
             raise ValueError(
                 f"data.max_length={max_length} leaves no room for the answer: the prompt alone "

@@ -102,9 +102,16 @@ def processor_chat_template(p: Path) -> str | None:
     return None
 
 
+def image_token_of(tok: PreTrainedTokenizerBase) -> str:
+    """The placeholder the image tokens replace: the one a multimodal tokenizer names (``image_token``;
+    InternVL's ``context_image_token``), else ``<image>``."""
+    return getattr(tok, "image_token", None) or getattr(tok, "context_image_token", None) or IMAGE_TOKEN
+
+
 def ensure_image_token(tok: PreTrainedTokenizerBase) -> int:
-    """Add the ``<image>`` placeholder as a special token when missing; return its id."""
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        log.info("added %s to the tokenizer (vocabulary now %d)", IMAGE_TOKEN, len(tok))
-    return tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    """Add the image placeholder as a special token when missing; return its id."""
+    token = image_token_of(tok)
+    if token not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [token]})
+        log.info("added %s to the tokenizer (vocabulary now %d)", token, len(tok))
+    return tok.convert_tokens_to_ids(token)

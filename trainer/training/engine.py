@@ -14,8 +14,8 @@ import torch
 from trainer.config import PROJECT_ROOT, RunConfig
 from trainer.dist import WorldInfo
 from trainer.model.build import build_model
+from trainer.model.families import is_family_compatible, save_family_processor
 from trainer.model.ifas import IFASModel
-from trainer.model.llava import is_llava_compatible, llava_processor
 from trainer.model.pretrained import full_numel, full_shape
 from trainer.model.tokenizer import load_tokenizer, processor_chat_template
 from trainer.run_dir import CONFIG_NAME, RunDir
@@ -106,10 +106,10 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
         # the training dtype: what ifas-export writes by default
         (run.model_config / CONFIG_NAME).write_text(json.dumps(model.config_dict(dtype), indent=2))
         tokenizer.save_pretrained(str(run.model_config))
-        if is_llava_compatible(model.config_dict()["arch"]):  # exportable as LLaVA (ifas-export --format llava)
-            # the base captioner's processor-level template, if it has one
-            chat_template = processor_chat_template(Path(cfg.model.llava_path)) if cfg.model.llava_path else None
-            llava_processor(model.config_dict(), tokenizer, chat_template).save_pretrained(str(run.processor))
+        if is_family_compatible(model.config_dict()["arch"]):  # exportable as its family (ifas-export --format hf)
+            # the base checkpoint's processor-level template, if it has one
+            chat_template = processor_chat_template(Path(cfg.model.path)) if cfg.model.path else None
+            save_family_processor(model.config_dict(), tokenizer, chat_template, run.processor)
         run.run_config.write_text(json.dumps(cfg.to_dict(), indent=2))
     dist.barrier()
     tokenizer = load_tokenizer(run.model_config)

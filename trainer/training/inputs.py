@@ -31,8 +31,12 @@ def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
 
 def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
     """The run's tokenizer: given path, checkpoint's own, the saved demo one, or a fresh demo BPE."""
+    if cfg.model.path:
+        from trainer.model.families import checkpoint_family
+
+        checkpoint_family(cfg.model.path)  # an unsupported family is refused before anything is loaded
     saved = RunDir(cfg.train.output_dir).model_config
-    given = cfg.model.init_from or cfg.model.tokenizer_path or cfg.model.llava_path or cfg.model.llm_path
+    given = cfg.model.init_from or cfg.model.tokenizer_path or cfg.model.path or cfg.model.llm_path
     if given:
         return load_tokenizer(given)
     if (saved / "tokenizer.json").is_file():
@@ -83,8 +87,9 @@ def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
 
     if cfg.data.task == "caption":  # its prompt comes from the captioner's processor, written at build time
         return cfg.data.max_length
-    image_tokens = image_tokens_of(cfg.model, len(tokenizer))
-    prompt = len(PromptBuilder(tokenizer, image_tokens, 1 << 20, cfg.data.answer_style).prompt_ids)
+    image_tokens, image_span = image_tokens_of(cfg.model, tokenizer)
+    prompt = len(PromptBuilder(tokenizer, image_tokens, 1 << 20, cfg.data.answer_style,
+                               image_span=image_span).prompt_ids)
     shortest = prompt + 2  # + judgment + end of text
     if cfg.data.max_length < shortest:
         raise ConfigError(

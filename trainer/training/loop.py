@@ -204,8 +204,8 @@ def training_batches(
         processor = AutoProcessor.from_pretrained(str(RunDir(cfg.train.output_dir).processor))
         caption_prompt = captioner_prompt(processor, cfg.data.caption_prompt)
     builder = PromptBuilder(
-        tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt
-    )
+        tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt,
+        image_span=arch.image_span)
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     held_out = held_out_dev(cfg, train_urls)
     sources = [(resolve_shards([path]), weight, label) for _, path, weight, label in _draws(cfg)]

@@ -133,7 +133,7 @@ def test_build_from_llava_checkpoint_dir(demo_tokenizer, tmp_path):
                                                       image_token_index=demo_tokenizer.convert_tokens_to_ids("<image>")))
     llava.save_pretrained(tmp_path / "llava")
     demo_tokenizer.save_pretrained(tmp_path / "llava")
-    model, tok = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    model, tok = build_model(ModelConfig(path=str(tmp_path / "llava")))
     assert_same_weights(model.vision, llava.model.vision_tower)
     assert_same_weights(model.projector, llava.model.multi_modal_projector)
     assert_same_weights(model.llm.model, llava.model.language_model)

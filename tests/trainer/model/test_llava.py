@@ -13,7 +13,8 @@ from shards.schema import CAPTION_PROMPT, QUESTION
 from trainer.config import ModelConfig
 from trainer.data import ImageTransform
 from trainer.model.build import build_model
-from trainer.model.llava import NotLlavaCompatible, check_llava_compatible, llava_processor, write_llava
+from trainer.model.families import NotFamilyCompatible, check_family_compatible, write_family
+from trainer.model.llava import llava_processor
 from trainer.model.prompt import PromptBuilder
 
 
@@ -22,7 +23,8 @@ def test_llava_form_computes_what_the_model_computes(preset, demo_tokenizer, tmp
     torch.manual_seed(0)
     model, tok = build_model(ModelConfig(preset=preset, gac=False), demo_tokenizer)
     model.eval()
-    write_llava(model.config_dict(), model.state_dict(), llava_processor(model.config_dict(), tok), tmp_path / "llava")
+    llava_processor(model.config_dict(), tok).save_pretrained(tmp_path / "processor")
+    write_family(model.config_dict(), model.state_dict(), tmp_path / "processor", tmp_path / "llava")
     llava = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "llava")
 
@@ -59,10 +61,10 @@ def test_caption_answers_are_the_caption_alone(demo_tokenizer):
 def test_models_llava_cannot_hold_are_refused(demo_tokenizer):
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(preset="tiny"), demo_tokenizer)
-    with pytest.raises(NotLlavaCompatible, match="model.gac=false"):
-        check_llava_compatible(model.config_dict()["arch"])
-    with pytest.raises(NotLlavaCompatible, match="model.projector_merge=1"):
-        check_llava_compatible({"gac": False, "projector_merge": 2})
+    with pytest.raises(NotFamilyCompatible, match="model.gac=false"):
+        check_family_compatible(model.config_dict()["arch"])
+    with pytest.raises(NotFamilyCompatible, match="model.projector_merge=1"):
+        check_family_compatible({"gac": False, "projector_merge": 2})
 
 
 def test_caption_task_config_is_checked_before_any_rank_starts():

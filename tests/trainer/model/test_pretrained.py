@@ -66,7 +66,7 @@ def test_other_llava_hf_file_layouts_load_like_todays(layout, demo_tokenizer, tm
         renamed[name] = value.contiguous()
     assert renamed.keys() != load_file(tmp_path / "llava" / "model.safetensors").keys()
     save_file(renamed, str(tmp_path / "llava" / "model.safetensors"), metadata={"format": "pt"})
-    model, _ = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    model, _ = build_model(ModelConfig(path=str(tmp_path / "llava")))
     assert_llava_loaded(model, llava)
 
 
@@ -86,7 +86,7 @@ def test_a_full_clip_checkpoint_seeds_the_vision_tower_only(demo_tokenizer, tmp_
 
 def test_tied_embeddings_load_once_and_stay_tied(demo_tokenizer, tmp_path):
     llava = save_llava(tmp_path / "llava", demo_tokenizer, tied=True)
-    model, _ = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    model, _ = build_model(ModelConfig(path=str(tmp_path / "llava")))
     assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
     assert_llava_loaded(model, llava)
 
@@ -115,7 +115,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused_naming_it(demo_tokenizer, tmp_
     del tensors[dropped]
     save_file(tensors, str(tmp_path / "llava" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"llava lacks 1 tensor\(s\) the model needs"):
-        build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+        build_model(ModelConfig(path=str(tmp_path / "llava")))
 
 
 def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(demo_tokenizer, tmp_path):
@@ -126,7 +126,7 @@ def test_a_tensor_of_the_wrong_shape_is_refused_naming_it(demo_tokenizer, tmp_pa
     # more rows than the file's, as a grown vocabulary would have, but not a vocabulary tensor
     wrong = r"k_proj\.(weight|bias) has shape \[16(, 32)?\], the model's llm\.model\.layers\.0\.self_attn\.k_proj"
     with pytest.raises(ModelLoadError, match=wrong):
-        build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+        build_model(ModelConfig(path=str(tmp_path / "llava")))
 
 
 def test_the_build_takes_the_training_dtype_not_the_checkpoint_configs(demo_tokenizer, tmp_path):
@@ -135,7 +135,7 @@ def test_the_build_takes_the_training_dtype_not_the_checkpoint_configs(demo_toke
     for level in (config, config["text_config"], config["vision_config"]):
         level["dtype"] = "bfloat16"  # as Hub configs say
     (tmp_path / "llava" / "config.json").write_text(json.dumps(config))
-    model, tok = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    model, tok = build_model(ModelConfig(path=str(tmp_path / "llava")))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model.save_pretrained(tmp_path / "export", tok)
     again, _ = IFASModel.from_pretrained(tmp_path / "export", dtype=torch.float32)
@@ -156,7 +156,7 @@ out = Path(out)
 ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 torch.manual_seed(0)
-model, _ = build_model(ModelConfig(llava_path=checkpoint), zero3_config=ds)
+model, _ = build_model(ModelConfig(path=checkpoint), zero3_config=ds)
 params = list(model.parameters())
 local = sum(p.ds_tensor.numel() for p in params)
 full = sum(p.ds_numel for p in params)
@@ -184,7 +184,7 @@ def test_two_rank_partitioned_build_equals_a_plain_load(demo_tokenizer, tmp_path
     for r in ranks:  # each rank holds half of every parameter (rounded up), never the whole model
         assert r["tied"] and r["full"] / 2 <= r["local"] < r["full"] / 2 + 1000
     torch.manual_seed(0)  # as the ranks: the GAC, which no checkpoint holds, starts from the same init
-    plain, _ = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    plain, _ = build_model(ModelConfig(path=str(tmp_path / "llava")))
     gathered = torch.load(tmp_path / "state.pt")
     reference = dict(plain.named_parameters())
     assert gathered.keys() == reference.keys()
@@ -212,5 +212,5 @@ def test_a_sharded_checkpoint_loads_from_its_index(demo_tokenizer, tmp_path):
     llava = save_llava(tmp_path / "llava", demo_tokenizer)
     llava.save_pretrained(tmp_path / "llava", max_shard_size="100KB")
     assert len(list((tmp_path / "llava").glob("model-*-of-*.safetensors"))) > 1
-    model, _ = build_model(ModelConfig(llava_path=str(tmp_path / "llava")))
+    model, _ = build_model(ModelConfig(path=str(tmp_path / "llava")))
     assert_llava_loaded(model, llava)

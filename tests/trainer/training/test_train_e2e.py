@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.helpers import DEEPSPEED, ROOT, launch_env, tensorboard_events
+from tests.helpers import DEEPSPEED, ROOT, assert_export_scores_equal_the_runs, launch_env, tensorboard_events
 from tests.helpers import train_history as history
 from trainer.dist import free_port
 
@@ -129,38 +128,7 @@ def exported(unbroken):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_export_loads_and_gives_the_same_scores(unbroken, exported, small_shards):
-    from trainer.data import ImageTransform, make_loader, resolve_shards
-    from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
-    from trainer.model.ifas import IFASModel
-    from trainer.model.prompt import PromptBuilder
-    from trainer.stream import ShardStream
-
-    out, _ = unbroken
-    model, tok = IFASModel.from_pretrained(exported)
-    model.eval()
-    expected = json.loads((out / "eval_scores.json").read_text())["held-out"]
-    builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
-    stream = ShardStream(
-        resolve_shards([str(small_shards["domain_d"])]),
-        builder,
-        transform,
-        rank=0,
-        world_size=1,
-        batch_size=16,
-        train=False,
-        with_answers=False,
-    )
-    got = {}
-    with torch.no_grad():
-        for batch in make_loader(stream, tok.pad_token_id):
-            scores = model(
-                **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "score_positions")}
-            ).scores
-            got.update(zip(batch["keys"], scores.tolist()))
-    assert got.keys() == expected.keys()
-    for key, score in got.items():
-        assert score == pytest.approx(expected[key], abs=1e-5), key
+    assert_export_scores_equal_the_runs(exported, unbroken[0], small_shards["domain_d"])
 
 
 @pytest.mark.slow

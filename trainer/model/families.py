@@ -1,0 +1,184 @@
+"""Checkpoint families: the image-text-to-text checkpoints ``model.path`` loads, and the little that differs.
+
+Every family is a transformers-native class (``trust_remote_code`` is never needed) laid out as vision
+tower, multimodal projector, language model and LM head, and becomes the same I-FAS model
+(trainer/model/ifas.py) with the checkpoint's pretrained projector and the GAC added. A family fixes
+only (docs/architecture.md, "Checkpoint families"):
+- how its projector reads the patches and which vision output it reads (ArchConfig fields),
+- the tokens around the image tokens in the prompt (the chat template is the checkpoint's own),
+- its transformers config and processor, for the family-format export of a model without GAC
+  (``ifas-export --format hf``), which ``AutoModelForImageTextToText`` loads.
+
+The family comes from the checkpoint's ``config.json`` ``model_type``; other types are refused, with the
+list below, before any weight is read.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from trainer.model.ifas import ModelLoadError
+from trainer.model.internvl import internvl_arch, internvl_config, save_internvl_processor
+from trainer.model.llava import llava_config, llava_processor
+from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, verify_weights, write_weights
+
+# this project's state-dict prefixes -> the family class's (the same for every family here)
+HF_PREFIXES = (
+    ("vision.", "model.vision_tower."),
+    ("projector.", "model.multi_modal_projector."),
+    ("llm.model.", "model.language_model."),
+    ("llm.lm_head.", "lm_head."),
+)
+
+
+def _llava_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": 1}
+
+
+def _save_llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
+                          directory: str | Path) -> None:
+    llava_processor(ifas_config, tokenizer, chat_template).save_pretrained(str(directory))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    model_class: str  # the transformers class the checkpoint was saved from
+    covers: str  # the releases it covers (README, "Checkpoint families")
+    arch: Callable[[PretrainedConfig, PreTrainedTokenizerBase], dict[str, Any]]  # ArchConfig fields it fixes
+    hf_config: Callable[[Mapping[str, Any]], PretrainedConfig]  # its config, from ifas_config.json
+    save_processor: Callable[..., None]  # (ifas_config, tokenizer, chat_template, directory): its processor files
+
+    def model_type(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+
+FAMILIES = (
+    Family("llava", ("llava",), "LlavaForConditionalGeneration",
+           "llava-hf/llava-1.5-7b-hf, llava-1.5-13b-hf, bakLlava; any LlavaForConditionalGeneration",
+           _llava_arch, llava_config, _save_llava_processor),
+    Family("internvl", ("internvl",), "InternVLForConditionalGeneration",
+           "OpenGVLab/InternVL2.5-*-hf, InternVL3-1B/2B/8B/14B-hf, InternVL3.5-*-hf",
+           internvl_arch, internvl_config, save_internvl_processor),
+)
+
+
+def supported_families() -> str:
+    return "; ".join(f"{f.name} (model_type {', '.join(f.model_types)}: {f.covers})" for f in FAMILIES)
+
+
+def checkpoint_family(root: str | Path) -> Family:
+    """The family of the checkpoint directory ``root``, from its config.json alone (no weights, no
+    transformers import: fast enough for ``--check``)."""
+    path = Path(root) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"model.path {root} has no config.json: give a transformers checkpoint directory "
+                             "(or model.vision_path + model.llm_path for a separate encoder and LLM)")
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except ValueError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from exc
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ModelLoadError(f"{path}: model_type {model_type!r} is not a supported checkpoint family. model.path loads "
+                         f"{supported_families()}. A separate vision encoder and LLM load with model.vision_path + "
+                         "model.llm_path")
+
+
+def family_named(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ModelLoadError(f"unknown checkpoint family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+class NotFamilyCompatible(ValueError):
+    """The model has parts its family's class cannot hold (GAC tokens, merged patches); the message says which."""
+
+
+def check_family_compatible(arch: Mapping[str, Any]) -> None:
+    """``arch``: the model's ArchConfig as a dict (``ifas_config.json``'s ``arch``)."""
+    family = arch.get("family", "llava")
+    if arch.get("gac"):
+        raise NotFamilyCompatible(f"the model has a GAC, which {family} has no place for; train with model.gac=false "
+                                  "to export in the family's format (or export in this project's format)")
+    if family == "llava" and arch.get("projector_merge", 1) != 1:
+        raise NotFamilyCompatible(f"the projector merges {arch['projector_merge']}x{arch['projector_merge']} patches "
+                                  "per token, LLaVA's reads one; train with model.projector_merge=1 to export as LLaVA")
+
+
+def is_family_compatible(arch: Mapping[str, Any]) -> bool:
+    try:
+        check_family_compatible(arch)
+    except NotFamilyCompatible:
+        return False
+    return True
+
+
+def to_family_name(name: str) -> str:
+    for ours, theirs in HF_PREFIXES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    raise NotFamilyCompatible(f"weight {name!r} has no place in the family's class")
+
+
+class FamilyNamedTensors(Mapping):
+    """A read-only view of this project's state dict (or DeepSpeed's lazy one) under the family's names."""
+
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        self._ours = {to_family_name(k): k for k in tensors}
+        self._tensors = tensors
+
+    def __getitem__(self, name: str) -> Any:
+        return self._tensors[self._ours[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ours)
+
+    def __len__(self) -> int:
+        return len(self._ours)
+
+
+def save_family_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
+                          directory: str | Path) -> None:
+    """Write the family's processor for the model (images prepared as ImageTransform does) to ``directory``;
+    ``chat_template``: a processor-level template to keep (e.g. the base checkpoint's)."""
+    family = family_named(ifas_config["arch"].get("family", "llava"))
+    family.save_processor(ifas_config, tokenizer, chat_template, directory)
+
+
+def write_family(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], processor_dir: str | Path,
+                 directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, dtype=None) -> None:
+    """Write a model without GAC (its config dict and state dict, or DeepSpeed's lazy one; cast to ``dtype``
+    if given) in its family's transformers format: weights streamed through trainer.model.weights, config,
+    the processor files of ``processor_dir`` (save_family_processor's) and a generation config that stops
+    at the EOS every trained answer ends with; then check the weights against the config."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    check_family_compatible(ifas_config["arch"])
+    family = family_named(ifas_config["arch"].get("family", "llava"))
+    config = family.hf_config(ifas_config)
+    with torch.device("meta"):
+        skeleton = family.model_type()(config)
+    write_weights(skeleton, FamilyNamedTensors(tensors), directory, max_shard_size, dtype)
+    if dtype is not None:  # what from_pretrained(dtype="auto") loads, on every level of the config
+        config.dtype = config.text_config.dtype = config.vision_config.dtype = dtype
+    config.save_pretrained(str(directory))
+    for f in Path(processor_dir).iterdir():
+        if f.is_file():
+            shutil.copyfile(f, Path(directory) / f.name)
+    tok = AutoTokenizer.from_pretrained(str(processor_dir))
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id).save_pretrained(str(directory))
+    verify_weights(skeleton, directory)  # read back: every tensor present once, with the family's shapes

@@ -1,0 +1,105 @@
+"""The InternVL family (transformers' native ``InternVLForConditionalGeneration``: InternVL2.5/3/3.5 ``-hf``).
+
+What differs from LLaVA, and where the I-FAS model takes it from (docs/architecture.md, "Checkpoint
+families"):
+- the projector reads 2 x 2 patches at once (pixel shuffle with ``downsample_ratio`` 0.5) after a
+  LayerNorm: ``Projector(merge=2, norm=True)`` holds the same weights under the same names and orders
+  the merged channels as InternVL's pixel shuffle does;
+- ``vision_feature_layer`` -1 is the encoder's output after its final norm, not the last hidden state;
+- the processor writes the image as ``<img>`` + ``<IMG_CONTEXT>`` x N + ``</img>``; the I-FAS prompt puts
+  the GAC tokens inside that span, after the N projector tokens;
+- one 448 x 448 tile per face (``max_patches=1``): a face crop is small, InternVL's tiling would only
+  repeat it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from trainer.model.ifas import ModelLoadError, sub_config
+
+log = logging.getLogger("ifas.model")
+
+INTERNVL_TOKENS = ("context_image_token", "start_image_token", "end_image_token")
+
+
+def internvl_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The ArchConfig fields an InternVL checkpoint fixes."""
+    merge = round(1 / config.downsample_ratio)
+    if abs(merge * config.downsample_ratio - 1) > 1e-6:
+        raise ModelLoadError(f"InternVL downsample_ratio {config.downsample_ratio} is not 1/k for a whole k")
+    if config.vision_feature_select_strategy != "default":
+        raise ModelLoadError("InternVL vision_feature_select_strategy 'full' keeps the class token, which the pixel "
+                             "shuffle cannot place on the patch grid; only 'default' checkpoints are supported")
+    if config.projector_hidden_act != "gelu":
+        raise ModelLoadError(f"InternVL projector_hidden_act {config.projector_hidden_act!r}: only gelu is supported")
+    missing = [name for name in INTERNVL_TOKENS if not getattr(tokenizer, name, None)]
+    if missing:
+        raise ModelLoadError(f"the tokenizer does not name InternVL's {', '.join(missing)}: use the checkpoint's own "
+                             "-hf tokenizer (its tokenizer_config.json lists them under extra_special_tokens)")
+    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": merge, "projector_norm": True,
+            "features_from_output": True, "image_span": [tokenizer.start_image_token, tokenizer.end_image_token]}
+
+
+def internvl_config(ifas_config: Mapping[str, Any]):
+    """An ``InternVLConfig`` equal in architecture to ``ifas_config`` (``IFASModel.config_dict()``, no GAC)."""
+    from transformers import InternVLConfig
+
+    arch = ifas_config["arch"]
+    text = sub_config(ifas_config["text_config"])
+    return InternVLConfig(
+        vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
+        image_token_id=arch["image_token_id"], downsample_ratio=1 / arch["projector_merge"],
+        projector_hidden_act="gelu", vision_feature_layer=arch["vision_feature_layer"],
+        vision_feature_select_strategy="default", image_seq_length=num_projector_tokens(ifas_config),
+        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+
+
+def num_projector_tokens(ifas_config: Mapping[str, Any]) -> int:
+    from trainer.model.ifas import side
+
+    arch = ifas_config["arch"]
+    grid = arch["image_size"] // side(ifas_config["vision_config"]["patch_size"])
+    return (grid // arch["projector_merge"]) ** 2
+
+
+def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
+                            directory: str | Path) -> None:
+    """Write an ``InternVLProcessor`` for one tile per face at the model's input size, preparing pixels as
+    ``ImageTransform`` does (bicubic resize to the square size, then mean/std; the PIL backend).
+
+    transformers builds InternVL's processor with its video processor, which needs torchvision; where
+    torchvision is missing (e.g. beside a CPU-only torch) the same files are written piece by piece: image
+    processor, tokenizer, chat template and processor_config.json, which AutoProcessor reads on a machine
+    that has torchvision (docs/architecture.md, "Checkpoint families")."""
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    arch = ifas_config["arch"]
+    size = arch["image_size"]
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": size, "width": size}, crop_to_patches=False, max_patches=1, resample=Image.BICUBIC,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(arch["image_mean"]),
+        image_std=list(arch["image_std"]), do_convert_rgb=True)
+    tokens = num_projector_tokens(ifas_config)
+    d = Path(directory)
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import InternVLProcessor, InternVLVideoProcessor
+
+        InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          video_processor=InternVLVideoProcessor(), image_seq_length=tokens,
+                          chat_template=chat_template).save_pretrained(str(d))
+        return
+    log.warning("torchvision is not installed: writing InternVL's processor files without its video processor")
+    image_processor.save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    if chat_template is not None:
+        (d / "chat_template.jinja").write_text(chat_template)
+    (d / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "InternVLProcessor", "image_seq_length": tokens}, indent=2) + "\n")

@@ -1,0 +1,45 @@
+"""Saving a family's transformers processor, also where its video processor cannot be built.
+
+transformers builds the processors of the video-capable families (InternVL, LLaVA-OneVision) with a
+video processor, which needs torchvision; PyPI's torchvision does not import beside a CPU-only torch
+(docs/architecture.md, "Known traps"). Without torchvision the same files are written piece by piece
+(image processor, tokenizer, chat template, processor_config.json): AutoProcessor reads them on a
+machine that has torchvision, and this project never needs the processor object itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ifas.model")
+
+# processor class -> the video processor transformers builds it with
+VIDEO_PROCESSORS = {"InternVLProcessor": "InternVLVideoProcessor",
+                    "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor"}
+
+
+def save_processor(processor_class: str, image_processor, tokenizer, chat_template: str | None,
+                   directory: str | Path, **settings: Any) -> None:
+    """Write ``processor_class(image_processor, tokenizer, chat_template=..., **settings)`` to ``directory``."""
+    import transformers
+
+    cls = getattr(transformers, processor_class)
+    parts = {"image_processor": image_processor, "tokenizer": tokenizer}
+    video = VIDEO_PROCESSORS.get(processor_class)
+    d = Path(directory)
+    if video is None or importlib.util.find_spec("torchvision") is not None:
+        if video is not None:
+            parts["video_processor"] = getattr(transformers, video)()
+        cls(**parts, chat_template=chat_template, **settings).save_pretrained(str(d))
+        return
+    log.warning("torchvision is not installed: writing %s's files without its video processor", processor_class)
+    d.mkdir(parents=True, exist_ok=True)
+    image_processor.save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    if chat_template is not None:
+        (d / "chat_template.jinja").write_text(chat_template)
+    (d / "processor_config.json").write_text(json.dumps({"processor_class": processor_class, **settings},
+                                                        indent=2) + "\n")
