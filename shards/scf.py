@@ -4,7 +4,7 @@
     ifas-shards caption data/shards/oulu_npu/train --out data/scf/general/oulu_npu --captioner /models/C_G \
         --only spoof --filter --source general
     # 5: fine-tune C_G on the kept captions with this trainer (data.task=caption) and export it as LLaVA
-    deepspeed launch/train.sh --config launch/configs/scf_captioner.yaml model.llava_path=/models/C_G \
+    deepspeed launch/train.sh --config launch/configs/scf_captioner.yaml model.path=/models/C_G \
         "data.train_shards=[data/scf/general/oulu_npu]" train.output_dir=runs/C_S
     ifas-export runs/C_S --format llava --out /models/C_S
     # 6: spoof images with the spoof-aware captioner C_S, live images with C_G

@@ -91,7 +91,7 @@ def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, override
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ws), "--master_port",
            str(free_port()), "--module", "trainer.cli.train", "--config",
            str(ROOT / "launch" / "configs" / "ocim_cim_to_o.yaml"),
-           f"model.llava_path={checkpoint}", f"data.train_shards=[{shards}]", "data.eval_shards=[]",
+           f"model.path={checkpoint}", f"data.train_shards=[{shards}]", "data.eval_shards=[]",
            "data.num_workers=0", "data.max_length=768", f"train.max_steps={STEPS}", "train.micro_batch_size=1",
            "train.log_every=1", "train.save_every=1000000", "train.deepspeed_config=launch/ds_zero3.json",
            "optim.warmup_steps=1", f"train.output_dir={out}", *overrides]

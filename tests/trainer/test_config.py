@@ -41,3 +41,10 @@ def test_missing_config_file(tmp_path):
 
 def test_parse_overrides_nesting():
     assert parse_overrides(["a.b.c=1", "a.d=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": [1, 2]}}
+
+
+def test_model_llava_path_is_the_old_name_of_model_path():
+    assert load_config(None, ["model.llava_path=/m/llava"]).model.path == "/m/llava"
+    assert load_config(None, ["model.llava_path=/m/llava", "model.path=/m/llava"]).model.path == "/m/llava"
+    with pytest.raises(ConfigError, match="model.llava_path is the old name of model.path"):
+        load_config(None, ["model.llava_path=/m/a", "model.path=/m/b"])

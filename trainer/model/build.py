@@ -95,7 +95,8 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
         saved = _export_config(cfg)
         arch = saved["arch"]
         return (image_token_counts(sub_config(saved["vision_config"]), arch["projector_merge"], arch["gac"],
-                                   arch["gac_prefix_queries"])[1], arch.get("image_span", ["", ""]))
+                                   arch["gac_prefix_queries"], arch.get("image_newline", False))[1],
+                arch.get("image_span", ["", ""]))
     resolve_model_path(cfg)
     fixed: dict[str, Any] = {"projector_merge": cfg.projector_merge}
     if cfg.path:
@@ -109,7 +110,8 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
         vision = getattr(vcfg, "vision_config", vcfg)
     else:
         vision = preset_configs(cfg.preset, len(tokenizer))[0]
-    count = image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries)[1]
+    count = image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries,
+                               fixed.get("image_newline", False))[1]
     return count, fixed.get("image_span", ["", ""])
 
 

@@ -18,6 +18,7 @@ import json
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,20 +26,25 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from trainer.model.ifas import ModelLoadError
 from trainer.model.internvl import internvl_arch, internvl_config, save_internvl_processor
-from trainer.model.llava import llava_config, llava_processor
+from trainer.model.llava import (
+    ANYRES_TYPES,
+    anyres_config,
+    llava_arch,
+    llava_config,
+    llava_processor,
+    save_anyres_processor,
+)
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, verify_weights, write_weights
 
-# this project's state-dict prefixes -> the family class's (the same for every family here)
+# this project's state-dict prefixes -> the family class's (the same for every family here; the first
+# that matches wins)
 HF_PREFIXES = (
+    ("projector.image_newline", "model.image_newline"),  # LLaVA-NeXT/OneVision keep it beside the projector
     ("vision.", "model.vision_tower."),
     ("projector.", "model.multi_modal_projector."),
     ("llm.model.", "model.language_model."),
     ("llm.lm_head.", "lm_head."),
 )
-
-
-def _llava_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": 1}
 
 
 def _save_llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
@@ -47,11 +53,23 @@ def _save_llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_templa
 
 
 @dataclass(frozen=True)
+class Release:
+    """A Hub release a family covers, with its vision tower's shape (for the README's token counts)."""
+
+    name: str
+    vision: str
+    image_size: int
+    patch_size: int
+    layers: int
+    merge: int = 1  # patches per image token, per side (InternVL's pixel shuffle: 2)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
     model_class: str  # the transformers class the checkpoint was saved from
-    covers: str  # the releases it covers (README, "Checkpoint families")
+    releases: tuple[Release, ...]  # what it covers (README, "Checkpoint families")
     arch: Callable[[PretrainedConfig, PreTrainedTokenizerBase], dict[str, Any]]  # ArchConfig fields it fixes
     hf_config: Callable[[Mapping[str, Any]], PretrainedConfig]  # its config, from ifas_config.json
     save_processor: Callable[..., None]  # (ifas_config, tokenizer, chat_template, directory): its processor files
@@ -64,16 +82,52 @@ class Family:
 
 FAMILIES = (
     Family("llava", ("llava",), "LlavaForConditionalGeneration",
-           "llava-hf/llava-1.5-7b-hf, llava-1.5-13b-hf, bakLlava; any LlavaForConditionalGeneration",
-           _llava_arch, llava_config, _save_llava_processor),
+           (Release("llava-hf/llava-1.5-7b-hf, llava-1.5-13b-hf", "CLIP-L/14-336", 336, 14, 24),
+            Release("llava-hf/llava-interleave-qwen-0.5b-hf, -7b-hf", "SigLIP-so400m/14-384", 384, 14, 27)),
+           llava_arch, llava_config, _save_llava_processor),
+    Family("llava_next", ("llava_next",), "LlavaNextForConditionalGeneration",
+           (Release("llava-hf/llava-v1.6-mistral-7b-hf, llava-v1.6-vicuna-7b-hf, llama3-llava-next-8b-hf",
+                    "CLIP-L/14-336", 336, 14, 24),),
+           llava_arch, partial(anyres_config, family="llava_next"),
+           partial(save_anyres_processor, family="llava_next")),
+    Family("llava_onevision", ("llava_onevision",), "LlavaOnevisionForConditionalGeneration",
+           (Release("llava-hf/llava-onevision-qwen2-0.5b-ov-hf, -7b-ov-hf, -0.5b-si-hf, -7b-si-hf",
+                    "SigLIP-so400m/14-384", 384, 14, 26),),
+           llava_arch, partial(anyres_config, family="llava_onevision"),
+           partial(save_anyres_processor, family="llava_onevision")),
     Family("internvl", ("internvl",), "InternVLForConditionalGeneration",
-           "OpenGVLab/InternVL2.5-*-hf, InternVL3-1B/2B/8B/14B-hf, InternVL3.5-*-hf",
+           (Release("OpenGVLab/InternVL3-1B-hf, -2B-hf, -8B-hf, InternVL2.5-1B..8B-hf", "InternViT-300M-448px",
+                    448, 14, 24, merge=2),),
            internvl_arch, internvl_config, save_internvl_processor),
 )
 
 
 def supported_families() -> str:
-    return "; ".join(f"{f.name} (model_type {', '.join(f.model_types)}: {f.covers})" for f in FAMILIES)
+    return "; ".join(f"{f.name} (model_type {', '.join(f.model_types)}: {'; '.join(r.name for r in f.releases)})"
+                     for f in FAMILIES)
+
+
+def readme_table(gac_prefix_queries: int = 4) -> str:
+    """The README's table of families: the image tokens per face at each release's own resolution
+    (projector tokens, then with the GAC), counted by the code the model is built with."""
+    from types import SimpleNamespace
+
+    from trainer.model.ifas import image_token_counts
+
+    rows = ["| family (`model_type`) | releases | vision tower | image tokens per face: projector + GAC |",
+            "|---|---|---|---|"]
+    for family in FAMILIES:
+        for r in family.releases:
+            vision = SimpleNamespace(image_size=r.image_size, patch_size=r.patch_size, num_hidden_layers=r.layers)
+            newline = any(t in ANYRES_TYPES for t in family.model_types)
+            patches, total = image_token_counts(vision, r.merge, True, gac_prefix_queries, newline)
+            rows.append(f"| {family.name} | {r.name} | {r.vision}, {r.layers} layers | "
+                        f"{patches} + {total - patches} = {total} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(readme_table())
 
 
 def checkpoint_family(root: str | Path) -> Family:

@@ -73,17 +73,20 @@ class ArchConfig:
     projector_norm: bool = False  # a LayerNorm before the projector's first linear (InternVL)
     features_from_output: bool = False  # vision_feature_layer -1 is the encoder's output, after its final norm
     image_span: list[str] = field(default_factory=lambda: ["", ""])  # tokens around the image tokens (<img>, </img>)
+    image_newline: bool = False  # LLaVA-NeXT/OneVision: the face again as one tile, each row closed by a newline
 
 
 def image_token_counts(vision_config: PretrainedConfig, projector_merge: int, gac: bool,
-                       gac_prefix_queries: int) -> tuple[int, int]:
+                       gac_prefix_queries: int, image_newline: bool = False) -> tuple[int, int]:
     """(projector tokens, all image tokens) per image of an I-FAS model on this vision encoder:
-    one projector token per ``projector_merge`` x ``projector_merge`` patches, then the GAC's
-    prefix queries and one token per vision layer (model/gac.py)."""
+    one projector token per ``projector_merge`` x ``projector_merge`` patches (with ``image_newline``
+    twice, the second time with a newline token after each row: Projector), then the GAC's prefix
+    queries and one token per vision layer (model/gac.py)."""
     grid = side(vision_config.image_size) // side(vision_config.patch_size)
     if grid % projector_merge:
         raise ModelLoadError(f"model.projector_merge={projector_merge} does not divide the {grid}x{grid} patch grid")
-    patches = (grid // projector_merge) ** 2
+    rows = grid // projector_merge
+    patches = rows * rows + (rows * (rows + 1) if image_newline else 0)
     return patches, patches + (gac_prefix_queries + vision_config.num_hidden_layers if gac else 0)
 
 
@@ -109,15 +112,22 @@ class Projector(nn.Module):
     first (as InternVL/Qwen2-VL do), so the LLM reads k^2 times fewer image tokens; the channels are
     concatenated row of the block first, exactly as InternVL's pixel shuffle orders them. ``norm``: a
     LayerNorm over the merged features first (InternVL's ``multi_modal_projector.layer_norm``).
+
+    ``newline``: LLaVA-NeXT/OneVision's "anyres" image for a face: the whole image, then the image as its
+    one tile, each row of tokens closed by the learned ``image_newline`` (what those models compute for a
+    square image when the tile grid is 1 x 1; the tile's pixels are the whole image's, so the vision
+    tower runs once).
     """
 
-    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1, norm: bool = False) -> None:
+    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1, norm: bool = False,
+                 newline: bool = False) -> None:
         super().__init__()
         self.merge = merge
         self.layer_norm = nn.LayerNorm(vision_dim * merge * merge) if norm else nn.Identity()
         self.linear_1 = nn.Linear(vision_dim * merge * merge, text_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_dim, text_dim)
+        self.image_newline = nn.Parameter(torch.randn(text_dim) / text_dim**0.5) if newline else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N, Dv] patch features on a square grid -> [B, N / k^2, Dt]."""
@@ -126,7 +136,14 @@ class Projector(nn.Module):
             b, n, d = x.shape
             g = int(round(n**0.5))
             x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
-        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
+        tokens = self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
+        if self.image_newline is None:
+            return tokens
+        b, n, d = tokens.shape
+        g = int(round(n**0.5))
+        newline = self.image_newline.to(tokens.dtype).expand(b, g, 1, d)
+        tile = torch.cat([tokens.view(b, g, g, d), newline], dim=2).reshape(b, g * (g + 1), d)
+        return torch.cat([tokens, tile], dim=1)
 
 
 def sub_config(saved: dict[str, Any]) -> PretrainedConfig:
@@ -160,7 +177,7 @@ class IFASModel(nn.Module):
         self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
         vdim, tdim = vision_config.hidden_size, text_config.hidden_size
         with made_in("projector"):
-            self.projector = Projector(vdim, tdim, arch.projector_merge, arch.projector_norm)
+            self.projector = Projector(vdim, tdim, arch.projector_merge, arch.projector_norm, arch.image_newline)
         with made_in("gac"):
             self.gac = (
                 GloballyAwareConnector(
@@ -170,7 +187,7 @@ class IFASModel(nn.Module):
                 else None
             )
         self.num_patch_tokens, self.num_image_tokens = image_token_counts(
-            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries)
+            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries, arch.image_newline)
         self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
 
     def use_fused_loss(self, enabled: bool) -> None:

@@ -13,9 +13,6 @@ families"):
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,8 +20,7 @@ from typing import Any
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from trainer.model.ifas import ModelLoadError, sub_config
-
-log = logging.getLogger("ifas.model")
+from trainer.model.processor_files import save_processor
 
 INTERNVL_TOKENS = ("context_image_token", "start_image_token", "end_image_token")
 
@@ -72,12 +68,7 @@ def num_projector_tokens(ifas_config: Mapping[str, Any]) -> int:
 def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
                             directory: str | Path) -> None:
     """Write an ``InternVLProcessor`` for one tile per face at the model's input size, preparing pixels as
-    ``ImageTransform`` does (bicubic resize to the square size, then mean/std; the PIL backend).
-
-    transformers builds InternVL's processor with its video processor, which needs torchvision; where
-    torchvision is missing (e.g. beside a CPU-only torch) the same files are written piece by piece: image
-    processor, tokenizer, chat template and processor_config.json, which AutoProcessor reads on a machine
-    that has torchvision (docs/architecture.md, "Checkpoint families")."""
+    ``ImageTransform`` does (bicubic resize to the square size, then mean/std; the PIL backend)."""
     from PIL import Image
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -87,19 +78,5 @@ def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_temp
         size={"height": size, "width": size}, crop_to_patches=False, max_patches=1, resample=Image.BICUBIC,
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(arch["image_mean"]),
         image_std=list(arch["image_std"]), do_convert_rgb=True)
-    tokens = num_projector_tokens(ifas_config)
-    d = Path(directory)
-    if importlib.util.find_spec("torchvision") is not None:
-        from transformers import InternVLProcessor, InternVLVideoProcessor
-
-        InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                          video_processor=InternVLVideoProcessor(), image_seq_length=tokens,
-                          chat_template=chat_template).save_pretrained(str(d))
-        return
-    log.warning("torchvision is not installed: writing InternVL's processor files without its video processor")
-    image_processor.save_pretrained(str(d))
-    tokenizer.save_pretrained(str(d))
-    if chat_template is not None:
-        (d / "chat_template.jinja").write_text(chat_template)
-    (d / "processor_config.json").write_text(json.dumps(
-        {"processor_class": "InternVLProcessor", "image_seq_length": tokens}, indent=2) + "\n")
+    save_processor("InternVLProcessor", image_processor, tokenizer, chat_template, directory,
+                   image_seq_length=num_projector_tokens(ifas_config))

@@ -1,5 +1,12 @@
-"""The LLaVA family's transformers form of a model without GAC: config and processor
-(trainer/model/families.py writes it).
+"""The LLaVA families (LLaVA, LLaVA-NeXT, LLaVA-OneVision): what a checkpoint fixes in the I-FAS model,
+and the transformers form of a model without GAC: config and processor (trainer/model/families.py
+writes it).
+
+LLaVA-NeXT and LLaVA-OneVision ("anyres") cut an image into tiles on a grid chosen from
+``image_grid_pinpoints``. A face crop is square and small, so the I-FAS model sees it as the whole image
+plus one tile (the same pixels), each tile row closed by ``image_newline``: what those models compute
+for a square image whose best grid is 1 x 1. Their exported configs and processors hold the one pinpoint
+[size, size], so any image gets that grid; feed square face crops, as training did.
 
 An ``IFASModel`` with ``gac=false`` and ``projector_merge=1`` is a LLaVA: vision tower, the same
 two-layer projector, an LLM reading the projected patches in place of ``<image>`` tokens. Written
@@ -17,6 +24,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from trainer.model.tokenizer import IMAGE_TOKEN
+
+ANYRES_TYPES = ("llava_next", "llava_onevision")  # model types whose images get a tile grid
+
+
+def llava_arch(config, tokenizer) -> dict[str, Any]:
+    """The ArchConfig fields a LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint fixes."""
+    from trainer.model.ifas import ModelLoadError
+
+    strategy = config.vision_feature_select_strategy
+    has_cls = "siglip" not in config.vision_config.model_type
+    if strategy != ("default" if has_cls else "full"):
+        raise ModelLoadError(f"vision_feature_select_strategy {strategy!r} with a {config.vision_config.model_type} "
+                             "encoder: the I-FAS model drops a class token exactly when the encoder has one")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ModelLoadError(f"vision_feature_layer {config.vision_feature_layer}: only one layer is supported")
+    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": 1,
+            "image_newline": config.model_type in ANYRES_TYPES}
 
 
 def _feature_strategy(arch: Mapping[str, Any]) -> str:
@@ -39,6 +63,53 @@ def llava_config(ifas_config: Mapping[str, Any]):
         projector_hidden_act="gelu",  # trainer.model.Projector
         vision_feature_select_strategy=_feature_strategy(arch), vision_feature_layer=arch["vision_feature_layer"],
         tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+
+
+def anyres_config(ifas_config: Mapping[str, Any], family: str):
+    """A ``LlavaNextConfig`` or ``LlavaOnevisionConfig`` equal in architecture to ``ifas_config``, with
+    the one tile grid the I-FAS model was trained on."""
+    import transformers
+
+    from trainer.model.ifas import sub_config
+
+    arch = ifas_config["arch"]
+    text = sub_config(ifas_config["text_config"])
+    cls = {"llava_next": transformers.LlavaNextConfig, "llava_onevision": transformers.LlavaOnevisionConfig}[family]
+    return cls(
+        vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
+        image_token_index=arch["image_token_id"], projector_hidden_act="gelu",
+        image_grid_pinpoints=[[arch["image_size"], arch["image_size"]]],
+        vision_feature_select_strategy=_feature_strategy(arch), vision_feature_layer=arch["vision_feature_layer"],
+        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+
+
+def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None, directory,
+                          family: str) -> None:
+    """A ``LlavaNextProcessor`` or ``LlavaOnevisionProcessor`` for the one tile grid, preparing pixels as
+    ``ImageTransform`` does (bicubic resize to the square size, no crop, then mean/std)."""
+    from PIL import Image
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from trainer.model.processor_files import save_processor
+
+    arch = ifas_config["arch"]
+    size = arch["image_size"]
+    common = dict(size={"height": size, "width": size}, image_grid_pinpoints=[[size, size]], resample=Image.BICUBIC,
+                  do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                  image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]), do_convert_rgb=True)
+    strategy = _feature_strategy(arch)
+    if family == "llava_next":
+        save_processor("LlavaNextProcessor", LlavaNextImageProcessorPil(**common), tokenizer, chat_template, directory,
+                       patch_size=ifas_config["vision_config"]["patch_size"], vision_feature_select_strategy=strategy,
+                       num_additional_image_tokens=1 if arch["has_class_token"] else 0, image_token=IMAGE_TOKEN)
+    else:
+        grid = size // ifas_config["vision_config"]["patch_size"]
+        save_processor("LlavaOnevisionProcessor", LlavaOnevisionImageProcessorPil(**common), tokenizer, chat_template,
+                       directory, num_image_tokens=grid * grid, vision_feature_select_strategy=strategy,
+                       image_token=IMAGE_TOKEN)
 
 
 def llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None = None):

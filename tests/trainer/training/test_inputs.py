@@ -16,7 +16,8 @@ def siglip_llava(tmp_path_factory, demo_tokenizer):
                        num_attention_heads=2, num_key_value_heads=1)
     out = tmp_path_factory.mktemp("llava_siglip")
     LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                              image_token_index=demo_tokenizer.convert_tokens_to_ids("<image>"))
+                                              image_token_index=demo_tokenizer.convert_tokens_to_ids("<image>"),
+                                              vision_feature_select_strategy="full")  # no class token to drop
                                   ).save_pretrained(out)
     demo_tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,220 @@
+"""Tiny checkpoints of the checkpoint families, saved offline with transformers' own classes and laid out as
+the Hub's -hf releases are (tokenizer naming its image tokens, processor-level chat template, image
+processor), with random weights; and the same families' own code paths the tests compare against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+IMAGE_SIZE = 64
+LAYERS = 3
+GAC_TOKENS = 4 + LAYERS  # prefix queries + one per vision layer
+
+# InternVL3-hf's template (the Hub keeps it at processor level, chat_template.jinja)
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+# llava-onevision-qwen2's (ChatML, the image first in its turn)
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# llava-v1.6-mistral's ([INST] ... [/INST], the image first)
+NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}{% endif %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'user' %}{{ ' [/INST]' }}{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def family_tokenizer(demo_tokenizer, **named_tokens: str) -> PreTrainedTokenizerFast:
+    """The demo BPE (a copy) naming the family's image tokens, as the -hf tokenizers do; no template of
+    its own (the checkpoints keep it at processor level)."""
+    core = Tokenizer.from_str(demo_tokenizer.backend_tokenizer.to_str())
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   extra_special_tokens=named_tokens)
+
+
+def _text_config(tok, tied: bool) -> Qwen2Config:
+    return Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=tied)
+
+
+def _randomise_constants(model) -> None:
+    """transformers' init leaves norms, class tokens and scales at 0 or 1: random values test the loading."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("norm", "lambda", "cls_token", "position", "image_newline")):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """One family as the tests use it."""
+
+    name: str
+    projector_tokens: int  # image tokens the checkpoint's own connector gives a face
+    save: Callable[[Path, object], torch.nn.Module]  # (directory, demo tokenizer) -> the saved model
+    image_features: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # the family's own, [B, N, D]
+    layer_outputs: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]]  # vision layers, by hand
+
+
+# ----- InternVL -----
+def save_internvl(directory: Path, demo_tokenizer):
+    from PIL import Image
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = family_tokenizer(demo_tokenizer, context_image_token="<IMG_CONTEXT>", start_image_token="<img>",
+                           end_image_token="</img>", video_token="<video>")
+    vision = InternVLVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                  num_attention_heads=4, image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[8, 8])
+    torch.manual_seed(3)
+    model = InternVLForConditionalGeneration(InternVLConfig(  # tied embeddings, as InternVL3-1B's Qwen2.5-0.5B
+        vision_config=vision, text_config=_text_config(tok, tied=True), image_token_id=tok.context_image_token_id,
+        image_seq_length=16, tie_word_embeddings=True))
+    _randomise_constants(model)
+    model.save_pretrained(directory)
+    # the -hf directory's processor files but the video processor (transformers builds that with torchvision,
+    # which cannot be installed beside this machine's CPU torch)
+    GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False, max_patches=1,
+                             resample=Image.BICUBIC, image_mean=[0.485, 0.456, 0.406],
+                             image_std=[0.229, 0.224, 0.225]).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+    return model
+
+
+def _internvl_features(ref, px):
+    return ref.model.get_image_features(pixel_values=px, vision_feature_layer=-1,
+                                        vision_feature_select_strategy="default").pooler_output
+
+
+def _internvl_layers(vision, px):
+    h, out = vision.embeddings(px), []
+    for layer in vision.encoder.layer:
+        h = layer(h)
+        out.append(h)
+    return out
+
+
+# ----- LLaVA-NeXT and LLaVA-OneVision -----
+PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+             [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+
+
+def _save_anyres(directory: Path, demo_tokenizer, family: str):
+    from PIL import Image
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    vision_kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                     image_size=IMAGE_SIZE, patch_size=16)
+    torch.manual_seed(4)
+    if family == "llava_next":  # CLIP-L/336 + an untied LLM, as llava-v1.6-mistral
+        tok = family_tokenizer(demo_tokenizer, image_token="<image>")
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**vision_kw), text_config=_text_config(tok, tied=False),
+            image_token_index=tok.image_token_id, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+            vision_feature_select_strategy="default"))
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                            image_grid_pinpoints=PINPOINTS, resample=Image.BICUBIC)
+        LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=16,
+                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                           chat_template=NEXT_TEMPLATE).save_pretrained(directory)
+    else:  # SigLIP + tied Qwen2, as llava-onevision-qwen2-0.5b
+        tok = family_tokenizer(demo_tokenizer, image_token="<image>", video_token="<video>")
+        model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision_kw), text_config=_text_config(tok, tied=True),
+            image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
+            image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="full",
+            tie_word_embeddings=True))
+        LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                        image_grid_pinpoints=PINPOINTS).save_pretrained(directory)
+        tok.save_pretrained(directory)
+        (directory / "chat_template.jinja").write_text(ONEVISION_TEMPLATE)
+    _randomise_constants(model)
+    model.save_pretrained(directory)
+    return model
+
+
+def _anyres_features(ref, px):
+    """The family's own features of square faces: base image + its one tile (the same pixels)."""
+    config = ref.config
+    kw = {"vision_feature_select_strategy": config.vision_feature_select_strategy}
+    out = ref.model.get_image_features(pixel_values=torch.stack([px, px], dim=1),
+                                       image_sizes=torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * len(px)),
+                                       vision_feature_layer=config.vision_feature_layer, **kw).pooler_output
+    return torch.stack(list(out))
+
+
+def _clip_or_siglip_layers(vision, px):
+    h = vision.embeddings(px)
+    h, out = (vision.pre_layrnorm(h) if hasattr(vision, "pre_layrnorm") else h), []  # CLIP's norm before layer 1
+    for layer in vision.encoder.layers:
+        h = layer(h, None)
+        out.append(h)
+    return out
+
+
+GRID = IMAGE_SIZE // 16
+FAMILY_CASES = {
+    "internvl": FamilyCase("internvl", (IMAGE_SIZE // 8 // 2) ** 2, save_internvl, _internvl_features,
+                           _internvl_layers),
+    "llava_next": FamilyCase("llava_next", GRID * GRID + GRID * (GRID + 1),
+                             lambda d, tok: _save_anyres(d, tok, "llava_next"), _anyres_features,
+                             _clip_or_siglip_layers),
+    "llava_onevision": FamilyCase("llava_onevision", GRID * GRID + GRID * (GRID + 1),
+                                  lambda d, tok: _save_anyres(d, tok, "llava_onevision"), _anyres_features,
+                                  _clip_or_siglip_layers),
+}
+
+
+def checkpoint_processor(name: str, directory: Path):
+    """The checkpoint's processor, built by transformers' own class from the saved files. The video slot of
+    InternVL's and OneVision's is left empty (the caller lets ProcessorMixin accept that): transformers
+    builds their video processors with torchvision, which this machine's CPU torch cannot have."""
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    if name == "llava_next":
+        return transformers.AutoProcessor.from_pretrained(directory)
+    tok = AutoTokenizer.from_pretrained(directory)
+    template = (directory / "chat_template.jinja").read_text()
+    if name == "internvl":
+        return transformers.InternVLProcessor(image_processor=GotOcr2ImageProcessorPil.from_pretrained(directory),
+                                              tokenizer=tok, video_processor=None, image_seq_length=16,
+                                              chat_template=template)
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(directory), tokenizer=tok,
+        video_processor=None, num_image_tokens=GRID * GRID, vision_feature_select_strategy="full",
+        chat_template=template)
