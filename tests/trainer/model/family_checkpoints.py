@@ -111,6 +111,43 @@ def _internvl_layers(vision, px):
     return out
 
 
+# ----- LLaVA -----
+LLAVA_TEMPLATE = NEXT_TEMPLATE.replace("[INST] ", "USER: ").replace(" [/INST]", " ASSISTANT:")  # llava-1.5's shape
+
+
+def save_llava(directory: Path, demo_tokenizer):
+    from PIL import Image
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = family_tokenizer(demo_tokenizer, image_token="<image>")
+    torch.manual_seed(6)
+    model = LlavaForConditionalGeneration(LlavaConfig(  # CLIP-L/336 + an untied LLM, as llava-1.5
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                       num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=16),
+        text_config=_text_config(tok, tied=False), image_token_index=tok.image_token_id, vision_feature_layer=-2,
+        vision_feature_select_strategy="default"))
+    _randomise_constants(model)
+    model.save_pretrained(directory)
+    images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
+                                   "width": IMAGE_SIZE}, resample=Image.BICUBIC)
+    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE).save_pretrained(directory)
+    return model
+
+
+def _llava_features(ref, px):
+    config = ref.config
+    return torch.stack(list(ref.model.get_image_features(
+        pixel_values=px, vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output))
+
+
 # ----- LLaVA-NeXT and LLaVA-OneVision -----
 PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
              [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
@@ -184,6 +221,7 @@ def _clip_or_siglip_layers(vision, px):
 
 GRID = IMAGE_SIZE // 16
 FAMILY_CASES = {
+    "llava": FamilyCase("llava", GRID * GRID, save_llava, _llava_features, _clip_or_siglip_layers),
     "internvl": FamilyCase("internvl", (IMAGE_SIZE // 8 // 2) ** 2, save_internvl, _internvl_features,
                            _internvl_layers),
     "llava_next": FamilyCase("llava_next", GRID * GRID + GRID * (GRID + 1),
@@ -206,7 +244,7 @@ def checkpoint_processor(name: str, directory: Path):
         LlavaOnevisionImageProcessorPil,
     )
 
-    if name == "llava_next":
+    if name in ("llava", "llava_next"):
         return transformers.AutoProcessor.from_pretrained(directory)
     tok = AutoTokenizer.from_pretrained(directory)
     template = (directory / "chat_template.jinja").read_text()
