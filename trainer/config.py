@@ -42,6 +42,9 @@ class ModelConfig:
     # An ifas-export directory to start a new run from: its architecture (the keys below are taken from
     # it), tokenizer and weights. Not for resuming (a run resumes from its own checkpoints by itself).
     init_from: str | None = None
+    # The input size of a face for checkpoints without a native one (Qwen-VL: default 448, a multiple of 28);
+    # other families run at their encoder's size.
+    image_size: int | None = None
     vision_feature_layer: int = -2  # patch features for the projector, as in LLaVA
     projector_merge: int = 1  # k > 1: one image token per k x k patches (fewer LLM tokens)
     pooling: str = "auto"  # GAC per-layer pooling: cls | mean | auto (cls if the encoder has one)
@@ -356,6 +359,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight and the tokenizer "
                           "its token ids belong to: drop model.path / model.vision_path + model.llm_path / "
                           "model.tokenizer_path")
+    if cfg.model.image_size is not None and not cfg.model.path:
+        raise ConfigError("model.image_size is the face size for a Qwen-VL checkpoint (model.path); other models run "
+                          "at their encoder's size: drop it")
     if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
         raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.path)")
 

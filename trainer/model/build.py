@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.initialization import no_init_weights
 
 from trainer.config import ModelConfig, resolve_model_path
-from trainer.model.families import HF_PREFIXES, Family, checkpoint_family
+from trainer.model.families import Family, checkpoint_family
 from trainer.model.ifas import (
     CLIP_MEAN,
     CLIP_STD,
@@ -33,10 +33,6 @@ from trainer.model.pretrained import CheckpointError, CheckpointPart, load_pretr
 from trainer.model.tokenizer import ensure_image_token, judgment_token_ids, load_tokenizer
 from trainer.model.weights import WeightsError
 from trainer.run_dir import CONFIG_NAME
-
-# Where a family checkpoint's tensors go (names as its transformers class has them; older files' layout,
-# e.g. llava-hf's transformers-4 one, is translated by transformers' own rules first, trainer/model/pretrained.py).
-CHECKPOINT_PREFIXES = {theirs: ours for ours, theirs in HF_PREFIXES}
 
 
 def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
@@ -95,7 +91,8 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
         saved = _export_config(cfg)
         arch = saved["arch"]
         return (image_token_counts(sub_config(saved["vision_config"]), arch["projector_merge"], arch["gac"],
-                                   arch["gac_prefix_queries"], arch.get("image_newline", False))[1],
+                                   arch["gac_prefix_queries"], arch.get("image_newline", False),
+                                   arch["image_size"])[1],
                 arch.get("image_span", ["", ""]))
     resolve_model_path(cfg)
     fixed: dict[str, Any] = {"projector_merge": cfg.projector_merge}
@@ -111,14 +108,14 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
     else:
         vision = preset_configs(cfg.preset, len(tokenizer))[0]
     count = image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries,
-                               fixed.get("image_newline", False))[1]
+                               fixed.get("image_newline", False), fixed.get("image_size"))[1]
     return count, fixed.get("image_span", ["", ""])
 
 
 def _family_arch(family: Family, family_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
                  cfg: ModelConfig) -> dict[str, Any]:
     """The ArchConfig fields a family checkpoint fixes; model.projector_merge may only repeat its merge."""
-    fixed = family.arch(family_config, tokenizer)
+    fixed = family.arch(family_config, tokenizer, cfg.image_size)
     merge = fixed["projector_merge"]
     if cfg.projector_merge not in (1, merge):
         raise ModelLoadError(f"model.projector_merge={cfg.projector_merge} with a {family.name} checkpoint: its "
@@ -236,8 +233,11 @@ def build_model(
                                                        text_config.tie_word_embeddings))
         arch_kw.update(_family_arch(family, family_config, tokenizer, cfg))
         _check_image_token(family_config, tokenizer, root)
-        image_info = _image_processing(root, side(vision_config.image_size))
-        parts.append(CheckpointPart(root, dict(CHECKPOINT_PREFIXES), _meta(lambda: family.model_type()(family_config))))
+        image_info = _image_processing(root, arch_kw.pop("image_size", None) or side(vision_config.image_size))
+        # names as the family's class has them (older files' layouts, e.g. llava-hf's transformers-4 one, are
+        # translated by transformers' own rules first: trainer/model/pretrained.py)
+        parts.append(CheckpointPart(root, family.checkpoint_prefixes(),
+                                    _meta(lambda: family.model_type()(family_config))))
     elif cfg.vision_path:
         vroot = _require_dir(cfg.vision_path, "model.vision_path")
         lroot = _require_dir(cfg.llm_path, "model.llm_path")
@@ -262,7 +262,8 @@ def build_model(
     text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
     if arch is None:
         yes_id, no_id = judgment_token_ids(tokenizer)
-        has_cls = _has_class_token(vision_config)
+        has_cls = arch_kw.pop("has_class_token", None)
+        has_cls = _has_class_token(vision_config) if has_cls is None else has_cls
         pooling = cfg.pooling if cfg.pooling != "auto" else ("cls" if has_cls else "mean")
         if pooling == "cls" and not has_cls:
             raise ModelLoadError(

@@ -34,6 +34,7 @@ from trainer.model.llava import (
     llava_processor,
     save_anyres_processor,
 )
+from trainer.model.qwen_vl import qwen_arch, qwen_config, save_qwen_processor
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, verify_weights, write_weights
 
 # this project's state-dict prefixes -> the family class's (the same for every family here; the first
@@ -45,6 +46,8 @@ HF_PREFIXES = (
     ("llm.model.", "model.language_model."),
     ("llm.lm_head.", "lm_head."),
 )
+# Qwen-VL: the whole visual module, merger included, is the vision group
+QWEN_PREFIXES = (("vision.", "model.visual."), ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head."))
 
 
 def _save_llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
@@ -70,9 +73,15 @@ class Family:
     model_types: tuple[str, ...]
     model_class: str  # the transformers class the checkpoint was saved from
     releases: tuple[Release, ...]  # what it covers (README, "Checkpoint families")
-    arch: Callable[[PretrainedConfig, PreTrainedTokenizerBase], dict[str, Any]]  # ArchConfig fields it fixes
+    # (config, tokenizer, model.image_size) -> the ArchConfig fields it fixes
+    arch: Callable[[PretrainedConfig, PreTrainedTokenizerBase, int | None], dict[str, Any]]
     hf_config: Callable[[Mapping[str, Any]], PretrainedConfig]  # its config, from ifas_config.json
     save_processor: Callable[..., None]  # (ifas_config, tokenizer, chat_template, directory): its processor files
+    prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES  # I-FAS state-dict prefix -> the family class's
+
+    def checkpoint_prefixes(self) -> dict[str, str]:
+        """The family class's prefixes -> I-FAS ones (how a checkpoint's tensors are placed)."""
+        return {theirs: ours for ours, theirs in self.prefixes}
 
     def model_type(self) -> type:
         import transformers
@@ -99,6 +108,14 @@ FAMILIES = (
            (Release("OpenGVLab/InternVL3-1B-hf, -2B-hf, -8B-hf, InternVL2.5-1B..8B-hf", "InternViT-300M-448px",
                     448, 14, 24, merge=2),),
            internvl_arch, internvl_config, save_internvl_processor),
+    Family("qwen2_vl", ("qwen2_vl",), "Qwen2VLForConditionalGeneration",
+           (Release("Qwen/Qwen2-VL-2B-Instruct, -7B-Instruct", "Qwen2-VL ViT-675M/14, at 448", 448, 14, 32,
+                    merge=2),),
+           qwen_arch, qwen_config, save_qwen_processor, QWEN_PREFIXES),
+    Family("qwen2_5_vl", ("qwen2_5_vl",), "Qwen2_5_VLForConditionalGeneration",
+           (Release("Qwen/Qwen2.5-VL-3B-Instruct, -7B-Instruct", "Qwen2.5-VL ViT-670M/14 (window attention), at 448",
+                    448, 14, 32, merge=2),),
+           qwen_arch, qwen_config, save_qwen_processor, QWEN_PREFIXES),
 )
 
 
@@ -179,8 +196,8 @@ def is_family_compatible(arch: Mapping[str, Any]) -> bool:
     return True
 
 
-def to_family_name(name: str) -> str:
-    for ours, theirs in HF_PREFIXES:
+def to_family_name(name: str, prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES) -> str:
+    for ours, theirs in prefixes:
         if name.startswith(ours):
             return theirs + name[len(ours):]
     raise NotFamilyCompatible(f"weight {name!r} has no place in the family's class")
@@ -189,8 +206,8 @@ def to_family_name(name: str) -> str:
 class FamilyNamedTensors(Mapping):
     """A read-only view of this project's state dict (or DeepSpeed's lazy one) under the family's names."""
 
-    def __init__(self, tensors: Mapping[str, Any]) -> None:
-        self._ours = {to_family_name(k): k for k in tensors}
+    def __init__(self, tensors: Mapping[str, Any], prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES) -> None:
+        self._ours = {to_family_name(k, prefixes): k for k in tensors}
         self._tensors = tensors
 
     def __getitem__(self, name: str) -> Any:
@@ -225,7 +242,7 @@ def write_family(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], pro
     config = family.hf_config(ifas_config)
     with torch.device("meta"):
         skeleton = family.model_type()(config)
-    write_weights(skeleton, FamilyNamedTensors(tensors), directory, max_shard_size, dtype)
+    write_weights(skeleton, FamilyNamedTensors(tensors, family.prefixes), directory, max_shard_size, dtype)
     if dtype is not None:  # what from_pretrained(dtype="auto") loads, on every level of the config
         config.dtype = config.text_config.dtype = config.vision_config.dtype = dtype
     config.save_pretrained(str(directory))

@@ -24,8 +24,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
+from trainer.model import mrope
 from trainer.model.gac import GloballyAwareConnector
 from trainer.model.loss import IGNORE_INDEX, LossParts, batch_token_weights, lopsided_lm_loss
+from trainer.model.projector import Projector
 from trainer.model.tokenizer import IMAGE_TOKEN, load_tokenizer
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError, load_weights, verify_weights, write_weights
 from trainer.run_dir import CONFIG_NAME
@@ -74,15 +76,18 @@ class ArchConfig:
     features_from_output: bool = False  # vision_feature_layer -1 is the encoder's output, after its final norm
     image_span: list[str] = field(default_factory=lambda: ["", ""])  # tokens around the image tokens (<img>, </img>)
     image_newline: bool = False  # LLaVA-NeXT/OneVision: the face again as one tile, each row closed by a newline
+    family_extra: dict[str, int] = field(default_factory=dict)  # token ids the family-format export needs
 
 
 def image_token_counts(vision_config: PretrainedConfig, projector_merge: int, gac: bool,
-                       gac_prefix_queries: int, image_newline: bool = False) -> tuple[int, int]:
+                       gac_prefix_queries: int, image_newline: bool = False,
+                       image_size: int | None = None) -> tuple[int, int]:
     """(projector tokens, all image tokens) per image of an I-FAS model on this vision encoder:
     one projector token per ``projector_merge`` x ``projector_merge`` patches (with ``image_newline``
     twice, the second time with a newline token after each row: Projector), then the GAC's prefix
-    queries and one token per vision layer (model/gac.py)."""
-    grid = side(vision_config.image_size) // side(vision_config.patch_size)
+    queries and one token per vision layer (model/gac.py). ``image_size``: the input size where the
+    encoder has none of its own (Qwen-VL)."""
+    grid = side(image_size or vision_config.image_size) // side(vision_config.patch_size)
     if grid % projector_merge:
         raise ModelLoadError(f"model.projector_merge={projector_merge} does not divide the {grid}x{grid} patch grid")
     rows = grid // projector_merge
@@ -99,51 +104,18 @@ def side(size: int | list[int] | tuple[int, ...]) -> int:
     return int(size[0])
 
 
+def check_native_size(config: PretrainedConfig, image_size: int | None) -> None:
+    """model.image_size may only repeat the size a family's encoder was trained at (Qwen-VL has none)."""
+    native = side(config.vision_config.image_size)
+    if image_size not in (None, native):
+        raise ModelLoadError(f"model.image_size={image_size}: a {config.model_type} checkpoint runs at its encoder's "
+                             f"{native} x {native}; leave model.image_size unset (it is for Qwen-VL checkpoints)")
+
+
 class IFASOutput(NamedTuple):
     loss: LossParts  # zeros when no labels were given
     scores: torch.Tensor  # [B] liveness score P(Yes) among {Yes, No}
     judgment_logits: torch.Tensor  # [B, 2] logits of Yes and No at the first answer position
-
-
-class Projector(nn.Module):
-    """LLaVA's two-layer MLP projector (same parameter names, so LLaVA weights load directly).
-
-    With ``merge`` k > 1, each k x k block of neighbouring patches is concatenated into one token
-    first (as InternVL/Qwen2-VL do), so the LLM reads k^2 times fewer image tokens; the channels are
-    concatenated row of the block first, exactly as InternVL's pixel shuffle orders them. ``norm``: a
-    LayerNorm over the merged features first (InternVL's ``multi_modal_projector.layer_norm``).
-
-    ``newline``: LLaVA-NeXT/OneVision's "anyres" image for a face: the whole image, then the image as its
-    one tile, each row of tokens closed by the learned ``image_newline`` (what those models compute for a
-    square image when the tile grid is 1 x 1; the tile's pixels are the whole image's, so the vision
-    tower runs once).
-    """
-
-    def __init__(self, vision_dim: int, text_dim: int, merge: int = 1, norm: bool = False,
-                 newline: bool = False) -> None:
-        super().__init__()
-        self.merge = merge
-        self.layer_norm = nn.LayerNorm(vision_dim * merge * merge) if norm else nn.Identity()
-        self.linear_1 = nn.Linear(vision_dim * merge * merge, text_dim)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(text_dim, text_dim)
-        self.image_newline = nn.Parameter(torch.randn(text_dim) / text_dim**0.5) if newline else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, N, Dv] patch features on a square grid -> [B, N / k^2, Dt]."""
-        k = self.merge
-        if k > 1:
-            b, n, d = x.shape
-            g = int(round(n**0.5))
-            x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
-        tokens = self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
-        if self.image_newline is None:
-            return tokens
-        b, n, d = tokens.shape
-        g = int(round(n**0.5))
-        newline = self.image_newline.to(tokens.dtype).expand(b, g, 1, d)
-        tile = torch.cat([tokens.view(b, g, g, d), newline], dim=2).reshape(b, g * (g + 1), d)
-        return torch.cat([tokens, tile], dim=1)
 
 
 def sub_config(saved: dict[str, Any]) -> PretrainedConfig:
@@ -169,15 +141,20 @@ class IFASModel(nn.Module):
         made_in = group_context or (lambda group: contextlib.nullcontext())
         # the dtype in force here, not a checkpoint config's (from_config would build in config.dtype)
         dtype = torch.get_default_dtype()
+        self.mrope = arch.family in mrope.MROPE_FAMILIES  # Qwen-VL: merger in the vision tower, 3-D positions
+        built = dict(attn_implementation=attn_implementation, dtype=dtype)
         with made_in("vision"):
-            self.vision = AutoModel.from_config(vision_config, attn_implementation=attn_implementation, dtype=dtype)
+            self.vision = (mrope.build_vision(vision_config, **built) if self.mrope
+                           else AutoModel.from_config(vision_config, **built))
         with made_in("llm"):
-            self.llm = AutoModelForCausalLM.from_config(text_config, attn_implementation=attn_implementation,
-                                                        dtype=dtype)
+            self.llm = (mrope.MRopeCausalLM._from_config(text_config, **built) if self.mrope
+                        else AutoModelForCausalLM.from_config(text_config, **built))
         self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
-        vdim, tdim = vision_config.hidden_size, text_config.hidden_size
+        vdim = mrope.vision_width(vision_config) if self.mrope else vision_config.hidden_size
+        tdim = text_config.hidden_size
         with made_in("projector"):
-            self.projector = Projector(vdim, tdim, arch.projector_merge, arch.projector_norm, arch.image_newline)
+            self.projector = None if self.mrope else Projector(vdim, tdim, arch.projector_merge, arch.projector_norm,
+                                                               arch.image_newline)
         with made_in("gac"):
             self.gac = (
                 GloballyAwareConnector(
@@ -187,7 +164,8 @@ class IFASModel(nn.Module):
                 else None
             )
         self.num_patch_tokens, self.num_image_tokens = image_token_counts(
-            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries, arch.image_newline)
+            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries, arch.image_newline,
+            arch.image_size)
         self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
 
     def use_fused_loss(self, enabled: bool) -> None:
@@ -202,7 +180,9 @@ class IFASModel(nn.Module):
 
     # ----- module groups (freezing, per-group learning rates) -----
     def module_groups(self) -> dict[str, nn.Module]:
-        groups: dict[str, nn.Module] = {"vision": self.vision, "projector": self.projector, "llm": self.llm}
+        groups: dict[str, nn.Module] = {"vision": self.vision, "llm": self.llm}
+        if self.projector is not None:  # Qwen-VL's merger is part of its vision tower
+            groups["projector"] = self.projector
         if self.gac is not None:
             groups["gac"] = self.gac
         return groups
@@ -210,19 +190,40 @@ class IFASModel(nn.Module):
     # ----- forward -----
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, S, S] -> visual tokens [B, num_image_tokens, D_llm]."""
+        if self.mrope:
+            return self._encode_images_mrope(pixel_values)
         out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
         states = out.hidden_states  # embeddings + one per layer
-        if len(states) != self.vision.config.num_hidden_layers + 1:
-            raise ValueError(f"the {self.vision.config.model_type} encoder returned {len(states)} hidden states "
-                             f"for {self.vision.config.num_hidden_layers} layers; the GAC needs every layer's")
         last = self.arch.features_from_output and self.arch.vision_feature_layer == -1
         patches = out.last_hidden_state if last else states[self.arch.vision_feature_layer]
         if self.arch.has_class_token:
             patches = patches[:, 1:]
-        tokens = self.projector(patches)
+        return self._with_gac(self.projector(patches), states, patches)
+
+    def _with_gac(self, tokens: torch.Tensor, states: tuple[torch.Tensor, ...], patches: torch.Tensor) -> torch.Tensor:
+        if len(states) != self.vision.config.num_hidden_layers + 1:
+            raise ValueError(f"the {self.vision.config.model_type} encoder returned {len(states)} hidden states "
+                             f"for {self.vision.config.num_hidden_layers} layers; the GAC needs every layer's")
         if self.gac is not None:
             tokens = torch.cat([tokens, self.gac(states[1:], patches)], dim=1)  # every layer's output
         return tokens
+
+    def _encode_images_mrope(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Qwen-VL: flattened patches and their grid in, the merger's tokens out; the blocks' outputs
+        (flattened over the batch) for the GAC."""
+        vc = self.vision.config
+        flat, grid = mrope.patchify(pixel_values, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
+        out = self.vision(flat, grid_thw=grid, output_hidden_states=True)
+        b = pixel_values.shape[0]
+        states = tuple(h.reshape(b, -1, h.shape[-1]) for h in out.hidden_states)
+        return self._with_gac(out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1]), states, states[-1])
+
+    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The LLM's position ids: Qwen-VL's 3-D ones (trainer/model/mrope.py); None (1-D) otherwise."""
+        if not self.mrope:
+            return None
+        rows = self.arch.image_size // self.vision.config.patch_size // self.arch.projector_merge
+        return mrope.mrope_positions(input_ids, attention_mask, self.arch.image_token_id, rows, rows)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(input_ids)
@@ -254,7 +255,8 @@ class IFASModel(nn.Module):
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
         """
         embeds = self.embed(input_ids, pixel_values)
-        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        extra = {} if not self.mrope else {"position_ids": self.positions(input_ids, attention_mask)}
+        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **extra).last_hidden_state
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
         judgment = torch.tensor([self.arch.yes_token_id, self.arch.no_token_id], device=hidden.device)
@@ -290,7 +292,10 @@ class IFASModel(nn.Module):
     ) -> torch.Tensor:
         """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
         embeds = self.embed(input_ids, pixel_values)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        if not self.mrope:
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        with self.llm.prompt_positions(self.positions(input_ids, attention_mask)):
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----- saving and loading -----
     def config_dict(self, dtype: torch.dtype | None = None) -> dict[str, Any]:

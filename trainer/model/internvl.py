@@ -3,8 +3,8 @@
 What differs from LLaVA, and where the I-FAS model takes it from (docs/architecture.md, "Checkpoint
 families"):
 - the projector reads 2 x 2 patches at once (pixel shuffle with ``downsample_ratio`` 0.5) after a
-  LayerNorm: ``Projector(merge=2, norm=True)`` holds the same weights under the same names and orders
-  the merged channels as InternVL's pixel shuffle does;
+  LayerNorm: ``Projector(merge=2, norm=True)`` (trainer/model/projector.py) holds the same weights under
+  the same names and orders the merged channels as InternVL's pixel shuffle does;
 - ``vision_feature_layer`` -1 is the encoder's output after its final norm, not the last hidden state;
 - the processor writes the image as ``<img>`` + ``<IMG_CONTEXT>`` x N + ``</img>``; the I-FAS prompt puts
   the GAC tokens inside that span, after the N projector tokens;
@@ -19,14 +19,16 @@ from typing import Any
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from trainer.model.ifas import ModelLoadError, sub_config
+from trainer.model.ifas import ModelLoadError, check_native_size, sub_config
 from trainer.model.processor_files import save_processor
 
 INTERNVL_TOKENS = ("context_image_token", "start_image_token", "end_image_token")
 
 
-def internvl_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def internvl_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+                  image_size: int | None = None) -> dict[str, Any]:
     """The ArchConfig fields an InternVL checkpoint fixes."""
+    check_native_size(config, image_size)
     merge = round(1 / config.downsample_ratio)
     if abs(merge * config.downsample_ratio - 1) > 1e-6:
         raise ModelLoadError(f"InternVL downsample_ratio {config.downsample_ratio} is not 1/k for a whole k")

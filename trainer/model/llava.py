@@ -28,10 +28,11 @@ from trainer.model.tokenizer import IMAGE_TOKEN
 ANYRES_TYPES = ("llava_next", "llava_onevision")  # model types whose images get a tile grid
 
 
-def llava_arch(config, tokenizer) -> dict[str, Any]:
+def llava_arch(config, tokenizer, image_size: int | None = None) -> dict[str, Any]:
     """The ArchConfig fields a LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint fixes."""
-    from trainer.model.ifas import ModelLoadError
+    from trainer.model.ifas import ModelLoadError, check_native_size
 
+    check_native_size(config, image_size)
     strategy = config.vision_feature_select_strategy
     has_cls = "siglip" not in config.vision_config.model_type
     if strategy != ("default" if has_cls else "full"):

@@ -1,6 +1,6 @@
 """Saving a family's transformers processor, also where its video processor cannot be built.
 
-transformers builds the processors of the video-capable families (InternVL, LLaVA-OneVision) with a
+transformers builds the processors of the video-capable families (InternVL, LLaVA-OneVision, Qwen-VL) with a
 video processor, which needs torchvision; PyPI's torchvision does not import beside a CPU-only torch
 (docs/architecture.md, "Known traps"). Without torchvision the same files are written piece by piece
 (image processor, tokenizer, chat template, processor_config.json): AutoProcessor reads them on a
@@ -18,7 +18,8 @@ log = logging.getLogger("ifas.model")
 
 # processor class -> the video processor transformers builds it with
 VIDEO_PROCESSORS = {"InternVLProcessor": "InternVLVideoProcessor",
-                    "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor"}
+                    "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
+                    "Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor"}
 
 
 def save_processor(processor_class: str, image_processor, tokenizer, chat_template: str | None,

@@ -3,7 +3,7 @@ the Hub's -hf releases are (tokenizer naming its image tokens, processor-level c
 processor), with random weights; and the same families' own code paths the tests compare against."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +61,14 @@ def _randomise_constants(model) -> None:
                 p.add_(torch.randn_like(p) * 0.1)
 
 
+def _same_pixels(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _anyres_pixels(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x, x], dim=-4)  # the whole image, then its one tile
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     """One family as the tests use it."""
@@ -69,7 +77,10 @@ class FamilyCase:
     projector_tokens: int  # image tokens the checkpoint's own connector gives a face
     save: Callable[[Path, object], torch.nn.Module]  # (directory, demo tokenizer) -> the saved model
     image_features: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # the family's own, [B, N, D]
-    layer_outputs: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]]  # vision layers, by hand
+    layer_outputs: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]]  # vision layers, one by one
+    # [..., 3, S, S] images (ImageTransform's) -> the pixel_values the family's processor and model take
+    family_pixels: Callable[[torch.Tensor], torch.Tensor] = _same_pixels
+    model_kw: dict = field(default_factory=dict)  # ModelConfig keys the checkpoint needs
 
 
 # ----- InternVL -----
@@ -219,17 +230,93 @@ def _clip_or_siglip_layers(vision, px):
     return out
 
 
+# ----- Qwen2-VL and Qwen2.5-VL -----
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN_PATCH = 8
+
+
+def _save_qwen(directory: Path, demo_tokenizer, family: str):
+    import transformers
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = family_tokenizer(demo_tokenizer, image_token="<|image_pad|>", video_token="<|video_pad|>",
+                           vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>")
+    common = dict(depth=LAYERS, num_heads=4, patch_size=QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_vl":  # blocks 48 wide, the merger out at the LLM's 64, as Qwen2-VL's embed_dim/hidden_size
+        vision, cls = dict(embed_dim=48, hidden_size=64, mlp_ratio=2, **common), transformers.Qwen2VLConfig
+        model_cls = transformers.Qwen2VLForConditionalGeneration
+    else:  # window attention in all blocks but the last, as Qwen2.5-VL's
+        vision = dict(hidden_size=48, out_hidden_size=64, intermediate_size=96, window_size=32,
+                      fullatt_block_indexes=[LAYERS - 1], **common)
+        cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048, rope_scaling={"type": "mrope",
+                                                                                   "mrope_section": [2, 3, 3]},
+                tie_word_embeddings=True)
+    torch.manual_seed(7)
+    model = model_cls(cls(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
+                          video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                          vision_end_token_id=tok.vision_end_token_id, tie_word_embeddings=True))
+    _randomise_constants(model)
+    model.save_pretrained(directory)
+    Qwen2VLImageProcessorPil(min_pixels=IMAGE_SIZE**2, max_pixels=IMAGE_SIZE**2, patch_size=QWEN_PATCH,
+                             merge_size=2, temporal_patch_size=2, resample=Image.BICUBIC).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    return model
+
+
+def _qwen_pixels(x: torch.Tensor) -> torch.Tensor:
+    from trainer.model.mrope import patchify
+
+    return patchify(x.reshape(-1, *x.shape[-3:]), QWEN_PATCH, 2, 2)[0]
+
+
+def _qwen_features(ref, px):
+    from trainer.model.mrope import patchify
+
+    flat, grid = patchify(px, QWEN_PATCH, 2, 2)
+    return torch.stack(list(ref.model.get_image_features(pixel_values=flat, image_grid_thw=grid).pooler_output))
+
+
+def _qwen_layers(vision, px):
+    """Each block's output, taken by a forward hook on the block (Qwen's blocks need the tower's window
+    and rotary inputs, so they cannot be run one by one outside it)."""
+    from trainer.model.mrope import patchify
+
+    out = []
+    hooks = [block.register_forward_hook(lambda m, a, o: out.append(o.reshape(len(px), -1, o.shape[-1])))
+             for block in vision.blocks]
+    flat, grid = patchify(px, QWEN_PATCH, 2, 2)
+    vision(flat, grid_thw=grid)
+    for h in hooks:
+        h.remove()
+    return out
+
+
 GRID = IMAGE_SIZE // 16
+QWEN_TOKENS = (IMAGE_SIZE // QWEN_PATCH // 2) ** 2
 FAMILY_CASES = {
     "llava": FamilyCase("llava", GRID * GRID, save_llava, _llava_features, _clip_or_siglip_layers),
     "internvl": FamilyCase("internvl", (IMAGE_SIZE // 8 // 2) ** 2, save_internvl, _internvl_features,
                            _internvl_layers),
     "llava_next": FamilyCase("llava_next", GRID * GRID + GRID * (GRID + 1),
                              lambda d, tok: _save_anyres(d, tok, "llava_next"), _anyres_features,
-                             _clip_or_siglip_layers),
+                             _clip_or_siglip_layers, _anyres_pixels),
     "llava_onevision": FamilyCase("llava_onevision", GRID * GRID + GRID * (GRID + 1),
                                   lambda d, tok: _save_anyres(d, tok, "llava_onevision"), _anyres_features,
-                                  _clip_or_siglip_layers),
+                                  _clip_or_siglip_layers, _anyres_pixels),
+    "qwen2_vl": FamilyCase("qwen2_vl", QWEN_TOKENS, lambda d, tok: _save_qwen(d, tok, "qwen2_vl"), _qwen_features,
+                           _qwen_layers, _qwen_pixels, {"image_size": IMAGE_SIZE}),
+    "qwen2_5_vl": FamilyCase("qwen2_5_vl", QWEN_TOKENS, lambda d, tok: _save_qwen(d, tok, "qwen2_5_vl"),
+                             _qwen_features, _qwen_layers, _qwen_pixels, {"image_size": IMAGE_SIZE}),
 }
 
 
@@ -248,6 +335,12 @@ def checkpoint_processor(name: str, directory: Path):
         return transformers.AutoProcessor.from_pretrained(directory)
     tok = AutoTokenizer.from_pretrained(directory)
     template = (directory / "chat_template.jinja").read_text()
+    if name in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        cls = transformers.Qwen2VLProcessor if name == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        return cls(image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory), tokenizer=tok,
+                   video_processor=None, chat_template=template)
     if name == "internvl":
         return transformers.InternVLProcessor(image_processor=GotOcr2ImageProcessorPil.from_pretrained(directory),
                                               tokenizer=tok, video_processor=None, image_seq_length=16,

@@ -45,21 +45,22 @@ def pixels(n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
 
 
-def build(directory, **kw):
-    model, tok = build_model(ModelConfig(path=str(directory), **kw))
+def build(case, directory, **kw):
+    model, tok = build_model(ModelConfig(path=str(directory), **case.model_kw, **kw))
     return model.eval(), tok
 
 
 def test_weights_and_image_tokens_are_the_checkpoints_own(family):
     case, directory, ref = family
-    model, _ = build(directory)
+    model, _ = build(case, directory)
     assert model.arch.family == case.name
     assert (model.num_patch_tokens, model.num_image_tokens) == (case.projector_tokens,
                                                                 case.projector_tokens + GAC_TOKENS)
-    assert_same_weights(model.vision, ref.model.vision_tower)
+    assert_same_weights(model.vision, getattr(ref.model, "vision_tower", None) or ref.model.visual)
     assert_same_weights(model.llm.model, ref.model.language_model)
-    torch.testing.assert_close(model.projector.linear_1.weight, ref.model.multi_modal_projector.linear_1.weight,
-                               rtol=0, atol=0)
+    if model.projector is not None:  # Qwen-VL's merger is in its vision tower, compared above
+        torch.testing.assert_close(model.projector.linear_1.weight, ref.model.multi_modal_projector.linear_1.weight,
+                                   rtol=0, atol=0)
     tied = ref.config.tie_word_embeddings
     assert (model.llm.lm_head.weight is model.llm.get_input_embeddings().weight) == tied  # as the checkpoint
     torch.testing.assert_close(model.llm.lm_head.weight, ref.lm_head.weight, rtol=0, atol=0)
@@ -71,7 +72,7 @@ def test_weights_and_image_tokens_are_the_checkpoints_own(family):
 
 def test_the_gac_reads_every_vision_layer(family):
     case, directory, _ = family
-    model, _ = build(directory)
+    model, _ = build(case, directory)
     seen = {}
     model.gac.register_forward_hook(lambda module, args, out: seen.update(states=args[0]))
     with torch.no_grad():
@@ -94,7 +95,7 @@ def video_slot_may_be_empty(monkeypatch):
 @pytest.mark.parametrize("gac", [False, True])
 def test_the_prompt_and_pixels_are_the_processors_own(family, gac, video_slot_may_be_empty):
     case, directory, _ = family
-    model, tok = build(directory, gac=gac)
+    model, tok = build(case, directory, gac=gac)
     processor = checkpoint_processor(case.name, directory)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -109,8 +110,8 @@ def test_the_prompt_and_pixels_are_the_processors_own(family, gac, video_slot_ma
     builder = PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span)
     assert builder.prompt_ids == theirs
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
-    for tile in inputs["pixel_values"].reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE):  # the anyres tile too
-        torch.testing.assert_close(tile, transform(image), atol=1e-5, rtol=0)  # as in training
+    expected = case.family_pixels(transform(image)[None])  # the pixels of training, as the family lays them out
+    torch.testing.assert_close(inputs["pixel_values"].reshape(expected.shape), expected, atol=1e-5, rtol=0)
 
 
 def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path):
@@ -120,7 +121,7 @@ def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path):
     from trainer.model.tokenizer import processor_chat_template
 
     case, directory, _ = family
-    model, tok = build(directory, gac=False)
+    model, tok = build(case, directory, gac=False)
     save_family_processor(model.config_dict(), tok, processor_chat_template(directory), tmp_path / "processor")
     write_family(model.config_dict(), model.state_dict(), tmp_path / "processor", tmp_path / "hf")
     hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
@@ -128,16 +129,27 @@ def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path):
     enc = PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span).encode_prompt()
     ids = torch.tensor([enc.input_ids] * 2)
     mask = torch.ones_like(ids)
-    kw = {}
-    px = pixels()
-    if model.arch.image_newline:  # base image + its one tile, as the family's processor gives a square face
+    kw = {}  # what the family's processor gives along with the pixels, for square faces
+    if model.arch.image_newline:
         kw["image_sizes"] = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * 2)
-        px = torch.stack([px, px], dim=1)
+    if model.mrope:
+        kw["image_grid_thw"] = torch.tensor([[1, IMAGE_SIZE // 8, IMAGE_SIZE // 8]] * 2)
+        kw["mm_token_type_ids"] = (ids == model.arch.image_token_id).int()
     with torch.no_grad():
-        logits = hf(input_ids=ids, attention_mask=mask, pixel_values=px, **kw).logits[:, enc.score_position]
+        logits = hf(input_ids=ids, attention_mask=mask, pixel_values=case.family_pixels(pixels()),
+                    **kw).logits[:, enc.score_position]
         ours = model(ids, mask, pixels(), torch.tensor([enc.score_position] * 2)).scores
     theirs = torch.softmax(logits[:, [model.arch.yes_token_id, model.arch.no_token_id]], dim=-1)[:, 0]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # explanations: greedy generation gives the family's own tokens and logits (Qwen-VL: positions after the image)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=case.family_pixels(pixels()), **kw,
+                             **greedy)
+        ours = model.generate(ids, mask, pixels(), **greedy)
+    assert ours.sequences.tolist() == theirs.sequences[:, ids.shape[1]:].tolist()
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(theirs.logits), rtol=1e-4, atol=1e-5)
 
 
 def test_check_refuses_an_unsupported_family_within_seconds(small_shards, tmp_path):
@@ -164,11 +176,11 @@ def test_trains_with_gac_on_two_zero3_ranks_and_the_export_scores_as_the_engine(
     from tests.trainer.training.test_train_e2e import run_train
     from trainer.model.export import export_run
 
-    _, directory, _ = family
+    case, directory, _ = family
     out = tmp_path / "run"
     # model.projector_merge=1 (unset): launch/train.sh's default demo config merges 2 x 2 patches
     run_train(small_shards, out, f"model.path={directory}", "model.projector_merge=1", "train.max_steps=2",
-              "optim.lr=1e-3")
+              "optim.lr=1e-3", *(f"model.{key}={value}" for key, value in case.model_kw.items()))
     assert sorted(train_history(out)) == [1, 2]
     assert_export_scores_equal_the_runs(export_run(out), out, small_shards["domain_d"])
 

@@ -177,7 +177,7 @@ def test_demo_tokenizer_has_single_token_judgments():
 
 
 def test_projector_merges_square_neighbourhoods():
-    from trainer.model.ifas import Projector
+    from trainer.model.projector import Projector
 
     proj = Projector(vision_dim=1, text_dim=4, merge=2)
     proj.act = torch.nn.Identity()

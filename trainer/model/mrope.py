@@ -1,0 +1,128 @@
+"""What the I-FAS model runs for the Qwen2-VL and Qwen2.5-VL families (trainer/model/qwen_vl.py has the
+rest): their vision tower, the flattened patches it reads, and their LLM with 3-D rotary positions.
+docs/architecture.md, "Checkpoint families", says how each piece follows the family's own code."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _classes(family: str) -> tuple[type, type, str]:
+    """(vision tower class, text model class, checkpoint class name) of the family."""
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as m
+
+        return m.Qwen2VisionTransformerPretrainedModel, m.Qwen2VLTextModel, "Qwen2VLForConditionalGeneration"
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    return m.Qwen2_5_VisionTransformerPretrainedModel, m.Qwen2_5_VLTextModel, "Qwen2_5_VLForConditionalGeneration"
+
+
+def family_of_vision(vision_config: PretrainedConfig) -> str | None:
+    return {"qwen2_vl_vision": "qwen2_vl", "qwen2_5_vl_vision": "qwen2_5_vl"}.get(vision_config.model_type)
+
+
+def vision_width(vision_config: PretrainedConfig) -> int:
+    """The width of the vision blocks (what the GAC reads): Qwen2-VL calls it embed_dim, its hidden_size is
+    the merger's output; Qwen2.5-VL calls it hidden_size."""
+    return vision_config.embed_dim if vision_config.model_type == "qwen2_vl_vision" else vision_config.hidden_size
+
+
+def build_vision(vision_config: PretrainedConfig, **kw: Any) -> nn.Module:
+    return _classes(family_of_vision(vision_config))[0]._from_config(vision_config, **kw)
+
+
+class MRopeCausalLM(PreTrainedModel, GenerationMixin):
+    """The family's text model with its LM head, as a causal LM (transformers has the pair only inside the
+    image-text class). Weight names as there: ``model.*`` (the text model) and ``lm_head.weight``."""
+
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # as the families' own PreTrainedModel declares
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
+    _supports_flash_attn = _supports_sdpa = _supports_attention_backend = True
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        text_model = _classes(config.model_type.removesuffix("_text"))[1]
+        self.model = text_model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._prompt: torch.Tensor | None = None  # while generating: the prompt's 3-D positions
+        self.post_init()
+
+    @contextlib.contextmanager
+    def prompt_positions(self, positions: torch.Tensor) -> Iterator[None]:
+        """Generate from a prompt with these [3, B, S] positions: the prompt is run at them, each new
+        token one past the prompt's largest position, as the family's own generation does."""
+        self._prompt = positions
+        try:
+            yield
+        finally:
+            self._prompt = None
+
+    def _generation_positions(self, seq_len: int, past: int) -> torch.Tensor:
+        if past == 0:
+            return self._prompt
+        delta = self._prompt.amax(dim=(0, 2)) + 1 - self._prompt.shape[-1]  # [B]
+        steps = torch.arange(past, past + seq_len, device=delta.device)
+        return (steps[None, :] + delta[:, None]).unsqueeze(0).expand(3, -1, -1)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, input_ids: torch.Tensor | None = None, **kwargs: Any):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if self._prompt is not None:  # generating: generate()'s own 1-D positions would be wrong
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+            seq_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            position_ids = self._generation_positions(seq_len, past)
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         position_ids=position_ids, **kwargs)
+        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)
+
+
+def patchify(pixel_values: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 3, S, S] images -> (flattened patches [B * (S/patch)^2, 3 * temporal * patch^2], grid_thw [B, 3]),
+    ordered as the family's image processor orders them: merge x merge blocks of patches, row by row."""
+    b, c, h, w = pixel_values.shape
+    gh, gw = h // patch, w // patch
+    x = pixel_values.unsqueeze(1).expand(b, temporal, c, h, w)  # a still image: the frame repeated
+    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [b, gh/m, gw/m, m, m, c, t, p, p]
+    flat = x.reshape(b * gh * gw, c * temporal * patch * patch)
+    grid = torch.tensor([[1, gh, gw]] * b, device=pixel_values.device)
+    return flat, grid
+
+
+def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, rows: int,
+                    cols: int) -> torch.Tensor:
+    """[3, B, S] M-RoPE positions of prompts holding one image of ``rows`` x ``cols`` merged tokens (its
+    first ``rows * cols`` image tokens; later image tokens, the GAC's, are text). Padding gets 0."""
+    b, s = input_ids.shape
+    out = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
+    n_image = rows * cols
+    for i in range(b):
+        keep = attention_mask[i].bool()
+        ids = input_ids[i][keep]
+        first = int((ids == image_token_id).nonzero()[0])
+        before = torch.arange(first, device=ids.device).expand(3, -1)
+        grid = torch.stack([torch.zeros(n_image, dtype=torch.long, device=ids.device),
+                            torch.arange(rows, device=ids.device).repeat_interleave(cols),
+                            torch.arange(cols, device=ids.device).repeat(rows)]) + first
+        after = torch.arange(len(ids) - first - n_image, device=ids.device).expand(3, -1) + first + max(rows, cols)
+        out[:, i, keep] = torch.cat([before, grid, after], dim=1)
+    return out
