@@ -116,6 +116,10 @@ FAMILIES = (
            (Release("Qwen/Qwen2.5-VL-3B-Instruct, -7B-Instruct", "Qwen2.5-VL ViT-670M/14 (window attention), at 448",
                     448, 14, 32, merge=2),),
            qwen_arch, qwen_config, save_qwen_processor, QWEN_PREFIXES),
+    Family("qwen3_vl", ("qwen3_vl",), "Qwen3VLForConditionalGeneration",
+           (Release("Qwen/Qwen3-VL-2B-Instruct, -4B-Instruct, -8B-Instruct", "Qwen3-VL ViT/16 (deepstack), at 448",
+                    448, 16, 27, merge=2),),
+           qwen_arch, qwen_config, save_qwen_processor, QWEN_PREFIXES),
 )
 
 

@@ -190,6 +190,11 @@ class IFASModel(nn.Module):
     # ----- forward -----
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, S, S] -> visual tokens [B, num_image_tokens, D_llm]."""
+        return self._encode(pixel_values)[0]
+
+    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(visual tokens, Qwen3-VL's deepstack features [B, num_patch_tokens, D_llm] for its first LLM layers;
+        none for the other families)."""
         if self.mrope:
             return self._encode_images_mrope(pixel_values)
         out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
@@ -198,7 +203,7 @@ class IFASModel(nn.Module):
         patches = out.last_hidden_state if last else states[self.arch.vision_feature_layer]
         if self.arch.has_class_token:
             patches = patches[:, 1:]
-        return self._with_gac(self.projector(patches), states, patches)
+        return self._with_gac(self.projector(patches), states, patches), []
 
     def _with_gac(self, tokens: torch.Tensor, states: tuple[torch.Tensor, ...], patches: torch.Tensor) -> torch.Tensor:
         if len(states) != self.vision.config.num_hidden_layers + 1:
@@ -208,7 +213,7 @@ class IFASModel(nn.Module):
             tokens = torch.cat([tokens, self.gac(states[1:], patches)], dim=1)  # every layer's output
         return tokens
 
-    def _encode_images_mrope(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _encode_images_mrope(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Qwen-VL: flattened patches and their grid in, the merger's tokens out; the blocks' outputs
         (flattened over the batch) for the GAC."""
         vc = self.vision.config
@@ -216,7 +221,9 @@ class IFASModel(nn.Module):
         out = self.vision(flat, grid_thw=grid, output_hidden_states=True)
         b = pixel_values.shape[0]
         states = tuple(h.reshape(b, -1, h.shape[-1]) for h in out.hidden_states)
-        return self._with_gac(out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1]), states, states[-1])
+        deepstack = [f.reshape(b, -1, f.shape[-1]) for f in getattr(out, "deepstack_features", None) or []]
+        tokens = out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1])
+        return self._with_gac(tokens, states, states[-1]), deepstack
 
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The LLM's position ids: Qwen-VL's 3-D ones (trainer/model/mrope.py); None (1-D) otherwise."""
@@ -226,15 +233,32 @@ class IFASModel(nn.Module):
         return mrope.mrope_positions(input_ids, attention_mask, self.arch.image_token_id, rows, rows)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._embed(input_ids, pixel_values)[0]
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the LLM's input embeddings, the image tokens in place of the placeholders; deepstack features)"""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        visual = self.encode_images(pixel_values.to(embeds.dtype)).to(embeds.dtype)
+        visual, deepstack = self._encode(pixel_values.to(embeds.dtype))
         image_mask = input_ids == self.arch.image_token_id
         if int(image_mask.sum()) != visual.shape[0] * visual.shape[1]:
             raise ValueError(
                 f"the batch holds {int(image_mask.sum())} {IMAGE_TOKEN} positions but the images give "
                 f"{visual.shape[0]}x{visual.shape[1]} tokens: build prompts with this model's num_image_tokens"
             )
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), deepstack
+
+    def _llm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    deepstack: list[torch.Tensor]) -> dict[str, Any]:
+        """What the family's LLM takes beyond embeddings and mask: Qwen-VL's 3-D positions; Qwen3-VL's
+        deepstack features, added at the projector's image tokens (not the GAC's) in its first layers."""
+        if not self.mrope:
+            return {}
+        extra: dict[str, Any] = {"position_ids": self.positions(input_ids, attention_mask)}
+        if deepstack:
+            image_mask = input_ids == self.arch.image_token_id
+            extra["visual_pos_masks"] = image_mask & (image_mask.cumsum(dim=1) <= self.num_patch_tokens)
+            extra["deepstack_visual_embeds"] = [f.reshape(-1, f.shape[-1]) for f in deepstack]
+        return extra
 
     def forward(
         self,
@@ -254,8 +278,8 @@ class IFASModel(nn.Module):
         score_positions [B]: index of the last prompt token, whose logits predict the judgment.
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
         """
-        embeds = self.embed(input_ids, pixel_values)
-        extra = {} if not self.mrope else {"position_ids": self.positions(input_ids, attention_mask)}
+        embeds, deepstack = self._embed(input_ids, pixel_values)
+        extra = self._llm_kwargs(input_ids, attention_mask, deepstack)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **extra).last_hidden_state
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
@@ -291,10 +315,10 @@ class IFASModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
     ) -> torch.Tensor:
         """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds, deepstack = self._embed(input_ids, pixel_values)
         if not self.mrope:
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
-        with self.llm.prompt_positions(self.positions(input_ids, attention_mask)):
+        with self.llm.prompt_inputs(self._llm_kwargs(input_ids, attention_mask, deepstack)):
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----- saving and loading -----

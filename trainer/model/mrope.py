@@ -1,5 +1,6 @@
-"""What the I-FAS model runs for the Qwen2-VL and Qwen2.5-VL families (trainer/model/qwen_vl.py has the
-rest): their vision tower, the flattened patches it reads, and their LLM with 3-D rotary positions.
+"""What the I-FAS model runs for the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families (trainer/model/qwen_vl.py has the
+rest): their vision tower, the flattened patches it reads, and their LLM with 3-D rotary positions
+(and Qwen3-VL's deepstack features).
 docs/architecture.md, "Checkpoint families", says how each piece follows the family's own code."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _classes(family: str) -> tuple[type, type, str]:
@@ -20,13 +21,18 @@ def _classes(family: str) -> tuple[type, type, str]:
         from transformers.models.qwen2_vl import modeling_qwen2_vl as m
 
         return m.Qwen2VisionTransformerPretrainedModel, m.Qwen2VLTextModel, "Qwen2VLForConditionalGeneration"
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
 
-    return m.Qwen2_5_VisionTransformerPretrainedModel, m.Qwen2_5_VLTextModel, "Qwen2_5_VLForConditionalGeneration"
+        return m.Qwen2_5_VisionTransformerPretrainedModel, m.Qwen2_5_VLTextModel, "Qwen2_5_VLForConditionalGeneration"
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+
+    return m.Qwen3VLVisionModel, m.Qwen3VLTextModel, "Qwen3VLForConditionalGeneration"
 
 
 def family_of_vision(vision_config: PretrainedConfig) -> str | None:
-    return {"qwen2_vl_vision": "qwen2_vl", "qwen2_5_vl_vision": "qwen2_5_vl"}.get(vision_config.model_type)
+    return {"qwen2_vl_vision": "qwen2_vl", "qwen2_5_vl_vision": "qwen2_5_vl",
+            "qwen3_vl_vision": "qwen3_vl"}.get(vision_config.model_type)
 
 
 def vision_width(vision_config: PretrainedConfig) -> int:
@@ -47,7 +53,7 @@ class MRopeCausalLM(PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # as the families' own PreTrainedModel declares
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer"]
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer"]
     _supports_flash_attn = _supports_sdpa = _supports_attention_backend = True
 
     def __init__(self, config: PretrainedConfig) -> None:
@@ -55,23 +61,23 @@ class MRopeCausalLM(PreTrainedModel, GenerationMixin):
         text_model = _classes(config.model_type.removesuffix("_text"))[1]
         self.model = text_model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._prompt: torch.Tensor | None = None  # while generating: the prompt's 3-D positions
+        self._prompt: dict[str, Any] | None = None  # while generating: the prompt's positions and other inputs
         self.post_init()
 
     @contextlib.contextmanager
-    def prompt_positions(self, positions: torch.Tensor) -> Iterator[None]:
-        """Generate from a prompt with these [3, B, S] positions: the prompt is run at them, each new
-        token one past the prompt's largest position, as the family's own generation does."""
-        self._prompt = positions
+    def prompt_inputs(self, inputs: dict[str, Any]) -> Iterator[None]:
+        """Generate from a prompt with these inputs: ``position_ids`` [3, B, S] (and Qwen3-VL's deepstack
+        features). The prompt is run with them, each new token one past the prompt's largest position, as
+        the family's own generation does."""
+        self._prompt = inputs
         try:
             yield
         finally:
             self._prompt = None
 
     def _generation_positions(self, seq_len: int, past: int) -> torch.Tensor:
-        if past == 0:
-            return self._prompt
-        delta = self._prompt.amax(dim=(0, 2)) + 1 - self._prompt.shape[-1]  # [B]
+        prompt = self._prompt["position_ids"]
+        delta = prompt.amax(dim=(0, 2)) + 1 - prompt.shape[-1]  # [B]
         steps = torch.arange(past, past + seq_len, device=delta.device)
         return (steps[None, :] + delta[:, None]).unsqueeze(0).expand(3, -1, -1)
 
@@ -88,8 +94,12 @@ class MRopeCausalLM(PreTrainedModel, GenerationMixin):
         if self._prompt is not None:  # generating: generate()'s own 1-D positions would be wrong
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             past = cache.get_seq_length() if cache is not None else 0
-            seq_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-            position_ids = self._generation_positions(seq_len, past)
+            if past == 0:  # the prompt
+                kwargs.update({k: v for k, v in self._prompt.items() if k != "position_ids"})
+                position_ids = self._prompt["position_ids"]
+            else:
+                seq_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+                position_ids = self._generation_positions(seq_len, past)
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          position_ids=position_ids, **kwargs)
         return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), past_key_values=out.past_key_values)

@@ -19,7 +19,8 @@ log = logging.getLogger("ifas.model")
 # processor class -> the video processor transformers builds it with
 VIDEO_PROCESSORS = {"InternVLProcessor": "InternVLVideoProcessor",
                     "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
-                    "Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor"}
+                    "Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}
 
 
 def save_processor(processor_class: str, image_processor, tokenizer, chat_template: str | None,

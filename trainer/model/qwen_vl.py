@@ -1,6 +1,7 @@
-"""The Qwen2-VL and Qwen2.5-VL families (transformers' ``Qwen2VLForConditionalGeneration`` and
-``Qwen2_5_VLForConditionalGeneration``): what a checkpoint fixes in the I-FAS model, and their config and
-processor for the family-format export. What the model runs for them is in trainer/model/mrope.py.
+"""The Qwen2-VL, Qwen2.5-VL and Qwen3-VL families (transformers' ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration``): what a checkpoint fixes
+in the I-FAS model, and their config and processor for the family-format export. What the model runs
+for them is in trainer/model/mrope.py.
 
 What differs from the LLaVA layout (docs/architecture.md, "Checkpoint families"):
 - the vision tower reads flattened patches (``temporal_patch_size`` copies of a still image) with their
@@ -9,6 +10,8 @@ What differs from the LLaVA layout (docs/architecture.md, "Checkpoint families")
   back around the merger, so the merger cannot be taken out); there is no separate projector;
 - the GAC reads every vision block's output, pooled by the mean (no class token);
 - the LLM takes 3-D rotary positions (M-RoPE); the GAC tokens are positioned as text after the image;
+- Qwen3-VL's LLM also adds "deepstack" features (inner vision layers, merged) to its first layers'
+  hidden states at the image tokens: at the projector's, not the GAC's;
 - the face is one image at ``model.image_size`` (default 448: 32 x 32 patches, 256 tokens); the
   processor's ``min_pixels = max_pixels`` pin it, so a square face gets exactly the training-time grid.
 """
@@ -46,7 +49,8 @@ def qwen_config(ifas_config: Mapping[str, Any]):
     from trainer.model.ifas import sub_config
 
     arch = ifas_config["arch"]
-    cls = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig}[arch["family"]]
+    cls = {"qwen2_vl": transformers.Qwen2VLConfig, "qwen2_5_vl": transformers.Qwen2_5_VLConfig,
+           "qwen3_vl": transformers.Qwen3VLConfig}[arch["family"]]
     text = sub_config(ifas_config["text_config"])
     return cls(vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
                image_token_id=arch["image_token_id"], **arch.get("family_extra", {}),  # the checkpoint's token ids
@@ -69,5 +73,6 @@ def save_qwen_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template
         min_pixels=size * size, max_pixels=size * size, resample=Image.BICUBIC, patch_size=vision["patch_size"],
         temporal_patch_size=vision["temporal_patch_size"], merge_size=vision["spatial_merge_size"],
         image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]))
-    name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[arch["family"]]
+    name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+            "qwen3_vl": "Qwen3VLProcessor"}[arch["family"]]
     save_processor(name, images, tokenizer, chat_template, directory)

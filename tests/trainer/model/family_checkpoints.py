@@ -252,14 +252,19 @@ def _save_qwen(directory: Path, demo_tokenizer, family: str):
     if family == "qwen2_vl":  # blocks 48 wide, the merger out at the LLM's 64, as Qwen2-VL's embed_dim/hidden_size
         vision, cls = dict(embed_dim=48, hidden_size=64, mlp_ratio=2, **common), transformers.Qwen2VLConfig
         model_cls = transformers.Qwen2VLForConditionalGeneration
-    else:  # window attention in all blocks but the last, as Qwen2.5-VL's
+    elif family == "qwen2_5_vl":  # window attention in all blocks but the last, as Qwen2.5-VL's
         vision = dict(hidden_size=48, out_hidden_size=64, intermediate_size=96, window_size=32,
                       fullatt_block_indexes=[LAYERS - 1], **common)
         cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:  # learned position grid and deepstack features from two inner blocks, as Qwen3-VL's
+        vision = dict(hidden_size=48, out_hidden_size=64, intermediate_size=96, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1], **common)
+        cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    rope = ({"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}} if family != "qwen3_vl" else
+            {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True}})
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048, rope_scaling={"type": "mrope",
-                                                                                   "mrope_section": [2, 3, 3]},
-                tie_word_embeddings=True)
+                num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, **rope)
     torch.manual_seed(7)
     model = model_cls(cls(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
                           video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
@@ -317,6 +322,8 @@ FAMILY_CASES = {
                            _qwen_layers, _qwen_pixels, {"image_size": IMAGE_SIZE}),
     "qwen2_5_vl": FamilyCase("qwen2_5_vl", QWEN_TOKENS, lambda d, tok: _save_qwen(d, tok, "qwen2_5_vl"),
                              _qwen_features, _qwen_layers, _qwen_pixels, {"image_size": IMAGE_SIZE}),
+    "qwen3_vl": FamilyCase("qwen3_vl", QWEN_TOKENS, lambda d, tok: _save_qwen(d, tok, "qwen3_vl"),
+                           _qwen_features, _qwen_layers, _qwen_pixels, {"image_size": IMAGE_SIZE}),
 }
 
 
@@ -335,10 +342,11 @@ def checkpoint_processor(name: str, directory: Path):
         return transformers.AutoProcessor.from_pretrained(directory)
     tok = AutoTokenizer.from_pretrained(directory)
     template = (directory / "chat_template.jinja").read_text()
-    if name in ("qwen2_vl", "qwen2_5_vl"):
+    if name.startswith("qwen"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        cls = transformers.Qwen2VLProcessor if name == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        cls = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+               "qwen3_vl": transformers.Qwen3VLProcessor}[name]
         return cls(image_processor=Qwen2VLImageProcessorPil.from_pretrained(directory), tokenizer=tok,
                    video_processor=None, chat_template=template)
     if name == "internvl":
