@@ -29,10 +29,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     # Where the weights come from (first that is set wins): a local image-text-to-text checkpoint of a
-    # supported family (LLaVA, InternVL: trainer/model/families.py), found from its config.json model_type;
+    # supported family (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL:
+    # trainer/model/families.py), found from its config.json model_type;
     # or a vision-encoder directory plus an LLM directory; or a named offline preset.
-    path: str | None = None
-    llava_path: str | None = None  # the name model.path had before other families: the same key
+    path: str | None = None  # (model.llava_path, its name before other families, is read as model.path)
     vision_path: str | None = None
     llm_path: str | None = None
     preset: str = "tiny"
@@ -42,8 +42,8 @@ class ModelConfig:
     # An ifas-export directory to start a new run from: its architecture (the keys below are taken from
     # it), tokenizer and weights. Not for resuming (a run resumes from its own checkpoints by itself).
     init_from: str | None = None
-    # The input size of a face for checkpoints without a native one (Qwen-VL: default 448, a multiple of 28);
-    # other families run at their encoder's size.
+    # The input size of a face for checkpoints without a native one (Qwen-VL: default 448, a multiple of
+    # patch x merge: 28, or 32 for Qwen3-VL); other families run at their encoder's size.
     image_size: int | None = None
     vision_feature_layer: int = -2  # patch features for the projector, as in LLaVA
     projector_merge: int = 1  # k > 1: one image token per k x k patches (fewer LLM tokens)
@@ -307,10 +307,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(_old_names(data), _old_names(parse_overrides(overrides or [])))
     cfg = _build(RunConfig, data, "")
     validate(cfg)
     return cfg
+
+
+def _old_names(source: dict[str, Any]) -> dict[str, Any]:
+    """One config source (the YAML file, or the overrides) with model.llava_path under its new name
+    model.path, so a later source overrides either; both in one source must agree."""
+    model = source.get("model")
+    if isinstance(model, dict) and model.get("llava_path") is not None:
+        model = dict(model)
+        old = model.pop("llava_path")
+        if model.get("path") not in (None, old):
+            raise ConfigError(f"model.path={model['path']} and model.llava_path={old} name two checkpoints; "
+                              "model.llava_path is the old name of model.path: set only model.path")
+        model["path"] = old
+        source = {**source, "model": model}
+    return source
 
 
 def validate(cfg: RunConfig) -> None:
@@ -354,7 +369,6 @@ def validate(cfg: RunConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    resolve_model_path(cfg.model)
     if cfg.model.init_from and (cfg.model.path or cfg.model.vision_path or cfg.model.tokenizer_path):
         raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight and the tokenizer "
                           "its token ids belong to: drop model.path / model.vision_path + model.llm_path / "
@@ -364,15 +378,6 @@ def validate(cfg: RunConfig) -> None:
                           "at their encoder's size: drop it")
     if cfg.model.vision_path and not cfg.model.llm_path or cfg.model.llm_path and not cfg.model.vision_path:
         raise ConfigError("model.vision_path and model.llm_path go together: set both (or model.path)")
-
-
-def resolve_model_path(model: ModelConfig) -> None:
-    """model.llava_path is model.path under its old name: fold it in (both set must agree)."""
-    if model.llava_path:
-        if model.path and model.path != model.llava_path:
-            raise ConfigError(f"model.path={model.path} and model.llava_path={model.llava_path} name two checkpoints; "
-                              "model.llava_path is the old name of model.path: set only model.path")
-        model.path = model.llava_path
 
 
 def _validate_captioning(cfg: RunConfig) -> None:

@@ -48,3 +48,10 @@ def test_model_llava_path_is_the_old_name_of_model_path():
     assert load_config(None, ["model.llava_path=/m/llava", "model.path=/m/llava"]).model.path == "/m/llava"
     with pytest.raises(ConfigError, match="model.llava_path is the old name of model.path"):
         load_config(None, ["model.llava_path=/m/a", "model.path=/m/b"])
+
+
+def test_an_override_under_either_name_replaces_the_files_model_path(tmp_path):
+    (tmp_path / "run.yaml").write_text("model:\n  path: /m/from_file\n")
+    assert load_config(tmp_path / "run.yaml", ["model.llava_path=/m/cli"]).model.path == "/m/cli"
+    (tmp_path / "old.yaml").write_text("model:\n  llava_path: /m/from_file\n")
+    assert load_config(tmp_path / "old.yaml", ["model.path=/m/cli"]).model.path == "/m/cli"

@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="larger weights are split into shards of at most this size, e.g. 2GB (default 5GB)")
     parser.add_argument("--format", choices=FORMATS, default="ifas",
                         help="ifas: for ifas-eval/ifas-predict (default); hf (alias llava): the checkpoint family's "
-                             "transformers format (LLaVA, InternVL) that AutoModelForImageTextToText loads, for "
-                             "models trained with model.gac=false (e.g. SCF's captioner)")
+                             "transformers format (LLaVA, LLaVA-NeXT/OneVision, InternVL, Qwen-VL) that "
+                             "AutoModelForImageTextToText loads, for models trained with model.gac=false "
+                             "(e.g. SCF's captioner)")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
                         help="dtype of the written weights (default: the dtype the run trained in: bf16 on CUDA)")
     args = parser.parse_args(argv)

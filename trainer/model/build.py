@@ -1,5 +1,6 @@
 """Building the model of a run (``build_model``) from ``ModelConfig``: weights from (a) a local
-checkpoint of a supported family (LLaVA, InternVL: trainer/model/families.py), (b) a vision-encoder
+checkpoint of a supported family (trainer/model/families.py: LLaVA, LLaVA-NeXT, LLaVA-OneVision,
+InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), (b) a vision-encoder
 directory plus an LLM directory, (c) an I-FAS export (``model.init_from``), or (d) a named tiny preset
 built offline (demo, tests). Nothing is downloaded.
 """
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer.config import ModelConfig, resolve_model_path
+from trainer.config import ModelConfig
 from trainer.model.families import Family, checkpoint_family
 from trainer.model.ifas import (
     CLIP_MEAN,
@@ -94,13 +95,13 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
                                    arch["gac_prefix_queries"], arch.get("image_newline", False),
                                    arch["image_size"])[1],
                 arch.get("image_span", ["", ""]))
-    resolve_model_path(cfg)
     fixed: dict[str, Any] = {"projector_merge": cfg.projector_merge}
     if cfg.path:
         root = _require_dir(cfg.path, "model.path")
         family = checkpoint_family(root)
         family_config = AutoConfig.from_pretrained(str(root))
         vision = family_config.vision_config
+        _check_image_token(family_config, tokenizer, root)
         fixed = _family_arch(family, family_config, tokenizer, cfg)
     elif cfg.vision_path:
         vcfg = AutoConfig.from_pretrained(str(_require_dir(cfg.vision_path, "model.vision_path")))
@@ -146,8 +147,11 @@ def _check_image_token(family_config: PretrainedConfig, tokenizer: PreTrainedTok
     theirs = getattr(family_config, "image_token_id", None)
     ours = tokenizer.convert_tokens_to_ids(image_token_of(tokenizer))
     if theirs is not None and theirs != ours:
-        raise ModelLoadError(f"{root}/config.json has image_token_id {theirs} but the tokenizer's "
-                             f"{image_token_of(tokenizer)} is {ours}: use the checkpoint's own tokenizer")
+        name = tokenizer.convert_ids_to_tokens(theirs) if theirs < len(tokenizer) else None
+        raise ModelLoadError(
+            f"{root}/config.json has image_token_id {theirs} ({name!r}) but the tokenizer's image placeholder is "
+            f"{image_token_of(tokenizer)!r} ({ours}): use the checkpoint's own tokenizer, or name the placeholder "
+            f'in its tokenizer_config.json ("extra_special_tokens": {{"image_token": "{name}"}})')
 
 
 def _require_dir(path: str, key: str) -> Path:
@@ -204,7 +208,6 @@ def build_model(
     ZeRO-3 DeepSpeed config they are partitioned as they are made, and the checkpoint's weights are
     streamed into the partitions tensor by tensor (trainer/model/pretrained.py).
     """
-    resolve_model_path(cfg)
     arch_kw: dict[str, Any] = dict(
         vision_feature_layer=cfg.vision_feature_layer,
         projector_merge=cfg.projector_merge,

@@ -152,8 +152,8 @@ if __name__ == "__main__":
 
 
 def checkpoint_family(root: str | Path) -> Family:
-    """The family of the checkpoint directory ``root``, from its config.json alone (no weights, no
-    transformers import: fast enough for ``--check``)."""
+    """The family of the checkpoint directory ``root``, from its config.json alone (no weight is read:
+    ``--check`` refuses an unknown family within seconds)."""
     path = Path(root) / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"model.path {root} has no config.json: give a transformers checkpoint directory "

@@ -48,18 +48,22 @@ class StepFlops:
 def ifas_sample_flops(model, seq_len: int, supervised_tokens: int) -> StepFlops:
     """Forward FLOPs of one sample of ``seq_len`` LLM tokens with ``supervised_tokens`` labels
     (the LM head runs only on supervised positions and the score position)."""
+    from trainer.model.ifas import side
+
     vcfg, tcfg = model.vision.config, model.llm.config
-    n_patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    width = model.vision_width
+    n_patches = (model.arch.image_size // side(vcfg.patch_size)) ** 2
     n_vision = n_patches + (1 if model.arch.has_class_token else 0)
-    vision = transformer_forward_flops(linear_params(model.vision), vcfg.num_hidden_layers, vcfg.hidden_size,
+    vision = transformer_forward_flops(linear_params(model.vision), vcfg.num_hidden_layers, width,
                                        n_vision) + 2.0 * patch_embed_params(model.vision) * n_patches
-    connector = 2.0 * linear_params(model.projector) * model.num_patch_tokens
+    # (Qwen-VL's merger is in the vision tower: counted there, per patch)
+    connector = 2.0 * linear_params(model.projector) * model.num_patch_tokens if model.projector is not None else 0.0
     if model.gac is not None:
         q = model.gac.num_tokens
         gac_params = linear_params(model.gac) - model.gac.out_proj.in_features * model.gac.out_proj.out_features
         # queries run through the block; cross-attention keys/values project every patch
-        kv = 2 * vcfg.hidden_size * vcfg.hidden_size * n_patches
-        attn = 4.0 * q * q * vcfg.hidden_size + 4.0 * q * n_patches * vcfg.hidden_size
+        kv = 2 * width * width * n_patches
+        attn = 4.0 * q * q * width + 4.0 * q * n_patches * width
         connector += 2.0 * gac_params * q + 2.0 * kv + attn + 2.0 * model.gac.out_proj.in_features * \
             model.gac.out_proj.out_features * q
     head = model.llm.get_output_embeddings()

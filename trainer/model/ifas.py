@@ -150,7 +150,7 @@ class IFASModel(nn.Module):
             self.llm = (mrope.MRopeCausalLM._from_config(text_config, **built) if self.mrope
                         else AutoModelForCausalLM.from_config(text_config, **built))
         self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
-        vdim = mrope.vision_width(vision_config) if self.mrope else vision_config.hidden_size
+        self.vision_width = vdim = mrope.vision_width(vision_config) if self.mrope else vision_config.hidden_size
         tdim = text_config.hidden_size
         with made_in("projector"):
             self.projector = None if self.mrope else Projector(vdim, tdim, arch.projector_merge, arch.projector_norm,
@@ -318,6 +318,10 @@ class IFASModel(nn.Module):
         embeds, deepstack = self._embed(input_ids, pixel_values)
         if not self.mrope:
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        if generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 or \
+                generate_kwargs.get("use_cache") is False:
+            raise ValueError("Qwen-VL generation here runs one sequence per prompt with the KV cache (no num_beams, "
+                             "num_return_sequences or use_cache=False): its 3-D positions are kept per prompt")
         with self.llm.prompt_inputs(self._llm_kwargs(input_ids, attention_mask, deepstack)):
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 

@@ -5,8 +5,10 @@ writes it).
 LLaVA-NeXT and LLaVA-OneVision ("anyres") cut an image into tiles on a grid chosen from
 ``image_grid_pinpoints``. A face crop is square and small, so the I-FAS model sees it as the whole image
 plus one tile (the same pixels), each tile row closed by ``image_newline``: what those models compute
-for a square image whose best grid is 1 x 1. Their exported configs and processors hold the one pinpoint
-[size, size], so any image gets that grid; feed square face crops, as training did.
+for a square image whose best grid is 1 x 1 (OneVision's pinpoints start at [384, 384]; llava-v1.6's have
+no [336, 336], so that checkpoint saw a square image as two padded half tiles: a warning says so). Their
+exported configs and processors hold the one pinpoint [size, size], so any image gets that grid; feed
+square face crops, as training did.
 
 An ``IFASModel`` with ``gac=false`` and ``projector_merge=1`` is a LLaVA: vision tower, the same
 two-layer projector, an LLM reading the projected patches in place of ``<image>`` tokens. Written
@@ -20,10 +22,13 @@ same pixels at inference as in fine-tuning.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from trainer.model.tokenizer import IMAGE_TOKEN
+
+log = logging.getLogger("ifas.model")
 
 ANYRES_TYPES = ("llava_next", "llava_onevision")  # model types whose images get a tile grid
 
@@ -40,6 +45,13 @@ def llava_arch(config, tokenizer, image_size: int | None = None) -> dict[str, An
                              "encoder: the I-FAS model drops a class token exactly when the encoder has one")
     if not isinstance(config.vision_feature_layer, int):
         raise ModelLoadError(f"vision_feature_layer {config.vision_feature_layer}: only one layer is supported")
+    if config.projector_hidden_act != "gelu":
+        raise ModelLoadError(f"projector_hidden_act {config.projector_hidden_act!r}: only gelu is supported")
+    size = config.vision_config.image_size
+    if config.model_type in ANYRES_TYPES and [size, size] not in [list(p) for p in config.image_grid_pinpoints]:
+        log.warning("%s: image_grid_pinpoints has no [%d, %d], so the checkpoint cut square images into several "
+                    "padded tiles; the I-FAS model (and its export) sees a face as the whole image plus one tile",
+                    config.model_type, size, size)
     return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": 1,
             "image_newline": config.model_type in ANYRES_TYPES}
 
@@ -99,6 +111,7 @@ def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_templa
     arch = ifas_config["arch"]
     size = arch["image_size"]
     common = dict(size={"height": size, "width": size}, image_grid_pinpoints=[[size, size]], resample=Image.BICUBIC,
+                  crop_size={"height": size, "width": size},  # the tile size (LLaVA-NeXT's default is 224)
                   do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                   image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]), do_convert_rgb=True)
     strategy = _feature_strategy(arch)

@@ -12,8 +12,8 @@ What differs from the LLaVA layout (docs/architecture.md, "Checkpoint families")
 - the LLM takes 3-D rotary positions (M-RoPE); the GAC tokens are positioned as text after the image;
 - Qwen3-VL's LLM also adds "deepstack" features (inner vision layers, merged) to its first layers'
   hidden states at the image tokens: at the projector's, not the GAC's;
-- the face is one image at ``model.image_size`` (default 448: 32 x 32 patches, 256 tokens); the
-  processor's ``min_pixels = max_pixels`` pin it, so a square face gets exactly the training-time grid.
+- the face is one image at ``model.image_size`` (default 448: 32 x 32 patches, 256 tokens); the exported
+  processor's ``min_pixels``/``max_pixels`` pin it, so a square face gets exactly the training-time grid.
 """
 from __future__ import annotations
 
@@ -59,9 +59,8 @@ def qwen_config(ifas_config: Mapping[str, Any]):
 
 def save_qwen_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
                         directory: str | Path) -> None:
-    """A ``Qwen2VLProcessor`` (Qwen2.5-VL's is ``Qwen2_5_VLProcessor``) that gives every face the training
-    grid: ``min_pixels = max_pixels`` = the model's image size squared, pixels as ``ImageTransform``'s for a
-    square face (bicubic resize, mean/std)."""
+    """The family's processor (``Qwen2VLProcessor``, ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``) giving
+    every square face the training grid, pixels as ``ImageTransform``'s (bicubic resize, mean/std)."""
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -69,8 +68,12 @@ def save_qwen_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template
 
     arch, vision = ifas_config["arch"], ifas_config["vision_config"]
     size = arch["image_size"]
+    half = vision["patch_size"] * vision["spatial_merge_size"] // 2
+    # smart_resize rounds in floating point: half a grid unit of slack either side lands every square
+    # image on size x size (min = max = size^2 misses it for many input sizes)
     images = Qwen2VLImageProcessorPil(
-        min_pixels=size * size, max_pixels=size * size, resample=Image.BICUBIC, patch_size=vision["patch_size"],
+        min_pixels=(size - half) ** 2, max_pixels=(size + half) ** 2, resample=Image.BICUBIC,
+        patch_size=vision["patch_size"],
         temporal_patch_size=vision["temporal_patch_size"], merge_size=vision["spatial_merge_size"],
         image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]))
     name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",

@@ -60,8 +60,9 @@ def param_groups(model: IFASModel, cfg: RunConfig) -> list[dict[str, Any]]:
     """Per-module groups with their lr multiplier; frozen modules get requires_grad=False.
     Biases and norm weights (1-D) take no weight decay."""
     groups = []
-    absent = sorted((set(cfg.optim.lr_scale) | set(cfg.optim.freeze)) - set(model.module_groups()))
-    if absent:  # e.g. no GAC, or Qwen-VL's merger, which is part of its vision group
+    set_by_user = {g for g, scale in cfg.optim.lr_scale.items() if scale != 1.0} | set(cfg.optim.freeze)
+    absent = sorted(set_by_user - set(model.module_groups()))
+    if absent:  # e.g. no GAC, or Qwen-VL's merger, which is part of its vision group (it follows vision's)
         log.warning("optim.lr_scale/optim.freeze name %s, which this model does not have; ignored", absent)
     for name, module in model.module_groups().items():
         frozen = name in cfg.optim.freeze
