@@ -171,10 +171,9 @@ def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path, 
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name.startswith("qwen")], indirect=True)
 def test_qwen_positions_equal_the_familys_rope_index_in_a_right_padded_batch(family):
     case, directory, ref = family
-    if not case.name.startswith("qwen"):
-        pytest.skip("3-D positions are Qwen-VL's")
     model, tok = build(case, directory, gac=False)
     prompt = PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span).encode(True, "a face")
     short = prompt.input_ids
@@ -209,17 +208,16 @@ def test_check_refuses_an_unsupported_family_within_seconds(small_shards, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "llava"], indirect=True)
 def test_trains_with_gac_on_two_zero3_ranks_and_the_export_scores_as_the_engine(family, small_shards, tmp_path):
-    """(LLaVA's own run of this is tests/trainer/training/test_fused_loss_zero3.py, a LLaVA checkpoint on 2
-    ZeRO-3 ranks, with test_train_e2e.py's export scores on the LLaVA-shaped preset: it is skipped here
-    to keep the suite's time.)"""
+    """(LLaVA's run of this is tests/trainer/training/test_fused_loss_zero3.py, a LLaVA checkpoint on 2
+    ZeRO-3 ranks, with test_train_e2e.py's export scores on the LLaVA-shaped preset: not repeated here, to
+    keep the suite's time.)"""
     from tests.helpers import train_history
     from tests.trainer.training.test_train_e2e import run_train
     from trainer.model.export import export_run
 
     case, directory, _ = family
-    if case.name == "llava":
-        pytest.skip("covered by test_fused_loss_zero3.py and test_train_e2e.py (see the docstring)")
     out = tmp_path / "run"
     # model.projector_merge=1 (unset): launch/train.sh's default demo config merges 2 x 2 patches
     run_train(small_shards, out, f"model.path={directory}", "model.projector_merge=1", "train.max_steps=2",
