@@ -97,12 +97,8 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
                 arch.get("image_span", ["", ""]))
     fixed: dict[str, Any] = {"projector_merge": cfg.projector_merge}
     if cfg.path:
-        root = _require_dir(cfg.path, "model.path")
-        family = checkpoint_family(root)
-        family_config = AutoConfig.from_pretrained(str(root))
+        _, _, family_config, fixed = _family_checkpoint(cfg, tokenizer)
         vision = family_config.vision_config
-        _check_image_token(family_config, tokenizer, root)
-        fixed = _family_arch(family, family_config, tokenizer, cfg)
     elif cfg.vision_path:
         vcfg = AutoConfig.from_pretrained(str(_require_dir(cfg.vision_path, "model.vision_path")))
         vision = getattr(vcfg, "vision_config", vcfg)
@@ -111,6 +107,17 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
     count = image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries,
                                fixed.get("image_newline", False), fixed.get("image_size"))[1]
     return count, fixed.get("image_span", ["", ""])
+
+
+def _family_checkpoint(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
+                       ) -> tuple[Path, Family, PretrainedConfig, dict[str, Any]]:
+    """(directory, family, config, the ArchConfig fields it fixes) of model.path, checked against the
+    tokenizer; from config files alone, for the build and for the checks before it."""
+    root = _require_dir(cfg.path, "model.path")
+    family = checkpoint_family(root)
+    family_config = AutoConfig.from_pretrained(str(root))
+    _check_image_token(family_config, tokenizer, root)
+    return root, family, family_config, _family_arch(family, family_config, tokenizer, cfg)
 
 
 def _family_arch(family: Family, family_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
@@ -226,21 +233,19 @@ def build_model(
         groups = ("vision", "llm", "projector") + (("gac",) if arch.gac else ())
         parts.append(CheckpointPart(root, {f"{g}.": f"{g}." for g in groups}))
     elif cfg.path:
-        root = _require_dir(cfg.path, "model.path")
-        family = checkpoint_family(root)
-        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_path or root)
-        family_config = AutoConfig.from_pretrained(str(root))
+        checkpoint_family(_require_dir(cfg.path, "model.path"))  # an unsupported family before its tokenizer
+        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_path or cfg.path)
+        root, family, family_config, fixed = _family_checkpoint(cfg, tokenizer)
+        arch_kw.update(fixed)
         vision_config, text_config = family_config.vision_config, family_config.text_config
         # the composite config decides the tying in transformers; the I-FAS LLM is built from the text config
         text_config.tie_word_embeddings = bool(getattr(family_config, "tie_word_embeddings",
                                                        text_config.tie_word_embeddings))
-        arch_kw.update(_family_arch(family, family_config, tokenizer, cfg))
-        _check_image_token(family_config, tokenizer, root)
         image_info = _image_processing(root, arch_kw.pop("image_size", None) or side(vision_config.image_size))
         # names as the family's class has them (older files' layouts, e.g. llava-hf's transformers-4 one, are
         # translated by transformers' own rules first: trainer/model/pretrained.py)
         parts.append(CheckpointPart(root, family.checkpoint_prefixes(),
-                                    _meta(lambda: family.model_type()(family_config))))
+                                    _meta(lambda: family.transformers_class()(family_config))))
     elif cfg.vision_path:
         vroot = _require_dir(cfg.vision_path, "model.vision_path")
         lroot = _require_dir(cfg.llm_path, "model.llm_path")

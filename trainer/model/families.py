@@ -83,7 +83,7 @@ class Family:
         """The family class's prefixes -> I-FAS ones (how a checkpoint's tensors are placed)."""
         return {theirs: ours for ours, theirs in self.prefixes}
 
-    def model_type(self) -> type:
+    def transformers_class(self) -> type:
         import transformers
 
         return getattr(transformers, self.model_class)
@@ -145,10 +145,6 @@ def readme_table(gac_prefix_queries: int = 4) -> str:
             rows.append(f"| {family.name} | {r.name} | {r.vision}, {r.layers} layers | "
                         f"{patches} + {total - patches} = {total} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(readme_table())
 
 
 def checkpoint_family(root: str | Path) -> Family:
@@ -245,7 +241,7 @@ def write_family(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], pro
     family = family_named(ifas_config["arch"].get("family", "llava"))
     config = family.hf_config(ifas_config)
     with torch.device("meta"):
-        skeleton = family.model_type()(config)
+        skeleton = family.transformers_class()(config)
     write_weights(skeleton, FamilyNamedTensors(tensors, family.prefixes), directory, max_shard_size, dtype)
     if dtype is not None:  # what from_pretrained(dtype="auto") loads, on every level of the config
         config.dtype = config.text_config.dtype = config.vision_config.dtype = dtype
@@ -257,3 +253,7 @@ def write_family(ifas_config: Mapping[str, Any], tensors: Mapping[str, Any], pro
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      bos_token_id=tok.bos_token_id).save_pretrained(str(directory))
     verify_weights(skeleton, directory)  # read back: every tensor present once, with the family's shapes
+
+
+if __name__ == "__main__":
+    print(readme_table())

@@ -60,11 +60,12 @@ def internvl_config(ifas_config: Mapping[str, Any]):
 
 
 def num_projector_tokens(ifas_config: Mapping[str, Any]) -> int:
-    from trainer.model.ifas import side
+    """Image tokens per tile (the processor's image_seq_length), counted as the model counts them."""
+    from trainer.model.ifas import image_token_counts
 
     arch = ifas_config["arch"]
-    grid = arch["image_size"] // side(ifas_config["vision_config"]["patch_size"])
-    return (grid // arch["projector_merge"]) ** 2
+    return image_token_counts(sub_config(ifas_config["vision_config"]), arch["projector_merge"], False, 0,
+                              image_size=arch["image_size"])[0]
 
 
 def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,

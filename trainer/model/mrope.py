@@ -15,19 +15,19 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def _classes(family: str) -> tuple[type, type, str]:
-    """(vision tower class, text model class, checkpoint class name) of the family."""
+def _classes(family: str) -> tuple[type, type]:
+    """(vision tower class, text model class) of the family."""
     if family == "qwen2_vl":
         from transformers.models.qwen2_vl import modeling_qwen2_vl as m
 
-        return m.Qwen2VisionTransformerPretrainedModel, m.Qwen2VLTextModel, "Qwen2VLForConditionalGeneration"
+        return m.Qwen2VisionTransformerPretrainedModel, m.Qwen2VLTextModel
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
 
-        return m.Qwen2_5_VisionTransformerPretrainedModel, m.Qwen2_5_VLTextModel, "Qwen2_5_VLForConditionalGeneration"
+        return m.Qwen2_5_VisionTransformerPretrainedModel, m.Qwen2_5_VLTextModel
     from transformers.models.qwen3_vl import modeling_qwen3_vl as m
 
-    return m.Qwen3VLVisionModel, m.Qwen3VLTextModel, "Qwen3VLForConditionalGeneration"
+    return m.Qwen3VLVisionModel, m.Qwen3VLTextModel
 
 
 def family_of_vision(vision_config: PretrainedConfig) -> str | None:
@@ -121,18 +121,16 @@ def patchify(pixel_values: torch.Tensor, patch: int, temporal: int, merge: int) 
 def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, rows: int,
                     cols: int) -> torch.Tensor:
     """[3, B, S] M-RoPE positions of prompts holding one image of ``rows`` x ``cols`` merged tokens (its
-    first ``rows * cols`` image tokens; later image tokens, the GAC's, are text). Padding gets 0."""
-    b, s = input_ids.shape
-    out = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
+    first ``rows * cols`` image tokens; later image tokens, the GAC's, are text). Padding gets 0. Computed
+    on the device, without a host sync in the step."""
     n_image = rows * cols
-    for i in range(b):
-        keep = attention_mask[i].bool()
-        ids = input_ids[i][keep]
-        first = int((ids == image_token_id).nonzero()[0])
-        before = torch.arange(first, device=ids.device).expand(3, -1)
-        grid = torch.stack([torch.zeros(n_image, dtype=torch.long, device=ids.device),
-                            torch.arange(rows, device=ids.device).repeat_interleave(cols),
-                            torch.arange(cols, device=ids.device).repeat(rows)]) + first
-        after = torch.arange(len(ids) - first - n_image, device=ids.device).expand(3, -1) + first + max(rows, cols)
-        out[:, i, keep] = torch.cat([before, grid, after], dim=1)
-    return out
+    kept = attention_mask.long()
+    j = kept.cumsum(dim=1) - 1  # index among the sequence's kept tokens
+    first = j.gather(1, (input_ids == image_token_id).long().argmax(dim=1, keepdim=True))  # the image's start
+    k = j - first  # offset from it
+    in_image = (k >= 0) & (k < n_image)
+    text = torch.where(k >= n_image, j - n_image + max(rows, cols), j)  # after the image: on from its largest
+    t = torch.where(in_image, first, text)
+    h = torch.where(in_image, first + k.clamp(min=0) // cols, text)
+    w = torch.where(in_image, first + k.clamp(min=0) % cols, text)
+    return torch.stack([t, h, w]) * kept

@@ -3,8 +3,9 @@
 transformers builds the processors of the video-capable families (InternVL, LLaVA-OneVision, Qwen-VL) with a
 video processor, which needs torchvision; PyPI's torchvision does not import beside a CPU-only torch
 (docs/architecture.md, "Known traps"). Without torchvision the same files are written piece by piece
-(image processor, tokenizer, chat template, processor_config.json): AutoProcessor reads them on a
-machine that has torchvision, and this project never needs the processor object itself.
+(image processor, tokenizer, chat template, processor_config.json), meant for AutoProcessor on a machine
+that has torchvision (not verified on this project's CPU machines); this project never needs the
+processor object itself.
 """
 from __future__ import annotations
 
