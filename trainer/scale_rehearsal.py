@@ -3,7 +3,8 @@ ZeRO-3 at world sizes 1 and 2 on this machine, through the real ``ifas-train`` a
 
 The checkpoint (saved here with ``save_pretrained``, random bf16 weights, the llava-hf layout): a
 CLIP-L/14-336 vision tower (width 1024, 6 of its 24 layers) and an LLM of Qwen2-0.5B's shape (tied
-embeddings, 151,936-token vocabulary), about 0.57B parameters. Measured per world size: peak RSS per
+embeddings, 151,936-token vocabulary), about 0.57B parameters, trained in bf16 as real runs are
+(``train.precision=fp32`` among the overrides for fp32). Measured per world size: peak RSS per
 rank from start through step 3 (``memory/peak_rss_mb/rank<r>`` in the run's TensorBoard events, read
 with TensorBoard's reader), the time from launch to the first step, and the bytes of the checkpoint.
 What a rank stops holding from world size 1 to 2 is set against ``trainer.training.memory``, the code
@@ -30,7 +31,7 @@ from trainer.training.memory import DTYPE_BYTES, FP32_STATE_BYTES, GiB, ifas_siz
 log = logging.getLogger("ifas.bench")
 TARGET_RATIO = 0.6
 STEPS = 3
-FP32_BYTES_PER_PARAM = DTYPE_BYTES["fp32"] + FP32_STATE_BYTES
+PRECISION = "bf16"  # the real runs' (launch/configs: bf16 on CUDA); overrides may say train.precision=fp32
 
 
 def rehearsal_configs(vocab_size: int = 151936):
@@ -94,7 +95,7 @@ def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, override
            f"model.path={checkpoint}", f"data.train_shards=[{shards}]", "data.eval_shards=[]",
            "data.num_workers=0", "data.max_length=768", f"train.max_steps={STEPS}", "train.micro_batch_size=1",
            "train.log_every=1", "train.save_every=1000000", "train.deepspeed_config=launch/ds_zero3.json",
-           "optim.warmup_steps=1", f"train.output_dir={out}", *overrides]
+           "optim.warmup_steps=1", f"train.output_dir={out}", f"train.precision={PRECISION}", *overrides]
     threads = max(1, (os.cpu_count() or 2) // ws)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     log.info("world size %d: %s", ws, " ".join(cmd))
@@ -107,8 +108,10 @@ def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, override
                 "error": f"exit {proc.returncode} after {wall:.0f} s (an exit of -9/247: out of memory, see dmesg)"}
     scalars, first_step = _read_events(RunDir(out).tensorboard)
     peaks = [scalars[f"memory/peak_rss_mb/rank{r}"] for r in range(ws)]
-    return {"world_size": ws, "threads_per_rank": threads, "peak_rss_mb_per_rank": peaks,
-            "peak_rss_mb": max(peaks), "first_step_s": first_step - start, "wall_s": wall}
+    precision = json.loads(RunDir(out).run_config.read_text())["train"]["precision"]
+    return {"world_size": ws, "threads_per_rank": threads, "precision": "fp32" if precision == "auto" else precision,
+            "peak_rss_mb_per_rank": peaks, "peak_rss_mb": max(peaks), "first_step_s": first_step - start,
+            "wall_s": wall}
 
 
 def run(work: Path, world_sizes: list[int], overrides: list[str]) -> dict[str, Any]:
@@ -127,53 +130,66 @@ def _memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
 
 
+def _precision(run: dict[str, Any]) -> str:
+    return run.get("precision", "fp32")  # figures recorded before the rehearsal took bf16 were fp32
+
+
 def section(results: dict[str, dict[str, Any]], command: str) -> str:
     """BENCHMARKS.md's "Scale rehearsal" section from the rehearsals by label (e.g. before/after a change)."""
     info = next(iter(results.values()))["checkpoint"]
     vision, text = rehearsal_configs()
     n = ifas_size("rehearsal", vision, text).parameters  # the checkpoint's and the GAC's
     vocab = text.vocab_size
-    vocab_grads_gib = 2 * vocab * text.hidden_size * DTYPE_BYTES["fp32"] / GiB
     ds = json.loads((ROOT / "launch" / "ds_zero3.json").read_text())["zero_optimization"]
     bucket_gib = (ds["reduce_bucket_size"] + ds["stage3_prefetch_bucket_size"]) * DTYPE_BYTES["fp32"] / GiB
-    rows = ["| code | world size | peak RSS / rank | model states / rank (predicted) | the rest | ws2 / ws1 | "
-            "launch to first step | wall |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| code | precision | world size | peak RSS / rank | model states / rank (predicted) | the rest | "
+            "ws2 / ws1 | launch to first step | wall |", "|---|---|---|---|---|---|---|---|---|"]
     checks = []
     for label, result in results.items():
         runs = {r["world_size"]: r for r in result["runs"]}
         finished = {ws for ws, r in runs.items() if "error" not in r}
         ratio = runs[2]["peak_rss_mb"] / runs[1]["peak_rss_mb"] if {1, 2} <= finished else None
         for ws, r in sorted(runs.items()):
-            states = model_state_bytes(n, ws, "fp32") / GiB
+            precision = _precision(r)
+            states = model_state_bytes(n, ws, precision) / GiB
             if "error" in r:
-                rows.append(f"| {label} | {ws} | did not finish: {r['error']} | {states:.2f} GiB | | fail | | |")
+                rows.append(f"| {label} | {precision} | {ws} | did not finish: {r['error']} | {states:.2f} GiB | | "
+                            "fail | | |")
                 continue
             peak = r["peak_rss_mb"] / 1024
             verdict = f"{ratio:.2f} ({'pass' if ratio <= TARGET_RATIO else 'fail'})" if ws == 2 and ratio else ""
-            rows.append(f"| {label} | {ws} | {peak:.2f} GiB | {states:.2f} GiB | {peak - states:.2f} GiB | {verdict} | "
-                        f"{r['first_step_s']:.0f} s | {r['wall_s']:.0f} s |")
+            rows.append(f"| {label} | {precision} | {ws} | {peak:.2f} GiB | {states:.2f} GiB | {peak - states:.2f} GiB "
+                        f"| {verdict} | {r['first_step_s']:.0f} s | {r['wall_s']:.0f} s |")
         if {1, 2} <= finished:
+            precision = _precision(runs[1])
             measured = (runs[1]["peak_rss_mb"] - runs[2]["peak_rss_mb"]) / 1024
-            predicted = (model_state_bytes(n, 1, "fp32") - model_state_bytes(n, 2, "fp32")) / GiB
-            checks.append(f"{label}: {measured:.2f} GiB measured, {predicted:.2f} GiB predicted")
+            predicted = (model_state_bytes(n, 1, precision) - model_state_bytes(n, 2, precision)) / GiB
+            per_param = DTYPE_BYTES[precision] + FP32_STATE_BYTES
+            checks.append(f"{label}: {measured:.2f} GiB measured, {predicted:.2f} GiB predicted "
+                          f"({per_param} bytes per parameter in {precision}, halved)")
+    vocab_grads = ", ".join(f"{2 * vocab * text.hidden_size * DTYPE_BYTES[p] / GiB:.2f} GiB in {p}"
+                            for p in ("bf16", "fp32"))
     return "\n".join([
         f"Checkpoint saved by the benchmark with `save_pretrained` (llava-hf layout, random bf16 weights): a "
         f"CLIP-L/14-336-wide vision tower (width 1024, 6 layers) and an LLM of Qwen2-0.5B's shape (tied "
         f"embeddings), {info['parameters'] / 1e9:.3f}B parameters, {info['bytes'] / 2**30:.2f} GiB on disk; "
         f"with the GAC, {n / 1e9:.3f}B parameters are trained, {STEPS} steps "
-        f"through `ifas-train` and the DeepSpeed launcher, ZeRO-3 (`launch/ds_zero3.json`), fp32 on CPU, "
-        f"micro-batch 1, gradient checkpointing as in the real-run configs; peak RSS per rank from start through "
+        f"through `ifas-train` and the DeepSpeed launcher, ZeRO-3 (`launch/ds_zero3.json`), on CPU in "
+        f"{PRECISION} as real runs train (rows before that: fp32), micro-batch 1, gradient checkpointing as in the "
+        f"real-run configs; peak RSS per rank from start through "
         f"step {STEPS} (the largest rank's `memory/peak_rss_mb`, read from the run's TensorBoard events). "
         f"Target: world size 2 <= {TARGET_RATIO}x world size 1.", "",
         f"Command: `{command}`. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"(one rank: all of them; two ranks: half each), {_memory_gib():.0f} GiB.", "", *rows, "",
         "What a rank stops holding when the world size doubles, ws1 minus ws2 peak RSS, against "
-        f"`trainer.training.memory.model_state_bytes` ({FP32_BYTES_PER_PARAM} bytes per parameter in fp32, halved): "
-        + "; ".join(checks) + ".",
+        "`trainer.training.memory.model_state_bytes`: " + "; ".join(checks) + ".",
         "",
         "\"The rest\" does not shrink with the world size: the Python/torch runtime, DeepSpeed's reduce and "
-        f"prefetch buckets ({bucket_gib:.2f} GiB at `launch/ds_zero3.json`'s sizes), the two full fp32 "
-        f"gradients of the tied {vocab:,}-row embedding during backward ({vocab_grads_gib:.2f} GiB), activations "
-        "and, at 2 ranks, the gathered parameters and the gloo buffers. At 0.6B it decides the ratio; at 7B over "
-        "8-32 GPUs the partitioned states dominate (README table).", "",
+        f"prefetch buckets ({bucket_gib:.2f} GiB at `launch/ds_zero3.json`'s sizes), the optimizer step's "
+        "temporaries (one 1e8-element sub-group at a time), the two full gradients of the tied "
+        f"{vocab:,}-row embedding during backward ({vocab_grads}), activations and, at 2 ranks, the gathered "
+        "parameters (the whole embedding among them) and the gloo buffers. Those scale with the "
+        "activation and vocabulary widths, not the parameter count: at 0.6B they decide the ratio, and in fp32 "
+        "they are twice as large against 20 rather than 18 bytes of states per parameter, so fp32 misses the "
+        "target where bf16 meets it; at 7B over 8-32 GPUs the partitioned states dominate (README table).", "",
         "At 7B: the README's \"Real checkpoints at scale\" table (`python -m trainer.training.memory`)."])

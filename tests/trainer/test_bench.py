@@ -38,13 +38,15 @@ def test_scale_rehearsal_section_judges_the_ratio_and_shows_a_run_that_died():
 
     checkpoint = {"parameters": 572_530_304, "largest_tensor": 136_134_656, "bytes": 1 << 30}
     run = {"first_step_s": 60.0, "wall_s": 200.0}
+    bf16 = {**run, "precision": "bf16"}
     results = {
         "before": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 19000.0, **run},
                                                       {"world_size": 2, "error": "killed by the OOM killer"}]},
-        "after": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10000.0, **run},
-                                                     {"world_size": 2, "peak_rss_mb": 5500.0, **run}]},
+        "after": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10000.0, **bf16},
+                                                     {"world_size": 2, "peak_rss_mb": 5500.0, **bf16}]},
     }
     text = section(results, "python -m trainer.bench --scale")
-    assert "| before | 2 | did not finish: killed by the OOM killer |" in text
+    assert "| before | fp32 | 2 | did not finish: killed by the OOM killer |" in text  # no precision: fp32
     assert "| 0.55 (pass) |" in text
     assert "after: 4.39 GiB measured" in text  # (10000 - 5500) / 1024
+    assert "(18 bytes per parameter in bf16, halved)" in text  # the states predicted in the run's precision
