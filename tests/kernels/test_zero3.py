@@ -5,6 +5,12 @@ Each rank trains a tiny LM (embedding, two layers, nn.Linear head with bias) for
 ZeRO-3 and torch AdamW, once with the reference loss (full logits through the head +
 trainer.model.loss.weighted_cross_entropy) and once with kernels.FusedLMHeadLoss; per-step losses and
 the consolidated updated weights must agree to 1e-5.
+
+Each micro-step also counts how often the head's weight is gathered, with ZeRO told to keep nothing
+gathered beyond its next use. In the first micro-step, before ZeRO has traced the order of the modules,
+each use gathers it: forward and backward (2) with the judgment logits read from the fused loss's
+gathered head (``probe``), 3 with a head call of their own (the design ``probe`` replaced). Once
+traced, the head stays gathered from the loss's forward to its backward: 1 per micro-step.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,14 +28,18 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, HIDDEN, BATCH, SEQ, WORLD = 61, 16, 2, 12, 2
 GRAD_ACCUM, MICRO_STEPS = 2, 6  # 3 optimizer steps; accumulation makes DeepSpeed scale the loss
-# fused: gradients computed in forward; fused_recompute: computed in backward (weight re-gathered)
-VARIANTS = ("reference", "fused", "fused_recompute")
+# fused: gradients computed in forward; fused_recompute: computed in backward (weight re-gathered);
+# fused_own_probe: the judgment logits from a head call of their own, not the fused loss's probe
+VARIANTS = ("reference", "fused", "fused_recompute", "fused_own_probe")
+FIRST_HEAD_GATHERS = {"reference": 2, "fused": 2, "fused_recompute": 2, "fused_own_probe": 3}  # then 1 each
+JUDGMENT_COLUMNS = (3, 5)
 ALPHA = 0.7
 
 
 class TinyLM(nn.Module):
-    def __init__(self, fused: bool) -> None:
+    def __init__(self, fused: bool, own_probe: bool = False) -> None:
         super().__init__()
+        self.own_probe = own_probe
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.layers = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh())
         self.head = nn.Linear(HIDDEN, VOCAB)
@@ -40,8 +51,13 @@ class TinyLM(nn.Module):
 
     def forward(self, tokens, targets, weights, groups):
         hidden = self.layers(self.embed(tokens))
+        columns = torch.tensor(JUDGMENT_COLUMNS)
         if self.fused_loss is not None:
-            return self.fused_loss(hidden, targets, weights, groups).loss
+            if self.own_probe:
+                with torch.no_grad():  # read out, as scores are
+                    self.head(hidden[:, 0])[:, columns]
+                return self.fused_loss(hidden, targets, weights, groups).loss
+            return self.fused_loss(hidden, targets, weights, groups, probe=(hidden[:, 0], columns)).loss
         from trainer.model.loss import weighted_cross_entropy
 
         logits = self.head(hidden)
@@ -67,6 +83,22 @@ def make_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return tokens, targets, groups
 
 
+def count_frees() -> Counter:
+    """Frees of a gathered ZeRO-3 parameter by ``ds_id``, from now on: one per gather, as every gather
+    is released within its micro-step when ZeRO keeps nothing gathered between uses."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    frees: Counter = Counter()
+    free = partition_parameters.free_param
+
+    def counting_free(param):
+        frees[param.ds_id] += 1
+        return free(param)
+
+    partition_parameters.free_param = counting_free
+    return frees
+
+
 def worker(out_dir: Path) -> None:
     import deepspeed
 
@@ -79,17 +111,20 @@ def worker(out_dir: Path) -> None:
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": GRAD_ACCUM,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
-        # threshold 0: even tiny parameters are partitioned, so the head really is a shard
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        # threshold 0: even tiny parameters are partitioned, so the head really is a shard; reuse distance 0:
+        # nothing stays gathered until its next use, so every use gathers (what the gathers count shows)
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0},
         "steps_per_print": 10**9,
     }
+    frees = count_frees()
     for variant in VARIANTS:
         torch.manual_seed(0)
-        model = TinyLM(fused=variant != "reference")
+        model = TinyLM(fused=variant != "reference", own_probe=variant == "fused_own_probe")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         assert model.head.weight.numel() == 0, "the head weight should be a ZeRO-3 shard outside forward"
-        losses, grads = [], []
+        losses, grads, head_gathers = [], [], []
         for step in range(MICRO_STEPS):
+            frees_before = frees[model.head.weight.ds_id]
             # weights normalised over the global batch (all ranks), as the trainer does
             all_groups = torch.cat([make_batch(step, r)[2].reshape(-1) for r in range(WORLD)])
             n_j, n_i = group_counts(all_groups)
@@ -105,11 +140,13 @@ def worker(out_dir: Path) -> None:
             # Adam hides a wrongly scaled gradient: compare the (accumulated) gradients themselves.
             grads.append({n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in model.named_parameters()})
             engine.step()
+            head_gathers.append(frees[model.head.weight.ds_id] - frees_before)
             losses.append([float(p) for p in parts])
         params = list(model.parameters())
         with deepspeed.zero.GatheredParameters(params):
             state = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"losses": losses, "grads": grads, "state": state}, out_dir / f"{variant}_rank{rank}.pt")
+        record = {"losses": losses, "grads": grads, "state": state, "head_gathers": head_gathers}
+        torch.save(record, out_dir / f"{variant}_rank{rank}.pt")
         engine.destroy()
 
 
@@ -157,6 +194,10 @@ def test_fused_loss_under_zero3_matches_reference(tmp_path: Path) -> None:
     for rank, (proc, _) in enumerate(procs):
         assert proc.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
 
+    for rank, variant in ((r, v) for r in range(WORLD) for v in VARIANTS):
+        gathers = torch.load(tmp_path / f"{variant}_rank{rank}.pt")["head_gathers"]
+        expected = [FIRST_HEAD_GATHERS[variant]] + [1] * (MICRO_STEPS - 1)
+        assert gathers == expected, f"{variant}: head gathers per micro-step"
     for rank, variant in ((r, v) for r in range(WORLD) for v in VARIANTS[1:]):
         ref = torch.load(tmp_path / f"reference_rank{rank}.pt")
         fused = torch.load(tmp_path / f"{variant}_rank{rank}.pt")
