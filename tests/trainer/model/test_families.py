@@ -206,13 +206,16 @@ def test_check_refuses_an_unsupported_family_within_seconds(small_shards, tmp_pa
     assert elapsed < 10, elapsed
 
 
+# One family per adapter path, to keep the suite's time: LLaVA-NeXT runs OneVision's anyres code, Qwen2-VL
+# the M-RoPE model Qwen2.5-VL (window attention) and Qwen3-VL (deepstack) add to; LLaVA's run of this is
+# tests/trainer/training/test_fused_loss_zero3.py, with test_train_e2e.py's export scores.
+TRAINED_ON_TWO_RANKS = ("llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "llava"], indirect=True)
+@pytest.mark.parametrize("family", TRAINED_ON_TWO_RANKS, indirect=True)
 def test_trains_with_gac_on_two_zero3_ranks_and_the_export_scores_as_the_engine(family, small_shards, tmp_path):
-    """(LLaVA's run of this is tests/trainer/training/test_fused_loss_zero3.py, a LLaVA checkpoint on 2
-    ZeRO-3 ranks, with test_train_e2e.py's export scores on the LLaVA-shaped preset: not repeated here, to
-    keep the suite's time.)"""
     from tests.helpers import train_history
     from tests.trainer.training.test_train_e2e import run_train
     from trainer.model.export import export_run
