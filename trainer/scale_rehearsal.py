@@ -185,11 +185,12 @@ def section(results: dict[str, dict[str, Any]], command: str) -> str:
         "`trainer.training.memory.model_state_bytes`: " + "; ".join(checks) + ".",
         "",
         "\"The rest\" does not shrink with the world size: the Python/torch runtime, DeepSpeed's reduce and "
-        f"prefetch buckets ({bucket_gib:.2f} GiB at `launch/ds_zero3.json`'s sizes), the optimizer step's "
+        f"prefetch buckets ({bucket_gib:.2f} GiB in fp32 at `launch/ds_zero3.json`'s sizes), the optimizer step's "
         "temporaries (one 1e8-element sub-group at a time), the two full gradients of the tied "
         f"{vocab:,}-row embedding during backward ({vocab_grads}), activations and, at 2 ranks, the gathered "
-        "parameters (the whole embedding among them) and the gloo buffers. Those scale with the "
-        "activation and vocabulary widths, not the parameter count: at 0.6B they decide the ratio, and in fp32 "
-        "they are twice as large against 20 rather than 18 bytes of states per parameter, so fp32 misses the "
-        "target where bf16 meets it; at 7B over 8-32 GPUs the partitioned states dominate (README table).", "",
+        "parameters (the whole embedding among them) and the gloo buffers. They follow the widths, the "
+        "vocabulary and the configured bucket and sub-group sizes, not the parameter count: at 0.6B they decide "
+        "the ratio, and fp32 doubles most of them while its states grow from 18 to 20 bytes per parameter, so "
+        "fp32 misses the target that bf16 meets; at 7B over 8-32 GPUs the partitioned states dominate (README "
+        "table).", "",
         "At 7B: the README's \"Real checkpoints at scale\" table (`python -m trainer.training.memory`)."])
