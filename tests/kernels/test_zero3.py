@@ -112,7 +112,7 @@ def worker(out_dir: Path) -> None:
         "gradient_accumulation_steps": GRAD_ACCUM,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
         # threshold 0: even tiny parameters are partitioned, so the head really is a shard; reuse distance 0:
-        # nothing stays gathered until its next use, so every use gathers (what the gathers count shows)
+        # a parameter stays gathered only into a use that immediately follows (the gathers counted)
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0},
         "steps_per_print": 10**9,
     }
