@@ -30,6 +30,7 @@ from trainer.model.ifas import (
     side,
     sub_config,
 )
+from trainer.model.llava import has_class_token
 from trainer.model.pretrained import CheckpointError, CheckpointPart, load_pretrained
 from trainer.model.tokenizer import ensure_image_token, judgment_token_ids, load_tokenizer
 from trainer.model.weights import WeightsError
@@ -130,11 +131,6 @@ def _family_arch(family: Family, family_config: PretrainedConfig, tokenizer: Pre
                              f"pretrained projector reads {merge}x{merge} patches per token; leave "
                              "model.projector_merge unset")
     return {**fixed, "family": family.name}
-
-
-def _has_class_token(vision_config: PretrainedConfig) -> bool:
-    # CLIP-style ViTs prepend a class token; SigLIP and similar pool over patches instead.
-    return "siglip" not in vision_config.model_type
 
 
 def _image_processing(path: str | Path | None, image_size: int) -> dict[str, Any]:
@@ -271,7 +267,7 @@ def build_model(
     if arch is None:
         yes_id, no_id = judgment_token_ids(tokenizer)
         has_cls = arch_kw.pop("has_class_token", None)
-        has_cls = _has_class_token(vision_config) if has_cls is None else has_cls
+        has_cls = has_class_token(vision_config) if has_cls is None else has_cls
         pooling = cfg.pooling if cfg.pooling != "auto" else ("cls" if has_cls else "mean")
         if pooling == "cls" and not has_cls:
             raise ModelLoadError(

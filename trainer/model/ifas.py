@@ -235,8 +235,10 @@ class IFASModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._embed(input_ids, pixel_values)[0]
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(the LLM's input embeddings, the image tokens in place of the placeholders; deepstack features)"""
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(the LLM's input embeddings, the image tokens in place of the placeholders; where those are;
+        deepstack features)"""
         embeds = self.llm.get_input_embeddings()(input_ids)
         visual, deepstack = self._encode(pixel_values.to(embeds.dtype))
         image_mask = input_ids == self.arch.image_token_id
@@ -245,9 +247,9 @@ class IFASModel(nn.Module):
                 f"the batch holds {int(image_mask.sum())} {IMAGE_TOKEN} positions but the images give "
                 f"{visual.shape[0]}x{visual.shape[1]} tokens: build prompts with this model's num_image_tokens"
             )
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), deepstack
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), image_mask, deepstack
 
-    def _llm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def _llm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
                     deepstack: list[torch.Tensor]) -> dict[str, Any]:
         """What the family's LLM takes beyond embeddings and mask: Qwen-VL's 3-D positions; Qwen3-VL's
         deepstack features, added at the projector's image tokens (not the GAC's) in its first layers."""
@@ -255,7 +257,6 @@ class IFASModel(nn.Module):
             return {}
         extra: dict[str, Any] = {"position_ids": self.positions(input_ids, attention_mask)}
         if deepstack:
-            image_mask = input_ids == self.arch.image_token_id
             extra["visual_pos_masks"] = image_mask & (image_mask.cumsum(dim=1) <= self.num_patch_tokens)
             extra["deepstack_visual_embeds"] = [f.reshape(-1, f.shape[-1]) for f in deepstack]
         return extra
@@ -278,8 +279,8 @@ class IFASModel(nn.Module):
         score_positions [B]: index of the last prompt token, whose logits predict the judgment.
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
         """
-        embeds, deepstack = self._embed(input_ids, pixel_values)
-        extra = self._llm_kwargs(input_ids, attention_mask, deepstack)
+        embeds, image_mask, deepstack = self._embed(input_ids, pixel_values)
+        extra = self._llm_kwargs(input_ids, attention_mask, image_mask, deepstack)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **extra).last_hidden_state
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
@@ -315,14 +316,14 @@ class IFASModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
     ) -> torch.Tensor:
         """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
-        embeds, deepstack = self._embed(input_ids, pixel_values)
+        embeds, image_mask, deepstack = self._embed(input_ids, pixel_values)
         if not self.mrope:
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         if generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 or \
                 generate_kwargs.get("use_cache") is False:
             raise ValueError("Qwen-VL generation here runs one sequence per prompt with the KV cache (no num_beams, "
                              "num_return_sequences or use_cache=False): its 3-D positions are kept per prompt")
-        with self.llm.prompt_inputs(self._llm_kwargs(input_ids, attention_mask, deepstack)):
+        with self.llm.prompt_inputs(self._llm_kwargs(input_ids, attention_mask, image_mask, deepstack)):
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----- saving and loading -----

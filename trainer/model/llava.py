@@ -39,8 +39,7 @@ def llava_arch(config, tokenizer, image_size: int | None = None) -> dict[str, An
 
     check_native_size(config, image_size)
     strategy = config.vision_feature_select_strategy
-    has_cls = "siglip" not in config.vision_config.model_type
-    if strategy != ("default" if has_cls else "full"):
+    if strategy != _feature_strategy({"has_class_token": has_class_token(config.vision_config)}):
         raise ModelLoadError(f"vision_feature_select_strategy {strategy!r} with a {config.vision_config.model_type} "
                              "encoder: the I-FAS model drops a class token exactly when the encoder has one")
     if not isinstance(config.vision_feature_layer, int):
@@ -56,6 +55,11 @@ def llava_arch(config, tokenizer, image_size: int | None = None) -> dict[str, An
             "image_newline": config.model_type in ANYRES_TYPES}
 
 
+def has_class_token(vision_config) -> bool:
+    # CLIP-style ViTs prepend a class token; SigLIP and similar pool over patches instead.
+    return "siglip" not in vision_config.model_type
+
+
 def _feature_strategy(arch: Mapping[str, Any]) -> str:
     # LLaVA's "default" drops the class token from the patch features, as IFASModel does; "full" keeps all
     return "default" if arch["has_class_token"] else "full"
@@ -65,17 +69,22 @@ def llava_config(ifas_config: Mapping[str, Any]):
     """A ``LlavaConfig`` equal in architecture to ``ifas_config`` (``IFASModel.config_dict()``)."""
     from transformers import LlavaConfig
 
+
+    grid = ifas_config["arch"]["image_size"] // ifas_config["vision_config"]["patch_size"]
+    return LlavaConfig(**_llava_fields(ifas_config), image_seq_length=grid * grid)
+
+
+def _llava_fields(ifas_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields LLaVA, LLaVA-NeXT and LLaVA-OneVision share, from ``ifas_config``."""
     from trainer.model.ifas import sub_config
 
     arch = ifas_config["arch"]
     text = sub_config(ifas_config["text_config"])
-    grid = arch["image_size"] // ifas_config["vision_config"]["patch_size"]
-    return LlavaConfig(
-        vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
-        image_token_index=arch["image_token_id"], image_seq_length=grid * grid,
-        projector_hidden_act="gelu",  # trainer.model.Projector
-        vision_feature_select_strategy=_feature_strategy(arch), vision_feature_layer=arch["vision_feature_layer"],
-        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+    return dict(vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
+                image_token_index=arch["image_token_id"], projector_hidden_act="gelu",  # trainer.model.Projector
+                vision_feature_select_strategy=_feature_strategy(arch),
+                vision_feature_layer=arch["vision_feature_layer"],
+                tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
 
 
 def anyres_config(ifas_config: Mapping[str, Any], family: str):
@@ -83,17 +92,9 @@ def anyres_config(ifas_config: Mapping[str, Any], family: str):
     the one tile grid the I-FAS model was trained on."""
     import transformers
 
-    from trainer.model.ifas import sub_config
-
-    arch = ifas_config["arch"]
-    text = sub_config(ifas_config["text_config"])
+    size = ifas_config["arch"]["image_size"]
     cls = {"llava_next": transformers.LlavaNextConfig, "llava_onevision": transformers.LlavaOnevisionConfig}[family]
-    return cls(
-        vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
-        image_token_index=arch["image_token_id"], projector_hidden_act="gelu",
-        image_grid_pinpoints=[[arch["image_size"], arch["image_size"]]],
-        vision_feature_select_strategy=_feature_strategy(arch), vision_feature_layer=arch["vision_feature_layer"],
-        tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+    return cls(**_llava_fields(ifas_config), image_grid_pinpoints=[[size, size]])
 
 
 def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None, directory,

@@ -30,11 +30,6 @@ def _classes(family: str) -> tuple[type, type]:
     return m.Qwen3VLVisionModel, m.Qwen3VLTextModel
 
 
-def family_of_vision(vision_config: PretrainedConfig) -> str | None:
-    return {"qwen2_vl_vision": "qwen2_vl", "qwen2_5_vl_vision": "qwen2_5_vl",
-            "qwen3_vl_vision": "qwen3_vl"}.get(vision_config.model_type)
-
-
 def vision_width(vision_config: PretrainedConfig) -> int:
     """The width of the vision blocks (what the GAC reads): Qwen2-VL calls it embed_dim, its hidden_size is
     the merger's output; Qwen2.5-VL calls it hidden_size."""
@@ -42,7 +37,7 @@ def vision_width(vision_config: PretrainedConfig) -> int:
 
 
 def build_vision(vision_config: PretrainedConfig, **kw: Any) -> nn.Module:
-    return _classes(family_of_vision(vision_config))[0]._from_config(vision_config, **kw)
+    return _classes(vision_config.model_type.removesuffix("_vision"))[0]._from_config(vision_config, **kw)
 
 
 class MRopeCausalLM(PreTrainedModel, GenerationMixin):
