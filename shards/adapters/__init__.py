@@ -3,20 +3,9 @@ from __future__ import annotations
 
 from shards.adapters.base import Adapter, AdapterError, Item, Skip, SkipFile
 from shards.adapters.generic import FolderAdapter, ListFileAdapter
-from shards.adapters.public import (
-    WMCA,
-    CasiaMFSD,
-    CasiaSurf3DMask,
-    CelebASpoof,
-    HiFiMask,
-    HkbuMars,
-    MsuMFSD,
-    OuluNPU,
-    ReplayAttack,
-    RoseYoutu,
-    SiW,
-    SiWMV2,
-)
+from shards.adapters.masks import WMCA, CasiaSurf3DMask, HiFiMask, HkbuMars
+from shards.adapters.multi_attack import CelebASpoof, RoseYoutu, SiW, SiWMV2
+from shards.adapters.ocim import CasiaMFSD, MsuMFSD, OuluNPU, ReplayAttack
 
 ADAPTERS: dict[str, type[Adapter]] = {
     a.name: a for a in (OuluNPU, CasiaMFSD, ReplayAttack, MsuMFSD, CelebASpoof, SiW, SiWMV2, HiFiMask,

@@ -16,6 +16,23 @@ from shards.video import IMAGE_EXTS, VIDEO_EXTS, is_video
 SPLITS = ("train", "dev", "test", "all")
 MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
 
+# Split folder names of the public releases (case-insensitive), for ``Adapter.split_from_parts``.
+SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "train_files": "train",
+    "train_release": "train",
+    "dev": "dev",
+    "devel": "dev",
+    "val": "dev",
+    "valid": "dev",
+    "dev_files": "dev",
+    "test": "test",
+    "testing": "test",
+    "test_files": "test",
+    "test_release": "test",
+}
+
 
 class SkipFile(Exception):
     """Raised by ``parse`` for a file the dataset ships but no sample should come from."""
