@@ -29,6 +29,7 @@ from PIL import Image
 
 from shards.adapters import Adapter, Item, Skip
 from shards.captions import template_caption
+from shards.errors import ShardsError
 from shards.faces import FaceCropper
 from shards.io import atomic_write_text, sha256_file
 from shards.manifest import MANIFEST_NAME, read_manifest
@@ -130,7 +131,7 @@ class _SplitBuild:
             return
         state = json.loads(path.read_text())
         if state.get("fingerprint") != self.fingerprint:
-            raise SystemExit(
+            raise ShardsError(
                 f"{path}: left by a build with other inputs or options; rerun with --overwrite to start over"
             )
         for s in state["shards"]:  # keep the longest prefix of intact shards
@@ -222,7 +223,7 @@ class _SplitBuild:
             if m.get("build", {}).get("fingerprint") == self.fingerprint:
                 log.info("%s: already complete", self.out)
                 return m
-            raise SystemExit(
+            raise ShardsError(
                 f"{self.out}: holds a shard set built from other inputs or options; pass --overwrite to replace it"
             )
         self._load_state()
@@ -285,7 +286,7 @@ def build_dataset(
     for reason, n in naming.items():
         log.warning("%s: %d file(s) skipped (%s), e.g. %s", adapter.root, n, reason, naming_examples[reason][0])
     if not by_split:
-        raise SystemExit(
+        raise ShardsError(
             f"{adapter.root}: no usable {adapter.dataset} files found "
             f"(skipped: {dict(naming) or 'none'}); check the root folder against docs/datasets.md"
         )

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from shards.errors import ShardsError
 from shards.io import parse_size, setup_logging, sha256_file
 from shards.manifest import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest
 from shards.schema import SchemaError, validate_meta
@@ -276,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ShardsError as e:  # a problem with the command's inputs or options: one line, argparse's status
+        print(f"ifas-shards: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from shards.errors import ShardsError
 from shards.keywords import find_cues, load_keywords
 from shards.manifest import shard_paths
 from shards.schema import CAPTION_PROMPT
@@ -80,7 +81,7 @@ class Captioner:
 
         p = Path(path)
         if not p.is_dir():
-            raise SystemExit(
+            raise ShardsError(
                 f"{p}: captioner checkpoint directory not found (pass a local transformers checkpoint dir)"
             )
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

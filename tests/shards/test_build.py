@@ -14,6 +14,7 @@ from shards.adapters import get_adapter
 from shards.build import STATE_NAME, BuildOptions, build_dataset
 from shards.cli import main as cli_main
 from shards.cli import verify_shard_set
+from shards.errors import ShardsError
 from shards.faces import FaceCropper
 from shards.fixtures import face_image, write_image, write_video
 from shards.manifest import read_manifest, shard_paths
@@ -138,7 +139,7 @@ def test_interrupted_build_resumes_without_redoing_finished_shards(tmp_path: Pat
     assert not (out / "train" / STATE_NAME).exists() and verify_shard_set(out / "train")[0] == []
     # a complete build is not redone; other options need --overwrite
     assert build_dataset(get_adapter("oulu_npu", str(raw)), out, opts)["train"]["shards"] == resumed["shards"]
-    with pytest.raises(SystemExit, match="overwrite"):
+    with pytest.raises(ShardsError, match="overwrite"):
         build_dataset(get_adapter("oulu_npu", str(raw)), out, BuildOptions(frames=3, size=32))
 
 
@@ -146,8 +147,11 @@ def test_unknown_root_and_dataset_fail_with_one_line(tmp_path: Path, capsys) -> 
     assert cli_main(["build", "siw", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no usable"):
-        cli_main(["build", "siw", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ShardsError, match="no usable"):
+        build_dataset(get_adapter("siw", str(tmp_path / "empty")), tmp_path / "o", BuildOptions())
+    assert cli_main(["build", "siw", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ifas-shards: error: ") and "no usable SiW files" in err[0]
 
 
 # ----- build defects found on trees laid out like the public releases -----
