@@ -25,14 +25,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from .zero3 import FusedLMHeadLoss
 
 __all__ = [
+    "IGNORE_INDEX",
+    "UNSUPERVISED",
+    "JUDGMENT",
+    "INTERPRETATION",
     "LossParts",
     "fused_linear_lopsided_ce",
     "lopsided_ce_reference",
+    "weighted_ce_reference",
     "multi_layer_pool_layernorm",
     "multi_layer_pool_layernorm_reference",
     "FusedLMHeadLoss",
     "triton_available",
 ]
+
+
+# The label contract the loss kernels share with the trainer (trainer/sample/ re-exports it): targets equal to
+# IGNORE_INDEX are not supervised; each supervised token belongs to the judgment or the interpretation group.
+IGNORE_INDEX = -100
+UNSUPERVISED, JUDGMENT, INTERPRETATION = 0, 1, 2
 
 
 class LossParts(NamedTuple):
@@ -49,6 +60,7 @@ _LAZY = {
     "multi_layer_pool_layernorm": "gac_pool",
     "FusedLMHeadLoss": "zero3",
     "lopsided_ce_reference": "lopsided_ce",
+    "weighted_ce_reference": "lopsided_ce",
     "multi_layer_pool_layernorm_reference": "gac_pool",
     "triton_available": "_dispatch",
 }

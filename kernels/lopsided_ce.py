@@ -19,8 +19,8 @@ The same algorithm on both backends:
    gradients would underflow before the loss scale reaches them.
 
 The per-chunk row work is a Triton kernel pair on CUDA (:mod:`kernels.lopsided_ce_triton`) and
-in-place torch ops elsewhere. Matches :func:`lopsided_ce_reference` (and trainer.model.loss
-``weighted_cross_entropy``): tokens outside groups 1/2 do not count, whatever their weight.
+in-place torch ops elsewhere. Matches :func:`lopsided_ce_reference` (the unfused loss the trainer itself
+runs where the fused one is off): tokens outside groups 1/2 do not count, whatever their weight.
 
 Under ZeRO-3 the weight must be gathered while this runs: use :class:`kernels.FusedLMHeadLoss`.
 """
@@ -31,11 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import LossParts
+from . import IGNORE_INDEX, INTERPRETATION, JUDGMENT, LossParts
 from ._dispatch import resolve_backend
-
-# Token groups, as in trainer.model.loss (kernels must not import trainer; tests check they agree).
-JUDGMENT, INTERPRETATION = 1, 2
 
 # Bytes of one chunk of logits (and its fp32 working copy) per backend: small on CPU where the
 # matmuls are efficient at a few hundred rows, larger on GPU where big matmuls pay off.
@@ -228,7 +225,7 @@ def fused_linear_lopsided_ce(
     token_weights: torch.Tensor,
     groups: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     *,
     backend: str = "auto",
     chunk_size: int | None = None,
@@ -271,7 +268,7 @@ def lopsided_ce_reference(
     token_weights: torch.Tensor,
     groups: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> LossParts:
     """The unfused path, as transformers computes it: full ``[T, V]`` logits, fp32 upcast, CE."""
     return weighted_ce_reference(F.linear(hidden, weight, bias), targets, token_weights, groups, ignore_index)
@@ -282,9 +279,10 @@ def weighted_ce_reference(
     targets: torch.Tensor,
     token_weights: torch.Tensor,
     groups: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> LossParts:
-    """Weighted CE of given ``[T, V]`` logits; the same arithmetic as trainer.model.loss.weighted_cross_entropy."""
+    """Weighted CE of given ``[T, V]`` logits: the reference every fused path is tested against, and the loss the
+    trainer computes from its own logits when the fused loss is off (trainer/model/loss.py)."""
     ce = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
     weighted = ce * token_weights
     judgment = weighted[groups == JUDGMENT].sum()

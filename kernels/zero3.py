@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import LossParts
+from . import IGNORE_INDEX, LossParts
 from .lopsided_ce import fused_linear_lopsided_ce
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class FusedLMHeadLoss(nn.Module):
     def __init__(
         self,
         lm_head: nn.Linear,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         chunk_size: int | None = None,
     ) -> None:

@@ -12,7 +12,8 @@ import torch
 import kernels
 from kernels.gac_pool import multi_layer_pool_layernorm_reference
 from tests.helpers import CUDA_ONLY
-from trainer.model.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, group_counts, lopsided_token_weights
+from trainer.model.loss import group_counts, lopsided_token_weights
+from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT
 
 pytestmark = [*CUDA_ONLY, pytest.mark.timeout(300)]
 FP32_TOL = {"rtol": 2e-4, "atol": 2e-5}

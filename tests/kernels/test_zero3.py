@@ -3,7 +3,7 @@
 The test starts two ranks of this same file (``python tests/kernels/test_zero3.py --worker DIR``).
 Each rank trains a tiny LM (embedding, two layers, nn.Linear head with bias) for a few steps with
 ZeRO-3 and torch AdamW, once with the reference loss (full logits through the head +
-trainer.model.loss.weighted_cross_entropy) and once with kernels.FusedLMHeadLoss; per-step losses and
+kernels.weighted_ce_reference) and once with kernels.FusedLMHeadLoss; per-step losses and
 the consolidated updated weights must agree to 1e-5.
 
 Each micro-step also counts how often the head's weight is gathered, with ZeRO told to keep nothing
@@ -25,6 +25,8 @@ import pytest
 import torch
 from torch import nn
 
+import kernels
+
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, HIDDEN, BATCH, SEQ, WORLD = 61, 16, 2, 12, 2
 GRAD_ACCUM, MICRO_STEPS = 2, 6  # 3 optimizer steps; accumulation makes DeepSpeed scale the loss
@@ -45,8 +47,6 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(HIDDEN, VOCAB)
         self.fused_loss = None
         if fused:
-            import kernels
-
             self.fused_loss = kernels.FusedLMHeadLoss(self.head, backend="torch", chunk_size=5)
 
     def forward(self, tokens, targets, weights, groups):
@@ -58,10 +58,9 @@ class TinyLM(nn.Module):
                     self.head(hidden[:, 0])[:, columns]
                 return self.fused_loss(hidden, targets, weights, groups).loss
             return self.fused_loss(hidden, targets, weights, groups, probe=(hidden[:, 0], columns)).loss
-        from trainer.model.loss import weighted_cross_entropy
 
         logits = self.head(hidden)
-        return weighted_cross_entropy(
+        return kernels.weighted_ce_reference(
             logits.reshape(-1, VOCAB), targets.reshape(-1), weights.reshape(-1), groups.reshape(-1)
         )
 

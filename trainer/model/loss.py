@@ -1,4 +1,5 @@
-"""Lopsided LM loss (L-LM) of I-FAS in plain torch: the reference every fused kernel must match.
+"""Lopsided LM loss (L-LM) of I-FAS: its per-token weights, and the loss from full logits (the unfused path;
+the cross entropy itself is ``kernels.weighted_ce_reference``, the one reference the fused kernel is tested against).
 
     L = alpha * L_judgment + (1 - alpha) * L_interpretation
 
@@ -16,13 +17,9 @@ so the one judgment token counts no more than any caption token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kernels import LossParts  # the fused path returns the same type
-
-IGNORE_INDEX = -100
-# Token groups, aligned with the targets: which part of the answer a supervised token belongs to.
-UNSUPERVISED, JUDGMENT, INTERPRETATION = 0, 1, 2
+from kernels import LossParts, weighted_ce_reference  # the fused path returns the same type
+from trainer.sample import INTERPRETATION, JUDGMENT
 
 
 def group_counts(groups: torch.Tensor) -> tuple[int, int]:
@@ -61,20 +58,6 @@ def lopsided_token_weights(
     return torch.where(groups == INTERPRETATION, (1.0 - alpha) / n_i, weights)
 
 
-def weighted_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, groups: torch.Tensor
-) -> LossParts:
-    """``sum_t weights_t * CE(logits_t, targets_t)`` split by group; fp32 math whatever the dtype.
-
-    logits: [T, V]; targets: [T] (IGNORE_INDEX where unsupervised); weights, groups: [T].
-    """
-    ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    weighted = ce * weights
-    judgment = weighted[groups == JUDGMENT].sum()
-    interpretation = weighted[groups == INTERPRETATION].sum()
-    return LossParts(judgment + interpretation, judgment, interpretation)
-
-
 def lopsided_lm_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -89,7 +72,7 @@ def lopsided_lm_loss(
     counts of the global batch; by default the counts of this call (a single-process batch).
     """
     weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
-    return weighted_cross_entropy(logits, targets, weights, groups)
+    return weighted_ce_reference(logits, targets, weights, groups)
 
 
 def batch_token_weights(groups: torch.Tensor, alpha: float | None, n_judgment: float | None = None,

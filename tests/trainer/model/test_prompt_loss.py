@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from trainer.model.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED, lopsided_lm_loss
-from trainer.model.prompt import PromptBuilder
-from trainer.model.tokenizer import IMAGE_TOKEN
+from trainer.model.loss import lopsided_lm_loss
+from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
+from trainer.sample.prompt import PromptBuilder
+from trainer.sample.tokenizer import IMAGE_TOKEN
 
 
 def test_loss_hand_computed():

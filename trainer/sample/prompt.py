@@ -13,13 +13,17 @@ alone: every answer token is interpretation, there is no judgment.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from shards.schema import QUESTION
-from trainer.model.loss import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
-from trainer.model.tokenizer import image_token_of, judgment_token_ids
+from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
+from trainer.sample.tokenizer import image_token_of, judgment_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,8 +44,11 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase) -> str:
         text = tokenizer.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
         if text.count(image_token) == 1 and QUESTION in text:
             return text
-    except Exception:  # noqa: BLE001 - a template written for string content may fail on parts
-        pass
+        why = f"it placed {text.count(image_token)} {image_token} token(s)"
+    except (TemplateError, TypeError, ValueError) as exc:  # a template written for string content fails on parts
+        why = f"it fails on them ({type(exc).__name__}: {exc})"
+    log.info("the chat template does not take image parts (%s): the prompt is '%s' + newline + the question as "
+             "one string", why, image_token)
     plain = [{"role": "user", "content": f"{image_token}\n{QUESTION}"}]
     return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
 
