@@ -80,16 +80,15 @@ def assert_export_scores_equal_the_runs(exported: Path, run_dir: Path, shard_set
     from trainer.data import ImageTransform, make_loader, resolve_shards
     from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
     from trainer.model.ifas import IFASModel
-    from trainer.model.prompt import PromptBuilder
-    from trainer.stream import ShardStream
+    from trainer.sample.prompt import PromptBuilder
 
     model, tok = IFASModel.from_pretrained(exported)
     model.eval()
     expected = json.loads((run_dir / "eval_scores.json").read_text())["held-out"]
     builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH, image_span=model.arch.image_span)
     transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
-    stream = ShardStream(resolve_shards([str(shard_set)]), builder, transform, rank=0, world_size=1, batch_size=16,
-                         train=False, with_answers=False)
+    stream = shard_stream(resolve_shards([str(shard_set)]), builder, transform=transform, batch_size=16, train=False,
+                          with_answers=False)
     got = {}
     with torch.no_grad():
         for batch in make_loader(stream, tok.pad_token_id):
@@ -99,3 +98,14 @@ def assert_export_scores_equal_the_runs(exported: Path, run_dir: Path, shard_set
     assert got.keys() == expected.keys()
     for key, score in got.items():
         assert score == pytest.approx(expected[key], abs=1e-5), key
+
+
+def shard_stream(urls, builder, *, size: int = 32, transform=None, rank: int = 0, world: int = 1, workers: int = 0,
+                 with_answers: bool = True, caption_source: str = "shards", augment=None, held_out=None, **options):
+    """A ``ShardStream`` of ``urls`` with ``builder``'s prompts, images at ``size`` (mean/std 0.5) unless a
+    ``transform`` is given; ``options``: the stream's own (batch_size, seed, shuffle_buffer, train, resume, sources)."""
+    from trainer.data import ImageTransform, SampleMaker, ShardStream, StreamLayout
+
+    samples = SampleMaker(builder, transform or ImageTransform(size, [0.5] * 3, [0.5] * 3), with_answers,
+                          caption_source, augment, held_out, options.get("seed", 0))
+    return ShardStream(urls, samples, StreamLayout(rank, world, workers), **options)

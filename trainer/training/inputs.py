@@ -6,9 +6,9 @@ import json
 import os
 
 from trainer.config import ConfigError, RunConfig
-from trainer.data import resolve_shards
-from trainer.model.tokenizer import build_demo_tokenizer, load_tokenizer
+from trainer.data import HeldOut, resolve_shards
 from trainer.run_dir import RunDir
+from trainer.sample.tokenizer import build_demo_tokenizer, load_tokenizer
 from trainer.training.engine import deepspeed_config_path
 
 
@@ -55,7 +55,7 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
                           "(leave a set out to not train on it)")
     eval_urls = resolve_shards(cfg.data.eval_shards, "data.eval_shards") if cfg.data.eval_shards else []
     held = held_out_dev(cfg, train_urls)
-    if held and not held[0] and held[1] == frozenset(train_urls):
+    if held and not held.split and held.shards == frozenset(train_urls):
         raise ConfigError("eval.dev_shards holds every training shard and eval.dev_split is empty, so nothing is left "
                           "to train on; set eval.dev_split to the dev samples' split (e.g. val) or other dev shards")
     ds_path = deepspeed_config_path(cfg)
@@ -68,14 +68,14 @@ def check_inputs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     return train_urls, eval_urls
 
 
-def held_out_dev(cfg: RunConfig, train_urls: list[str]) -> tuple[str, frozenset[str]] | None:
-    """(split, training shards) whose samples of that split are the dev samples (eval.dev_shards,
-    eval.dev_split; "" = all): training skips them (docs/architecture.md, "Thresholds")."""
+def held_out_dev(cfg: RunConfig, train_urls: list[str]) -> HeldOut | None:
+    """The training shards' dev samples (eval.dev_shards, their eval.dev_split samples; "" = all), which training
+    skips (docs/architecture.md, "Thresholds"); None when no training shard is a dev shard."""
     if not cfg.eval.dev_shards:
         return None
     dev = {os.path.realpath(u) for u in resolve_shards(cfg.eval.dev_shards, "eval.dev_shards")}
     shared = frozenset(u for u in train_urls if os.path.realpath(u) in dev)
-    return (cfg.eval.dev_split, shared) if shared else None
+    return HeldOut(cfg.eval.dev_split, shared) if shared else None
 
 
 def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
@@ -83,7 +83,7 @@ def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
     the shortest answer (judgment + end of text); returns the tokens left for the interpretation.
     Raises a ConfigError naming the numbers and the value to set."""
     from trainer.model.build import image_tokens_of
-    from trainer.model.prompt import PromptBuilder
+    from trainer.sample.prompt import PromptBuilder
 
     if cfg.data.task == "caption":  # its prompt comes from the captioner's processor, written at build time
         return cfg.data.max_length

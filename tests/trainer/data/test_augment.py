@@ -12,11 +12,10 @@ import torch
 from PIL import Image, ImageOps
 
 from shards.fixtures import face_image
-from trainer.augment import Augment
+from tests.helpers import shard_stream
 from trainer.config import AugmentConfig
-from trainer.data import ImageTransform, make_loader, resolve_shards
-from trainer.model.prompt import PromptBuilder
-from trainer.stream import ShardStream, StreamState
+from trainer.data import Augment, StreamState, make_loader, resolve_shards
+from trainer.sample.prompt import PromptBuilder
 
 OFF = AugmentConfig(enabled=True, crop_scale=1.0, flip=0.0, color=0.0, resample=0.0, blur=0.0, jpeg=0.0)
 
@@ -61,9 +60,8 @@ def builder(demo_tokenizer):
 
 
 def stream(urls, builder, train=True, resume=None, augment=True):
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1, batch_size=4,
-                    shuffle_buffer=8, train=train, resume=resume,
-                    augment=Augment(AugmentConfig(enabled=True)) if augment else None)
+    s = shard_stream(urls, builder, batch_size=4, shuffle_buffer=8, train=train, resume=resume,
+                     augment=Augment(AugmentConfig(enabled=True)) if augment else None)
     return iter(make_loader(s, builder.tokenizer.pad_token_id))
 
 
@@ -75,7 +73,7 @@ def test_augmentation_is_identical_after_a_resume(small_shards, builder):
     assert not torch.equal(unbroken[0]["pixel_values"], plain[0]["pixel_values"])
     state = StreamState()
     for batch in unbroken[:4]:
-        state.update(batch)
+        state.update(batch["stream_pos"])
     state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
     resumed = list(itertools.islice(stream(urls, builder, resume=state), 3))
     for got, want in zip(resumed, unbroken[4:]):

@@ -5,12 +5,11 @@ import json
 import pytest
 import webdataset as wds
 
-from trainer import data
-from trainer import stream as stream_module
-from trainer.data import ImageTransform, ShardSetError, make_loader, resolve_shards
-from trainer.model.loss import IGNORE_INDEX
-from trainer.model.prompt import PromptBuilder
-from trainer.stream import ShardStream, StreamState
+from tests.helpers import shard_stream
+from trainer.data import ShardSetError, StreamState, make_loader, resolve_shards
+from trainer.data import samples as samples_module
+from trainer.sample import IGNORE_INDEX
+from trainer.sample.prompt import PromptBuilder
 
 N_IMAGE_TOKENS = 4
 
@@ -21,9 +20,8 @@ def builder(demo_tokenizer):
 
 
 def stream(urls, builder, rank=0, world=1, workers=0, resume=None, batch=4, train=True, seed=0):
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=rank, world_size=world,
-                    batch_size=batch, seed=seed, shuffle_buffer=8, train=train, resume=resume,
-                    num_workers=workers)
+    s = shard_stream(urls, builder, rank=rank, world=world, workers=workers, batch_size=batch, seed=seed,
+                     shuffle_buffer=8, train=train, resume=resume)
     return make_loader(s, builder.tokenizer.pad_token_id)
 
 
@@ -73,11 +71,12 @@ def test_resume_continues_exactly(small_shards, builder, workers, consumed, monk
     unbroken = keys_of(stream(urls, builder, workers=workers), consumed + 4)
     state = StreamState()
     for batch in itertools.islice(iter(stream(urls, builder, workers=workers)), consumed):
-        state.update(batch)
+        state.update(batch["stream_pos"])
     saved = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
     decoded = []
-    real_decode = data.decode_sample
-    monkeypatch.setattr(stream_module, "decode_sample", lambda raw: decoded.append(raw["__key__"]) or real_decode(raw))
+    real_decode = samples_module.decode_sample
+    monkeypatch.setattr(samples_module, "decode_sample",
+                        lambda raw: decoded.append(raw["__key__"]) or real_decode(raw))
     resumed = keys_of(stream(urls, builder, workers=workers, resume=saved), 4)
     assert resumed == unbroken[consumed:]
     if workers == 0:  # (workers decode in other processes) nothing consumed before is decoded again
@@ -122,8 +121,7 @@ def test_template_caption_source_swaps_in_the_attack_template(small_shards, buil
     from shards.captions import template_caption
 
     urls = resolve_shards([str(small_shards["domain_a"])])
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1, batch_size=8,
-                    shuffle_buffer=8, caption_source="template")
+    s = shard_stream(urls, builder, batch_size=8, shuffle_buffer=8, caption_source="template")
     batch = next(iter(make_loader(s, builder.tokenizer.pad_token_id)))
     own = {r["__key__"]: json.loads(r["json"]) for r in wds.WebDataset(urls, shardshuffle=False)}
     swapped = 0
@@ -170,14 +168,13 @@ def test_dev_split_of_training_shards_is_held_out_of_training(small_shards, buil
     cfg.data.train_shards, cfg.eval.dev_shards = [str(a), str(b)], [f"{a}/"]  # the same set, spelt differently
     urls = resolve_shards(cfg.data.train_shards)
     held = held_out_dev(cfg, urls)
-    assert held is not None and held[0] == "val" and held[1] == frozenset(resolve_shards([str(a)]))
+    assert held is not None and held.split == "val" and held.shards == frozenset(resolve_shards([str(a)]))
     everything = {r["__key__"]: (r["__url__"], json.loads(r["json"])["split"])
                   for r in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1, batch_size=8,
-                    shuffle_buffer=8, held_out=held)
+    s = shard_stream(urls, builder, batch_size=8, shuffle_buffer=8, held_out=held)
     seen = set(itertools.chain(*keys_of(make_loader(s, builder.tokenizer.pad_token_id), 40)))  # > 3 passes
-    held_keys = {k for k, (url, split) in everything.items() if url in held[1] and split == "val"}
-    kept_val = {k for k, (url, split) in everything.items() if url not in held[1] and split == "val"}
+    held_keys = {k for k, (url, split) in everything.items() if url in held.shards and split == "val"}
+    kept_val = {k for k, (url, split) in everything.items() if url not in held.shards and split == "val"}
     assert held_keys and kept_val  # both kinds exist in the synthetic shards
     assert seen == set(everything) - held_keys
     cfg.eval.dev_shards = []

@@ -1,4 +1,4 @@
-"""The bounded-time resume of trainer/stream.py: the index-only shuffle replay against the live
+"""The bounded-time resume of trainer/data/stream.py: the index-only shuffle replay against the live
 shuffle, and resumed streams against unbroken ones at every kind of position (filling the
 buffer, streaming, draining, epoch boundaries, later epochs), with workers, several ranks, a
 sample-level split, a damaged shard and shards without a manifest; and that a resume reads a
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from trainer.data import ImageTransform, make_loader, resolve_shards
-from trainer.epochs import Reader, replay_shuffle
-from trainer.model.prompt import PromptBuilder
-from trainer.stream import ShardStream, StreamState
+from tests.helpers import shard_stream
+from trainer.data import Source, StreamState, make_loader, resolve_shards
+from trainer.data.epochs import replay_shuffle
+from trainer.data.reader import Reader
+from trainer.sample.prompt import PromptBuilder
 
 BATCH, BUFFER = 4, 8
 
@@ -27,13 +28,13 @@ def builder(demo_tokenizer):
 
 
 def loader(urls, builder, resume=None, rank=0, world=1, workers=0):
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=rank, world_size=world,
-                    batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume, num_workers=workers)
+    s = shard_stream(urls, builder, rank=rank, world=world, workers=workers, batch_size=BATCH, shuffle_buffer=BUFFER,
+                     resume=resume)
     return iter(make_loader(s, builder.tokenizer.pad_token_id))
 
 
 def live_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> list[int]:
-    """The live algorithm (ShardStream._epoch) on indices, written out plainly."""
+    """The live algorithm (EpochSchedule.epoch) on indices, written out plainly."""
     out, buffer = [], []
     for raw in range(n):
         if len(buffer) < buffer_size:
@@ -68,7 +69,7 @@ def state_after(urls, builder, batches, resume=None, **kw) -> StreamState:
     """The state a checkpoint after ``batches`` holds (the loop updates the state it started from)."""
     state = StreamState.from_state_dict(resume.state_dict()) if resume else StreamState()
     for batch in itertools.islice(loader(urls, builder, resume=resume, **kw), batches):
-        state.update(batch)
+        state.update(batch["stream_pos"])
     return StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
 
 
@@ -108,14 +109,14 @@ def test_resume_is_exact_over_a_damaged_shard_and_shards_without_manifest(small_
     unbroken = list(itertools.islice(loader(urls, builder), 30))
     skipped = StreamState()
     for b in unbroken:
-        skipped.update(b)
+        skipped.update(b["stream_pos"])
     assert skipped.skipped_total()["corrupt_tar"] == 1 and skipped.shard_sizes.keys() == {str(tar)}
     assert 0 < skipped.shard_sizes[str(tar)] < 16
     # epoch 1 (first pass) and later epochs, before and after the damaged shard is met
     assert_resumes_exactly(urls, builder, [2, 9, 10, 11, 17, 18, 19, 25], ahead=4)
     state = state_after(urls, builder, 19)
     resumed = list(itertools.islice(loader(urls, builder, resume=state), 4))
-    assert resumed[-1]["stream_pos"][2] == unbroken[22]["stream_pos"][2]  # the same skip counts, once each
+    assert resumed[-1]["stream_pos"].skipped == unbroken[22]["stream_pos"].skipped  # the same counts, once each
 
 
 def test_a_resume_reads_a_bounded_number_of_samples(small_shards, builder, monkeypatch):
@@ -123,8 +124,8 @@ def test_a_resume_reads_a_bounded_number_of_samples(small_shards, builder, monke
     read = []
     real_shard = Reader.shard
 
-    def counting_shard(self, url, skip=0):
-        for raw in real_shard(self, url, skip):
+    def counting_shard(self, url, skip=0, **kw):
+        for raw in real_shard(self, url, skip, **kw):
             read.append(raw["__key__"])
             yield raw
 
@@ -157,15 +158,15 @@ def test_a_change_of_layout_finishes_the_epoch_without_loss_or_repeat(small_shar
     for rank in range(world):
         state = StreamState()
         for batch in batches_of(urls, builder, 5, rank=rank, world=world, workers=workers):
-            state.update(batch)
+            state.update(batch["stream_pos"])
             before += batch["keys"]
         streams.append(json.loads(json.dumps(state.state_dict())))  # as in a checkpoint
     epoch = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     transition = []
     for rank in range(new_world):
         resume = StreamState.after_layout_change(streams, workers, BUFFER, rank)
-        s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=rank, world_size=new_world,
-                        batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume, num_workers=new_workers)
+        s = shard_stream(urls, builder, rank=rank, world=new_world, workers=new_workers, batch_size=BATCH,
+                         shuffle_buffer=BUFFER, resume=resume)
         readers = max(new_workers, 1)
         lengths = [s.transition_length(w) for w in range(readers)]
         got = batches_of(urls, builder, sum(-(-n // BATCH) for n in lengths) + readers * 3, rank=rank,
@@ -182,9 +183,8 @@ def test_a_change_of_layout_finishes_the_epoch_without_loss_or_repeat(small_shar
 
 
 def mixed(urls_a, urls_b, builder, resume=None, seed=0, workers=0, weights=(0.75, 0.25)):
-    s = ShardStream(urls_a + urls_b, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1,
-                    batch_size=BATCH, seed=seed, shuffle_buffer=BUFFER, resume=resume, num_workers=workers,
-                    sources=[(urls_a, weights[0], None), (urls_b, weights[1], None)])
+    s = shard_stream(urls_a + urls_b, builder, workers=workers, batch_size=BATCH, seed=seed, shuffle_buffer=BUFFER,
+                     resume=resume, sources=[Source(tuple(urls_a), weights[0]), Source(tuple(urls_b), weights[1])])
     return iter(make_loader(s, builder.tokenizer.pad_token_id))
 
 
@@ -195,7 +195,7 @@ def test_weighted_sources_are_drawn_in_proportion_deterministically(small_shards
     assert abs(domains.count("domain_a") / len(domains) - 0.75) <= 0.02
     state = StreamState()
     for batch in batches:
-        state.update(batch)
+        state.update(batch["stream_pos"])
     assert state.source_counts() == [domains.count("domain_a"), domains.count("domain_b")]  # what gets logged
     again = [b["keys"] for b in itertools.islice(mixed(a, b, builder), 20)]
     assert again == [b["keys"] for b in batches[:20]]
@@ -209,7 +209,7 @@ def test_weighted_sources_resume_exactly(small_shards, builder, workers):
     for consumed in (3, 17, 36):
         state = StreamState()
         for batch in itertools.islice(mixed(a, b, builder, workers=workers), consumed):
-            state.update(batch)
+            state.update(batch["stream_pos"])
         state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
         resumed = [x["keys"] for x in itertools.islice(mixed(a, b, builder, resume=state, workers=workers), 4)]
         assert resumed == unbroken[consumed:consumed + 4], consumed
@@ -231,7 +231,7 @@ def lopsided_set(small_shards, tmp_path_factory):
 
 
 def test_label_offsets_are_webdatasets_samples(lopsided_set):
-    from trainer.epochs import label_offsets
+    from trainer.data.reader import label_offsets
 
     for url in lopsided_set:
         labels = [json.loads(r["json"])["label"] for r in wds.WebDataset([url], shardshuffle=False)]
@@ -239,9 +239,8 @@ def test_label_offsets_are_webdatasets_samples(lopsided_set):
 
 
 def balanced(urls, builder, resume=None):
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=0, world_size=1,
-                    batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume,
-                    sources=[(urls, 0.5, "live"), (urls, 0.5, "spoof")])
+    s = shard_stream(urls, builder, batch_size=BATCH, shuffle_buffer=BUFFER, resume=resume,
+                     sources=[Source(tuple(urls), 0.5, "live"), Source(tuple(urls), 0.5, "spoof")])
     return iter(make_loader(s, builder.tokenizer.pad_token_id))
 
 
@@ -254,7 +253,7 @@ def test_live_spoof_balance_draws_half_and_half_and_resumes_exactly(lopsided_set
     for consumed in (5, 31):
         state = StreamState()
         for batch in batches[:consumed]:
-            state.update(batch)
+            state.update(batch["stream_pos"])
         state = StreamState.from_state_dict(json.loads(json.dumps(state.state_dict())))
         resumed = [b["keys"] for b in itertools.islice(balanced(lopsided_set, builder, resume=state), 4)]
         assert resumed == [b["keys"] for b in batches[consumed:consumed + 4]], consumed
@@ -285,7 +284,7 @@ def test_mixed_runs_count_a_bad_sample_once_however_many_epochs(small_shards, bu
     bad, good = resolve_shards([str(tmp_path / "bad")]), resolve_shards([str(small_shards["domain_b"])])
     state = StreamState()
     for batch in itertools.islice(mixed(bad, good, builder, weights=(0.5, 0.5)), 60):  # the 10-sample set ~12x
-        state.update(batch)
+        state.update(batch["stream_pos"])
     assert state.skipped_total() == {"bad_image": 1}
 
 
@@ -299,8 +298,8 @@ def test_balance_works_when_shards_hold_one_label_each(small_shards, builder, tm
         for r in sorted(raws, key=lambda r: json.loads(r["json"])["label"]):
             writer.write(r["__key__"], r["jpg"], json.loads(r["json"]))
     urls = resolve_shards([str(tmp_path / "pure")])  # 8 shards, each live only or spoof only
-    s = ShardStream(urls, builder, ImageTransform(32, [0.5] * 3, [0.5] * 3), rank=1, world_size=4, batch_size=BATCH,
-                    shuffle_buffer=BUFFER, sources=[(urls, 0.5, "live"), (urls, 0.5, "spoof")])
+    s = shard_stream(urls, builder, rank=1, world=4, batch_size=BATCH, shuffle_buffer=BUFFER,
+                     sources=[Source(tuple(urls), 0.5, "live"), Source(tuple(urls), 0.5, "spoof")])
     labels = [m["label"] for b in itertools.islice(iter(make_loader(s, builder.tokenizer.pad_token_id)), 50)
               for m in b["meta"]]
     assert 0.35 <= labels.count("live") / len(labels) <= 0.65
