@@ -1,8 +1,7 @@
 """Building the model of a run (``build_model``) from ``ModelConfig``: weights from (a) a local
-checkpoint of a supported family (trainer/model/families.py: LLaVA, LLaVA-NeXT, LLaVA-OneVision,
-InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), (b) a vision-encoder
-directory plus an LLM directory, (c) an I-FAS export (``model.init_from``), or (d) a named tiny preset
-built offline (demo, tests). Nothing is downloaded.
+checkpoint of a supported family (trainer/model/families/), (b) a vision-encoder directory plus an LLM
+directory, (c) an I-FAS export (``model.init_from``), or (d) a named tiny preset built offline (demo,
+tests). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,23 +17,23 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers.initialization import no_init_weights
 
 from trainer.config import ModelConfig
-from trainer.model.families import Family, checkpoint_family
-from trainer.model.ifas import (
+from trainer.model.arch import (
     CLIP_MEAN,
     CLIP_STD,
+    DEFAULT_FAMILY,
     ArchConfig,
-    IFASModel,
     ModelLoadError,
     default_dtype,
-    image_token_counts,
+    has_class_token,
     side,
     sub_config,
 )
-from trainer.model.llava import has_class_token
+from trainer.model.families import Family, checkpoint_family, family_named
+from trainer.model.ifas import IFASModel
 from trainer.model.pretrained import CheckpointError, CheckpointPart, load_pretrained
-from trainer.model.tokenizer import ensure_image_token, judgment_token_ids, load_tokenizer
 from trainer.model.weights import WeightsError
 from trainer.run_dir import CONFIG_NAME
+from trainer.sample.tokenizer import ensure_image_token, image_token_of, judgment_token_ids, load_tokenizer
 
 
 def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
@@ -91,22 +90,22 @@ def image_tokens_of(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tup
     from config files alone (no weights): for checks before a build."""
     if cfg.init_from:
         saved = _export_config(cfg)
-        arch = saved["arch"]
-        return (image_token_counts(sub_config(saved["vision_config"]), arch["projector_merge"], arch["gac"],
-                                   arch["gac_prefix_queries"], arch.get("image_newline", False),
-                                   arch["image_size"])[1],
-                arch.get("image_span", ["", ""]))
+        arch = ArchConfig.from_dict(saved["arch"])
+        return (family_named(arch.family).image_token_counts(sub_config(saved["vision_config"]), arch.projector_merge,
+                                                              arch.gac, arch.gac_prefix_queries, arch.image_size)[1],
+                arch.image_span)
     fixed: dict[str, Any] = {"projector_merge": cfg.projector_merge}
+    family = family_named(DEFAULT_FAMILY)  # presets and vision + LLM directories
     if cfg.path:
-        _, _, family_config, fixed = _family_checkpoint(cfg, tokenizer)
+        _, family, family_config, fixed = _family_checkpoint(cfg, tokenizer)
         vision = family_config.vision_config
     elif cfg.vision_path:
         vcfg = AutoConfig.from_pretrained(str(_require_dir(cfg.vision_path, "model.vision_path")))
         vision = getattr(vcfg, "vision_config", vcfg)
     else:
         vision = preset_configs(cfg.preset, len(tokenizer))[0]
-    count = image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries,
-                               fixed.get("image_newline", False), fixed.get("image_size"))[1]
+    count = family.image_token_counts(vision, fixed["projector_merge"], cfg.gac, cfg.gac_prefix_queries,
+                                      fixed.get("image_size"))[1]
     return count, fixed.get("image_span", ["", ""])
 
 
@@ -145,8 +144,6 @@ def _image_processing(path: str | Path | None, image_size: int) -> dict[str, Any
 
 def _check_image_token(family_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, root: Path) -> None:
     """The checkpoint's image token must be the tokenizer's placeholder: its embedding row is the one trained."""
-    from trainer.model.tokenizer import image_token_of
-
     theirs = getattr(family_config, "image_token_id", None)
     ours = tokenizer.convert_tokens_to_ids(image_token_of(tokenizer))
     if theirs is not None and theirs != ours:
@@ -225,7 +222,7 @@ def build_model(
         saved = _export_config(cfg)
         tokenizer = load_tokenizer(root)  # the one the export's token ids belong to
         vision_config, text_config = sub_config(saved["vision_config"]), sub_config(saved["text_config"])
-        arch = ArchConfig(**saved["arch"])
+        arch = ArchConfig.from_dict(saved["arch"])
         groups = ("vision", "llm", "projector") + (("gac",) if arch.gac else ())
         parts.append(CheckpointPart(root, {f"{g}.": f"{g}." for g in groups}))
     elif cfg.path:

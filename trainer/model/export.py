@@ -9,7 +9,7 @@ and written tensor by tensor by ``IFASModel.save_pretrained``: one file, or shar
 
 ``fmt="hf"`` (alias ``llava``) writes a model trained without GAC (e.g. SCF's captioner,
 ``data.task=caption``) in its checkpoint family's transformers format instead, e.g.
-``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (trainer/model/families.py): what
+``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (trainer/model/families/hf_format.py): what
 ``ifas-shards caption --captioner``, inference servers and any transformers code load with
 ``AutoModelForImageTextToText`` / ``AutoProcessor``.
 """
@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 from trainer.dist import WorldInfo, barrier
-from trainer.model.families import NotFamilyCompatible, check_family_compatible, write_family
-from trainer.model.ifas import IFASModel, ModelLoadError
-from trainer.model.tokenizer import load_tokenizer
+from trainer.model.arch import ModelLoadError
+from trainer.model.families.base import NotFamilyCompatible
+from trainer.model.families.hf_format import check_family_compatible, write_family
+from trainer.model.ifas import IFASModel
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES
 from trainer.run_dir import CONFIG_NAME, RunDir, latest_tag
+from trainer.sample.tokenizer import load_tokenizer
 
 log = logging.getLogger("ifas.export")
 
@@ -108,6 +110,6 @@ def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: World
         target = out_dir / f"export_{tag or 'latest'}"
         if info.is_main:
             export_run(p, target, tag)
-        barrier(info)
+        barrier()
         p = target
     return IFASModel.from_pretrained(p, dtype=dtype)

@@ -48,7 +48,7 @@ class StepFlops:
 def ifas_sample_flops(model, seq_len: int, supervised_tokens: int) -> StepFlops:
     """Forward FLOPs of one sample of ``seq_len`` LLM tokens with ``supervised_tokens`` labels
     (the LM head runs only on supervised positions and the score position)."""
-    from trainer.model.ifas import side
+    from trainer.model.arch import side
 
     vcfg, tcfg = model.vision.config, model.llm.config
     width = model.vision_width

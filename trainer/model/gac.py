@@ -25,6 +25,7 @@ class GloballyAwareConnector(nn.Module):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"GAC pooling must be cls or mean, got {pooling!r}")
         self.pooling = pooling
+        self.backend = "auto"  # the pooling kernel's (model.kernel_backend; IFASModel.use_kernels sets it)
         self.num_layers = num_layers
         # One LayerNorm affine per tapped layer: layer statistics differ a lot with depth.
         self.pool_norm_weight = nn.Parameter(torch.ones(num_layers, vision_dim))
@@ -51,7 +52,7 @@ class GloballyAwareConnector(nn.Module):
     ) -> torch.Tensor:
         """layer_states: L tensors [B, N, Dv] (or one [L, B, N, Dv]), patch_features [B, Np, Dv] -> [B, P+L, Dt]."""
         pooled = kernels.multi_layer_pool_layernorm(
-            layer_states, self.pool_norm_weight, self.pool_norm_bias, mode=self.pooling
+            layer_states, self.pool_norm_weight, self.pool_norm_bias, mode=self.pooling, backend=self.backend
         )  # [B, L, Dv]
         q_v = self.layer_proj(pooled)
         q_p = self.prefix_queries.unsqueeze(0).expand(q_v.shape[0], -1, -1)

@@ -15,113 +15,31 @@ import contextlib
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer.model import mrope
+from trainer.model.arch import ArchConfig, ModelLoadError, default_dtype, sub_config
+from trainer.model.families import family_named
+from trainer.model.families.base import VisualFeatures
 from trainer.model.gac import GloballyAwareConnector
-from trainer.model.loss import IGNORE_INDEX, LossParts, batch_token_weights, lopsided_lm_loss
-from trainer.model.projector import Projector
-from trainer.model.tokenizer import IMAGE_TOKEN, load_tokenizer
+from trainer.model.loss import LossParts, batch_token_weights, lopsided_lm_loss
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError, load_weights, verify_weights, write_weights
 from trainer.run_dir import CONFIG_NAME
+from trainer.sample import IGNORE_INDEX, UNSUPERVISED
+from trainer.sample.tokenizer import IMAGE_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Parameters created inside are ``dtype`` (a model built straight in bf16: no fp32 copy first)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-class ModelLoadError(ValueError):
-    """A model directory is missing or malformed; the message names the path."""
-
-
-@dataclass
-class ArchConfig:
-    """What IFASModel needs beyond the vision and text configs; saved in ifas_config.json."""
-
-    image_token_id: int
-    yes_token_id: int
-    no_token_id: int
-    vision_feature_layer: int = -2
-    projector_merge: int = 1  # k: each image token merges k x k neighbouring patches
-    pooling: str = "cls"
-    has_class_token: bool = True
-    gac: bool = True
-    gac_prefix_queries: int = 4
-    gac_heads: int = 4
-    image_size: int = 128
-    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
-    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
-    # What the checkpoint family fixes (trainer/model/families.py; the defaults are LLaVA's and the demo's):
-    family: str = "llava"
-    projector_norm: bool = False  # a LayerNorm before the projector's first linear (InternVL)
-    features_from_output: bool = False  # vision_feature_layer -1 is the encoder's output, after its final norm
-    image_span: list[str] = field(default_factory=lambda: ["", ""])  # tokens around the image tokens (<img>, </img>)
-    image_newline: bool = False  # LLaVA-NeXT/OneVision: the face again as one tile, each row closed by a newline
-    family_extra: dict[str, int] = field(default_factory=dict)  # token ids the family-format export needs
-
-
-def image_token_counts(vision_config: PretrainedConfig, projector_merge: int, gac: bool,
-                       gac_prefix_queries: int, image_newline: bool = False,
-                       image_size: int | None = None) -> tuple[int, int]:
-    """(projector tokens, all image tokens) per image of an I-FAS model on this vision encoder:
-    one projector token per ``projector_merge`` x ``projector_merge`` patches (with ``image_newline``
-    twice, the second time with a newline token after each row: Projector), then the GAC's prefix
-    queries and one token per vision layer (model/gac.py). ``image_size``: the input size where the
-    encoder has none of its own (Qwen-VL)."""
-    grid = side(image_size or vision_config.image_size) // side(vision_config.patch_size)
-    if grid % projector_merge:
-        raise ModelLoadError(f"model.projector_merge={projector_merge} does not divide the {grid}x{grid} patch grid")
-    rows = grid // projector_merge
-    patches = rows * rows + (rows * (rows + 1) if image_newline else 0)
-    return patches, patches + (gac_prefix_queries + vision_config.num_hidden_layers if gac else 0)
-
-
-def side(size: int | list[int] | tuple[int, ...]) -> int:
-    """The side of a square image or patch size (InternVL's configs give [height, width])."""
-    if isinstance(size, int):
-        return size
-    if len(set(size)) != 1:
-        raise ModelLoadError(f"only square images and patches are supported, the config gives {list(size)}")
-    return int(size[0])
-
-
-def check_native_size(config: PretrainedConfig, image_size: int | None) -> None:
-    """model.image_size may only repeat the size a family's encoder was trained at (Qwen-VL has none)."""
-    native = side(config.vision_config.image_size)
-    if image_size not in (None, native):
-        raise ModelLoadError(f"model.image_size={image_size}: a {config.model_type} checkpoint runs at its encoder's "
-                             f"{native} x {native}; leave model.image_size unset (it is for Qwen-VL checkpoints)")
 
 
 class IFASOutput(NamedTuple):
     loss: LossParts  # zeros when no labels were given
     scores: torch.Tensor  # [B] liveness score P(Yes) among {Yes, No}
     judgment_logits: torch.Tensor  # [B, 2] logits of Yes and No at the first answer position
-
-
-def sub_config(saved: dict[str, Any]) -> PretrainedConfig:
-    """A vision or text config from its ``to_dict()`` (as saved in ifas_config.json)."""
-    saved = dict(saved)
-    return AutoConfig.for_model(saved.pop("model_type"), **saved)
 
 
 class IFASModel(nn.Module):
@@ -138,23 +56,19 @@ class IFASModel(nn.Module):
         without random init."""
         super().__init__()
         self.arch = arch
+        self.family = family_named(arch.family)  # what differs between checkpoint families (model/families/)
         made_in = group_context or (lambda group: contextlib.nullcontext())
         # the dtype in force here, not a checkpoint config's (from_config would build in config.dtype)
-        dtype = torch.get_default_dtype()
-        self.mrope = arch.family in mrope.MROPE_FAMILIES  # Qwen-VL: merger in the vision tower, 3-D positions
-        built = dict(attn_implementation=attn_implementation, dtype=dtype)
+        built = dict(attn_implementation=attn_implementation, dtype=torch.get_default_dtype())
         with made_in("vision"):
-            self.vision = (mrope.build_vision(vision_config, **built) if self.mrope
-                           else AutoModel.from_config(vision_config, **built))
+            self.vision = self.family.build_vision(vision_config, **built)
         with made_in("llm"):
-            self.llm = (mrope.MRopeCausalLM._from_config(text_config, **built) if self.mrope
-                        else AutoModelForCausalLM.from_config(text_config, **built))
+            self.llm = self.family.build_llm(text_config, **built)
         self.llm.tie_weights()  # a build that skips the random init skips transformers' tying too
-        self.vision_width = vdim = mrope.vision_width(vision_config) if self.mrope else vision_config.hidden_size
+        self.vision_width = vdim = self.family.vision_width(vision_config)
         tdim = text_config.hidden_size
         with made_in("projector"):
-            self.projector = None if self.mrope else Projector(vdim, tdim, arch.projector_merge, arch.projector_norm,
-                                                               arch.image_newline)
+            self.projector = self.family.build_projector(vdim, tdim, arch)
         with made_in("gac"):
             self.gac = (
                 GloballyAwareConnector(
@@ -163,20 +77,22 @@ class IFASModel(nn.Module):
                 if arch.gac
                 else None
             )
-        self.num_patch_tokens, self.num_image_tokens = image_token_counts(
-            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries, arch.image_newline,
-            arch.image_size)
-        self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_fused_loss
+        self.num_patch_tokens, self.num_image_tokens = self.family.image_token_counts(
+            vision_config, arch.projector_merge, arch.gac, arch.gac_prefix_queries, arch.image_size)
+        self.head_loss: nn.Module | None = None  # fused LM head + L-LM loss, see use_kernels
 
-    def use_fused_loss(self, enabled: bool) -> None:
-        """Compute the loss with the fused linear cross entropy (kernels/) instead of logits + CE.
-        Call once the LM head is final (after any vocabulary resize) and before deepspeed.initialize."""
-        if not enabled:
-            self.head_loss = None
-            return
-        from kernels import FusedLMHeadLoss
+    def use_kernels(self, fused_loss: bool, backend: str = "auto") -> None:
+        """Compute the loss with the fused linear cross entropy (kernels/) instead of logits + CE, or not; run the
+        kernels (GAC pooling, fused loss) on ``backend`` (model.kernel_backend). Call once the LM head is final
+        (after any vocabulary resize) and before deepspeed.initialize."""
+        if self.gac is not None:
+            self.gac.backend = backend
+        self.head_loss = None
+        if fused_loss:
+            from kernels import FusedLMHeadLoss
 
-        self.head_loss = FusedLMHeadLoss(self.llm.get_output_embeddings(), ignore_index=IGNORE_INDEX)
+            self.head_loss = FusedLMHeadLoss(self.llm.get_output_embeddings(), ignore_index=IGNORE_INDEX,
+                                             backend=backend)
 
     # ----- module groups (freezing, per-group learning rates) -----
     def module_groups(self) -> dict[str, nn.Module]:
@@ -188,78 +104,33 @@ class IFASModel(nn.Module):
         return groups
 
     # ----- forward -----
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> visual tokens [B, num_image_tokens, D_llm]."""
-        return self._encode(pixel_values)[0]
-
-    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(visual tokens, Qwen3-VL's deepstack features [B, num_patch_tokens, D_llm] for its first LLM layers;
-        none for the other families)."""
-        if self.mrope:
-            return self._encode_images_mrope(pixel_values)
-        out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
-        states = out.hidden_states  # embeddings + one per layer
-        last = self.arch.features_from_output and self.arch.vision_feature_layer == -1
-        patches = out.last_hidden_state if last else states[self.arch.vision_feature_layer]
-        if self.arch.has_class_token:
-            patches = patches[:, 1:]
-        return self._with_gac(self.projector(patches), states, patches), []
-
-    def _with_gac(self, tokens: torch.Tensor, states: tuple[torch.Tensor, ...], patches: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, VisualFeatures]:
+        """Images [B, 3, S, S] -> (their tokens [B, num_image_tokens, D_llm]: the family connector's, then the
+        GAC's; the family's visual features)."""
+        visual = self.family.encode(self, pixel_values)
+        states = visual.hidden_states  # embeddings + one per layer
         if len(states) != self.vision.config.num_hidden_layers + 1:
             raise ValueError(f"the {self.vision.config.model_type} encoder returned {len(states)} hidden states "
                              f"for {self.vision.config.num_hidden_layers} layers; the GAC needs every layer's")
+        tokens = visual.tokens
         if self.gac is not None:
-            tokens = torch.cat([tokens, self.gac(states[1:], patches)], dim=1)  # every layer's output
-        return tokens
+            tokens = torch.cat([tokens, self.gac(states[1:], visual.patches)], dim=1)  # every layer's output
+        return tokens, visual
 
-    def _encode_images_mrope(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Qwen-VL: flattened patches and their grid in, the merger's tokens out; the blocks' outputs
-        (flattened over the batch) for the GAC."""
-        vc = self.vision.config
-        flat, grid = mrope.patchify(pixel_values, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
-        out = self.vision(flat, grid_thw=grid, output_hidden_states=True)
-        b = pixel_values.shape[0]
-        states = tuple(h.reshape(b, -1, h.shape[-1]) for h in out.hidden_states)
-        deepstack = [f.reshape(b, -1, f.shape[-1]) for f in getattr(out, "deepstack_features", None) or []]
-        tokens = out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1])
-        return self._with_gac(tokens, states, states[-1]), deepstack
-
-    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """The LLM's position ids: Qwen-VL's 3-D ones (trainer/model/mrope.py); None (1-D) otherwise."""
-        if not self.mrope:
-            return None
-        rows = self.arch.image_size // self.vision.config.patch_size // self.arch.projector_merge
-        return mrope.mrope_positions(input_ids, attention_mask, self.arch.image_token_id, rows, rows)
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._embed(input_ids, pixel_values)[0]
-
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(the LLM's input embeddings, the image tokens in place of the placeholders; where those are;
-        deepstack features)"""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, VisualFeatures]:
+        """(the LLM's input embeddings, the image tokens in place of the placeholders; where those are; the
+        family's visual features)"""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        visual, deepstack = self._encode(pixel_values.to(embeds.dtype))
+        visual_tokens, visual = self.image_tokens(pixel_values.to(embeds.dtype))
         image_mask = input_ids == self.arch.image_token_id
-        if int(image_mask.sum()) != visual.shape[0] * visual.shape[1]:
+        if int(image_mask.sum()) != visual_tokens.shape[0] * visual_tokens.shape[1]:
             raise ValueError(
                 f"the batch holds {int(image_mask.sum())} {IMAGE_TOKEN} positions but the images give "
-                f"{visual.shape[0]}x{visual.shape[1]} tokens: build prompts with this model's num_image_tokens"
+                f"{visual_tokens.shape[0]}x{visual_tokens.shape[1]} tokens: build prompts with this model's "
+                "num_image_tokens"
             )
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype)), image_mask, deepstack
-
-    def _llm_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
-                    deepstack: list[torch.Tensor]) -> dict[str, Any]:
-        """What the family's LLM takes beyond embeddings and mask: Qwen-VL's 3-D positions; Qwen3-VL's
-        deepstack features, added at the projector's image tokens (not the GAC's) in its first layers."""
-        if not self.mrope:
-            return {}
-        extra: dict[str, Any] = {"position_ids": self.positions(input_ids, attention_mask)}
-        if deepstack:
-            extra["visual_pos_masks"] = image_mask & (image_mask.cumsum(dim=1) <= self.num_patch_tokens)
-            extra["deepstack_visual_embeds"] = [f.reshape(-1, f.shape[-1]) for f in deepstack]
-        return extra
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens.to(embeds.dtype)), image_mask, visual
 
     def forward(
         self,
@@ -279,17 +150,19 @@ class IFASModel(nn.Module):
         score_positions [B]: index of the last prompt token, whose logits predict the judgment.
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
         """
-        embeds, image_mask, deepstack = self._embed(input_ids, pixel_values)
-        extra = self._llm_kwargs(input_ids, attention_mask, image_mask, deepstack)
+        embeds, image_mask, visual = self.embed(input_ids, pixel_values)
+        extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
         hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **extra).last_hidden_state
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
         judgment = torch.tensor([self.arch.yes_token_id, self.arch.no_token_id], device=hidden.device)
         if labels is not None and self.head_loss is not None:
-            # one gather of the head (under ZeRO-3) for the judgment logits and the loss
-            targets, groups, h = self._supervised(hidden, labels, label_groups)
+            # Every position goes in (a view, no copy): the fused loss selects the supervised rows itself, and
+            # gathers the head once (under ZeRO-3) for the judgment logits and the loss.
+            targets, groups = _next_token_targets(labels, label_groups)
             weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
-            loss, judgment_logits = self.head_loss(h, targets, weights, groups, probe=(score_hidden, judgment))
+            loss, judgment_logits = self.head_loss(hidden.reshape(-1, hidden.shape[-1]), targets, weights, groups,
+                                                   probe=(score_hidden, judgment))
             return IFASOutput(loss, torch.softmax(judgment_logits, dim=-1)[:, 0], judgment_logits)
         lm_head = self.llm.get_output_embeddings()
         judgment_logits = lm_head(score_hidden)[:, judgment].float()
@@ -297,33 +170,22 @@ class IFASModel(nn.Module):
         if labels is None:
             zero = judgment_logits.sum() * 0.0
             return IFASOutput(LossParts(zero, zero, zero), scores, judgment_logits)
-        targets, groups, h = self._supervised(hidden, labels, label_groups)
-        loss = lopsided_lm_loss(lm_head(h), targets, groups, alpha, n_judgment, n_interpretation)
-        return IFASOutput(loss, scores, judgment_logits)
-
-    @staticmethod
-    def _supervised(hidden: torch.Tensor, labels: torch.Tensor, label_groups: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(targets, groups, hidden states) of the answer positions: only they reach the LM head."""
-        targets = labels[:, 1:].reshape(-1)
-        groups = label_groups[:, 1:].reshape(-1)
+        # only the answer positions reach the LM head: the full [B * S, V] logits are never made
+        targets, groups = _next_token_targets(labels, label_groups)
         supervised = targets != IGNORE_INDEX
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
-        return targets[supervised], groups[supervised], h
+        h = hidden.reshape(-1, hidden.shape[-1])[supervised]
+        loss = lopsided_lm_loss(lm_head(h), targets[supervised], groups[supervised], alpha, n_judgment,
+                                n_interpretation)
+        return IFASOutput(loss, scores, judgment_logits)
 
     @torch.no_grad()
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
     ) -> torch.Tensor:
         """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
-        embeds, image_mask, deepstack = self._embed(input_ids, pixel_values)
-        if not self.mrope:
-            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
-        if generate_kwargs.get("num_beams", 1) > 1 or generate_kwargs.get("num_return_sequences", 1) > 1 or \
-                generate_kwargs.get("use_cache") is False:
-            raise ValueError("Qwen-VL generation here runs one sequence per prompt with the KV cache (no num_beams, "
-                             "num_return_sequences or use_cache=False): its 3-D positions are kept per prompt")
-        with self.llm.prompt_inputs(self._llm_kwargs(input_ids, attention_mask, image_mask, deepstack)):
+        embeds, image_mask, visual = self.embed(input_ids, pixel_values)
+        extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
+        with self.family.generating(self, extra, generate_kwargs):
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----- saving and loading -----
@@ -369,7 +231,7 @@ class IFASModel(nn.Module):
         return cls(
             sub_config(cfg["vision_config"]),
             sub_config(cfg["text_config"]),
-            ArchConfig(**cfg["arch"]),
+            ArchConfig.from_dict(cfg["arch"]),
             attn_implementation,
             group_context,
         )
@@ -394,3 +256,12 @@ class IFASModel(nn.Module):
         except WeightsError as exc:
             raise ModelLoadError(str(exc)) from exc
         return model, load_tokenizer(d)
+
+
+def _next_token_targets(labels: torch.Tensor, label_groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, groups) [B * S] aligned with the hidden states: position t predicts the label at t + 1; the
+    last position predicts nothing."""
+    pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+    targets = torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)
+    groups = torch.cat([label_groups[:, 1:], torch.full_like(pad, UNSUPERVISED)], dim=1).reshape(-1)
+    return targets, groups

@@ -1,8 +1,9 @@
 """The projector from vision features to LLM tokens (LLaVA's MLP, with InternVL's patch merge and norm and
 LLaVA-NeXT/OneVision's newline tokens as options): the same parameter names as those families' own
-modules, so their weights load directly (trainer/model/families.py)."""
+modules, so their weights load directly (trainer/model/families/)."""
 from __future__ import annotations
 
+import einops
 import torch
 from torch import nn
 
@@ -34,15 +35,14 @@ class Projector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, N, Dv] patch features on a square grid -> [B, N / k^2, Dt]."""
         k = self.merge
-        if k > 1:
-            b, n, d = x.shape
-            g = int(round(n**0.5))
-            x = x.view(b, g // k, k, g // k, k, d).permute(0, 1, 3, 2, 4, 5).reshape(b, (g // k) ** 2, k * k * d)
+        if k > 1:  # each k x k block of the patch grid: its rows (ky) of patches, then columns (kx), then channels
+            g = int(round(x.shape[1] ** 0.5))
+            x = einops.rearrange(x, "b (y ky x kx) d -> b (y x) (ky kx d)", y=g // k, x=g // k, ky=k, kx=k)
         tokens = self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
         if self.image_newline is None:
             return tokens
-        b, n, d = tokens.shape
-        g = int(round(n**0.5))
-        newline = self.image_newline.to(tokens.dtype).expand(b, g, 1, d)
-        tile = torch.cat([tokens.view(b, g, g, d), newline], dim=2).reshape(b, g * (g + 1), d)
+        g = int(round(tokens.shape[1] ** 0.5))
+        rows = einops.rearrange(tokens, "b (y x) d -> b y x d", y=g)
+        newline = einops.repeat(self.image_newline.to(tokens.dtype), "d -> b y 1 d", b=tokens.shape[0], y=g)
+        tile = einops.rearrange(torch.cat([rows, newline], dim=2), "b y x d -> b (y x) d")  # each row + a newline
         return torch.cat([tokens, tile], dim=1)

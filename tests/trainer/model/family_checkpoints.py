@@ -279,13 +279,13 @@ def _save_qwen(directory: Path, demo_tokenizer, family: str):
 
 
 def _qwen_pixels(x: torch.Tensor) -> torch.Tensor:
-    from trainer.model.mrope import patchify
+    from trainer.model.families.mrope import patchify
 
     return patchify(x.reshape(-1, *x.shape[-3:]), QWEN_PATCH, 2, 2)[0]
 
 
 def _qwen_features(ref, px):
-    from trainer.model.mrope import patchify
+    from trainer.model.families.mrope import patchify
 
     flat, grid = patchify(px, QWEN_PATCH, 2, 2)
     return torch.stack(list(ref.model.get_image_features(pixel_values=flat, image_grid_thw=grid).pooler_output))
@@ -294,7 +294,7 @@ def _qwen_features(ref, px):
 def _qwen_layers(vision, px):
     """Each block's output, taken by a forward hook on the block (Qwen's blocks need the tower's window
     and rotary inputs, so they cannot be run one by one outside it)."""
-    from trainer.model.mrope import patchify
+    from trainer.model.families.mrope import patchify
 
     out = []
     hooks = [block.register_forward_hook(lambda m, a, o: out.append(o.reshape(len(px), -1, o.shape[-1])))

@@ -8,8 +8,9 @@ import weakref
 import pytest
 import torch
 
+from trainer.model.arch import ArchConfig
 from trainer.model.build import preset_configs
-from trainer.model.ifas import ArchConfig, IFASModel
+from trainer.model.ifas import IFASModel
 from trainer.model.weights import INDEX_NAME, WEIGHTS_NAME, WeightsError, load_weights, verify_weights, write_weights
 
 
@@ -135,8 +136,8 @@ def test_zero3_checkpoint_exports_sharded_and_loads_back_identical(zero3_run, tm
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from trainer.cli.export import main
-    from trainer.model.tokenizer import load_tokenizer
     from trainer.run_dir import RunDir
+    from trainer.sample.tokenizer import load_tokenizer
 
     out = tmp_path / "sharded"
     assert main([str(zero3_run), "--out", str(out), "--max-shard-size", "500KB"]) == 0

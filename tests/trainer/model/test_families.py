@@ -1,4 +1,4 @@
-"""Checkpoint families (trainer/model/families.py), each with a tiny checkpoint saved here by transformers'
+"""Checkpoint families (trainer/model/families/), each with a tiny checkpoint saved here by transformers'
 own classes (tests/trainer/model/family_checkpoints.py): the image tokens are the checkpoint's own
 connector's, the GAC reads every vision layer, the prompt and pixels are its processor's own, a model
 without GAC exported in the family's format loads with AutoModelForImageTextToText and scores the same,
@@ -28,7 +28,7 @@ from tests.trainer.model.test_ifas import assert_same_weights
 from trainer.config import ModelConfig
 from trainer.data import ImageTransform
 from trainer.model.build import build_model
-from trainer.model.prompt import PromptBuilder
+from trainer.sample.prompt import PromptBuilder
 
 FAMILIES = sorted(FAMILY_CASES)
 
@@ -65,7 +65,7 @@ def test_weights_and_image_tokens_are_the_checkpoints_own(family):
     assert (model.llm.lm_head.weight is model.llm.get_input_embeddings().weight) == tied  # as the checkpoint
     torch.testing.assert_close(model.llm.lm_head.weight, ref.lm_head.weight, rtol=0, atol=0)
     with torch.no_grad():
-        ours = model.encode_images(pixels())[:, :case.projector_tokens]
+        ours = model.image_tokens(pixels())[0][:, :case.projector_tokens]
         theirs = case.image_features(ref, pixels())
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)  # the family's own connector
     from trainer.model.flops import ifas_sample_flops
@@ -79,7 +79,7 @@ def test_the_gac_reads_every_vision_layer(family):
     seen = {}
     model.gac.register_forward_hook(lambda module, args, out: seen.update(states=args[0]))
     with torch.no_grad():
-        model.encode_images(pixels())
+        model.image_tokens(pixels())
         manual = case.layer_outputs(model.vision, pixels())  # one layer at a time, by hand
     assert len(seen["states"]) == len(manual) == LAYERS
     for got, want in zip(seen["states"], manual):
@@ -120,8 +120,8 @@ def test_the_prompt_and_pixels_are_the_processors_own(family, gac, video_slot_ma
 def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path, video_slot_may_be_empty):
     from transformers import AutoModelForImageTextToText
 
-    from trainer.model.families import save_family_processor, write_family
-    from trainer.model.tokenizer import processor_chat_template
+    from trainer.model.families.hf_format import save_family_processor, write_family
+    from trainer.sample.tokenizer import processor_chat_template
 
     case, directory, _ = family
     model, tok = build(case, directory, gac=False)
@@ -133,9 +133,9 @@ def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path, 
     ids = torch.tensor([enc.input_ids] * 2)
     mask = torch.ones_like(ids)
     kw = {}  # what the family's processor gives along with the pixels, for square faces
-    if model.arch.image_newline:
+    if model.family.image_newline:
         kw["image_sizes"] = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * 2)
-    if model.mrope:
+    if model.projector is None:  # Qwen-VL: the merger is in the vision tower, the grid goes with the pixels
         kw["image_grid_thw"] = torch.tensor([[1, IMAGE_SIZE // 8, IMAGE_SIZE // 8]] * 2)
         kw["mm_token_type_ids"] = (ids == model.arch.image_token_id).int()
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_qwen_positions_equal_the_familys_rope_index_in_a_right_padded_batch(fam
     rows = IMAGE_SIZE // 8
     theirs, _ = ref.model.get_rope_index(ids, (ids == model.arch.image_token_id).int(),
                                          image_grid_thw=torch.tensor([[1, rows, rows]] * 2), attention_mask=mask)
-    ours = model.positions(ids, mask)
+    ours = model.family.positions(model, ids, mask)
     assert torch.equal(ours[:, mask.bool()], theirs[:, mask.bool()])
 
 
@@ -231,9 +231,9 @@ def test_trains_with_gac_on_two_zero3_ranks_and_the_export_scores_as_the_engine(
 
 
 def test_the_readme_table_is_what_the_code_prints():
-    from trainer.model.families import readme_table
+    from trainer.bench.tables import families_table
 
-    assert readme_table() in (ROOT / "README.md").read_text()
+    assert families_table() in (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl"])
@@ -244,7 +244,7 @@ def test_exported_image_processors_give_every_square_face_the_training_grid(name
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from tests.trainer.model.family_checkpoints import family_tokenizer
-    from trainer.model.families import save_family_processor
+    from trainer.model.families.hf_format import save_family_processor
 
     size = 336 if name == "llava_next" else 448
     arch = {"family": name, "image_size": size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,

@@ -14,9 +14,9 @@ from trainer.config import ModelConfig
 from trainer.data import collate
 from trainer.model.build import build_model
 from trainer.model.ifas import IFASModel
-from trainer.model.loss import INTERPRETATION, JUDGMENT
-from trainer.model.prompt import PromptBuilder
-from trainer.model.tokenizer import TokenizerError, build_demo_tokenizer, load_tokenizer
+from trainer.sample import INTERPRETATION, JUDGMENT
+from trainer.sample.prompt import PromptBuilder
+from trainer.sample.tokenizer import TokenizerError, build_demo_tokenizer, load_tokenizer
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values", "score_positions", "labels", "label_groups")
 
@@ -65,7 +65,7 @@ def test_score_is_yes_no_softmax_at_answer_start(tiny):
     batch = make_batch(model, tok, 2)
     out = forward(model, batch)
     with torch.no_grad():
-        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])[0]
         hidden = model.llm.base_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
         logits = model.llm.lm_head(hidden)
     for b in range(2):
@@ -204,7 +204,7 @@ def test_fused_loss_matches_reference(tiny):
     batch = make_batch(model, tok, 3)
 
     def run(fused):
-        model.use_fused_loss(fused)
+        model.use_kernels(fused)
         model.zero_grad()
         out = forward(model, batch, n_judgment=5, n_interpretation=40)
         out.loss.total.backward()
@@ -213,7 +213,7 @@ def test_fused_loss_matches_reference(tiny):
 
     ref, ref_grad = run(False)
     fused, fused_grad = run(True)
-    model.use_fused_loss(False)
+    model.use_kernels(False)
     for a, b in zip(fused.loss, ref.loss):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
     torch.testing.assert_close(fused_grad, ref_grad, atol=1e-6, rtol=1e-4)

@@ -13,9 +13,10 @@ from shards.schema import CAPTION_PROMPT, QUESTION
 from trainer.config import ModelConfig
 from trainer.data import ImageTransform
 from trainer.model.build import build_model
-from trainer.model.families import NotFamilyCompatible, check_family_compatible, write_family
-from trainer.model.llava import llava_processor
-from trainer.model.prompt import PromptBuilder
+from trainer.model.families.base import NotFamilyCompatible
+from trainer.model.families.hf_format import check_family_compatible, write_family
+from trainer.model.families.llava import llava_processor
+from trainer.sample.prompt import PromptBuilder
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-siglip"])
@@ -40,13 +41,13 @@ def test_llava_form_computes_what_the_model_computes(preset, demo_tokenizer, tmp
 
     with torch.no_grad():
         theirs = llava(**inputs).logits
-        embeds = model.embed(inputs["input_ids"], inputs["pixel_values"])
+        embeds = model.embed(inputs["input_ids"], inputs["pixel_values"])[0]
         ours = model.llm(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_caption_answers_are_the_caption_alone(demo_tokenizer):
-    from trainer.model.loss import IGNORE_INDEX, INTERPRETATION
+    from trainer.sample import IGNORE_INDEX, INTERPRETATION
 
     builder = PromptBuilder(demo_tokenizer, 4, 64, caption_prompt="<image>\nDescribe it.\n")
     enc = builder.encode(False, " halftone dots on paper ")
@@ -105,7 +106,7 @@ def bos_tokenizer():
 def test_prompt_is_the_processors_own_with_its_template_and_bos(demo_tokenizer, tmp_path):
     """A llava-hf checkpoint keeps its chat template at processor level and its tokenizer adds BOS:
     the training prompt is token for token what its processor makes of its own template."""
-    from trainer.model.tokenizer import load_tokenizer
+    from trainer.sample.tokenizer import load_tokenizer
 
     tok = bos_tokenizer()
     model, _ = build_model(ModelConfig(preset="tiny", gac=False), demo_tokenizer)
@@ -122,7 +123,7 @@ def test_prompt_is_the_processors_own_with_its_template_and_bos(demo_tokenizer, 
 
 
 def test_a_checkpoint_without_any_chat_template_is_refused(tmp_path):
-    from trainer.model.tokenizer import TokenizerError, load_tokenizer
+    from trainer.sample.tokenizer import TokenizerError, load_tokenizer
 
     bos_tokenizer().save_pretrained(tmp_path / "tok")
     with pytest.raises(TokenizerError, match="has no chat template"):

@@ -22,8 +22,9 @@ from tests.helpers import DEEPSPEED, ROOT, launch_env
 from tests.trainer.model.test_ifas import _tiny_vision_text, assert_same_weights
 from trainer.config import ModelConfig
 from trainer.dist import free_port
+from trainer.model.arch import ModelLoadError
 from trainer.model.build import build_model
-from trainer.model.ifas import IFASModel, ModelLoadError
+from trainer.model.ifas import IFASModel
 
 # File layouts of llava-hf checkpoints, as functions of the module's state-dict name: what transformers
 # 4.x saved (and the Hub's llava-1.5-7b-hf holds), and the module names themselves.

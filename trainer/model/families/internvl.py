@@ -19,10 +19,33 @@ from typing import Any
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from trainer.model.ifas import ModelLoadError, check_native_size, sub_config
-from trainer.model.processor_files import save_processor
+from trainer.model.arch import ModelLoadError, sub_config
+from trainer.model.families.base import Family, Release
+from trainer.model.families.llava import check_native_size
+from trainer.model.families.processor_files import save_processor
 
 INTERNVL_TOKENS = ("context_image_token", "start_image_token", "end_image_token")
+
+
+class InternVLFamily(Family):
+    name = "internvl"
+    model_types = ("internvl",)
+    model_class = "InternVLForConditionalGeneration"
+    releases = (Release("OpenGVLab/InternVL3-1B-hf, -2B-hf, -8B-hf, InternVL2.5-1B..8B-hf", "InternViT-300M-448px",
+                        448, 14, 24, merge=2),)
+    projector_norm = True  # multi_modal_projector.layer_norm over the merged patches
+    features_from_output = True  # layer -1 is the encoder's output after its final norm
+
+    def arch(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+             image_size: int | None) -> dict[str, Any]:
+        return internvl_arch(config, tokenizer, image_size)
+
+    def hf_config(self, ifas_config: Mapping[str, Any]):
+        return internvl_config(ifas_config)
+
+    def save_processor(self, ifas_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                       chat_template: str | None, directory: str | Path) -> None:
+        save_internvl_processor(ifas_config, tokenizer, chat_template, directory)
 
 
 def internvl_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
@@ -41,8 +64,8 @@ def internvl_arch(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
     if missing:
         raise ModelLoadError(f"the tokenizer does not name InternVL's {', '.join(missing)}: use the checkpoint's own "
                              "-hf tokenizer (its tokenizer_config.json lists them under extra_special_tokens)")
-    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": merge, "projector_norm": True,
-            "features_from_output": True, "image_span": [tokenizer.start_image_token, tokenizer.end_image_token]}
+    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": merge,
+            "image_span": [tokenizer.start_image_token, tokenizer.end_image_token]}
 
 
 def internvl_config(ifas_config: Mapping[str, Any]):
@@ -61,11 +84,9 @@ def internvl_config(ifas_config: Mapping[str, Any]):
 
 def num_projector_tokens(ifas_config: Mapping[str, Any]) -> int:
     """Image tokens per tile (the processor's image_seq_length), counted as the model counts them."""
-    from trainer.model.ifas import image_token_counts
-
     arch = ifas_config["arch"]
-    return image_token_counts(sub_config(ifas_config["vision_config"]), arch["projector_merge"], False, 0,
-                              image_size=arch["image_size"])[0]
+    return InternVLFamily().image_token_counts(sub_config(ifas_config["vision_config"]), arch["projector_merge"],
+                                               False, 0, image_size=arch["image_size"])[0]
 
 
 def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None,
@@ -81,5 +102,5 @@ def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_temp
         size={"height": size, "width": size}, crop_to_patches=False, max_patches=1, resample=Image.BICUBIC,
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(arch["image_mean"]),
         image_std=list(arch["image_std"]), do_convert_rgb=True)
-    save_processor("InternVLProcessor", image_processor, tokenizer, chat_template, directory,
+    save_processor("InternVLProcessor", image_processor, tokenizer, chat_template, directory, "InternVLVideoProcessor",
                    image_seq_length=num_projector_tokens(ifas_config))

@@ -24,40 +24,96 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from trainer.model.tokenizer import IMAGE_TOKEN
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from trainer.model.arch import ModelLoadError, has_class_token, side, sub_config
+from trainer.model.families.base import Family, NotFamilyCompatible, Release
+from trainer.model.families.processor_files import save_processor
+from trainer.sample.tokenizer import IMAGE_TOKEN
 
 log = logging.getLogger("ifas.model")
 
-ANYRES_TYPES = ("llava_next", "llava_onevision")  # model types whose images get a tile grid
+
+def check_native_size(config: PretrainedConfig, image_size: int | None) -> None:
+    """model.image_size may only repeat the size a family's encoder was trained at (Qwen-VL has none)."""
+    native = side(config.vision_config.image_size)
+    if image_size not in (None, native):
+        raise ModelLoadError(f"model.image_size={image_size}: a {config.model_type} checkpoint runs at its encoder's "
+                             f"{native} x {native}; leave model.image_size unset (it is for Qwen-VL checkpoints)")
 
 
-def llava_arch(config, tokenizer, image_size: int | None = None) -> dict[str, Any]:
-    """The ArchConfig fields a LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint fixes."""
-    from trainer.model.ifas import ModelLoadError, check_native_size
+class LlavaFamily(Family):
+    name = "llava"
+    model_types = ("llava",)
+    model_class = "LlavaForConditionalGeneration"
+    releases = (Release("llava-hf/llava-1.5-7b-hf, llava-1.5-13b-hf", "CLIP-L/14-336", 336, 14, 24),
+                Release("llava-hf/llava-interleave-qwen-0.5b-hf, -7b-hf", "SigLIP-so400m/14-384", 384, 14, 27))
 
-    check_native_size(config, image_size)
-    strategy = config.vision_feature_select_strategy
-    if strategy != _feature_strategy({"has_class_token": has_class_token(config.vision_config)}):
-        raise ModelLoadError(f"vision_feature_select_strategy {strategy!r} with a {config.vision_config.model_type} "
-                             "encoder: the I-FAS model drops a class token exactly when the encoder has one")
-    if not isinstance(config.vision_feature_layer, int):
-        raise ModelLoadError(f"vision_feature_layer {config.vision_feature_layer}: only one layer is supported")
-    if config.projector_hidden_act != "gelu":
-        raise ModelLoadError(f"projector_hidden_act {config.projector_hidden_act!r}: only gelu is supported")
-    size = config.vision_config.image_size
-    if config.model_type in ANYRES_TYPES and [size, size] not in [list(p) for p in config.image_grid_pinpoints]:
-        log.warning("%s: image_grid_pinpoints has no [%d, %d], so the checkpoint cut square images into several "
-                    "padded tiles; the I-FAS model (and its export) sees a face as the whole image plus one tile",
-                    config.model_type, size, size)
-    return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": 1,
-            "image_newline": config.model_type in ANYRES_TYPES}
+    def arch(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+             image_size: int | None) -> dict[str, Any]:
+        check_native_size(config, image_size)
+        strategy = config.vision_feature_select_strategy
+        if strategy != _feature_strategy({"has_class_token": has_class_token(config.vision_config)}):
+            raise ModelLoadError(f"vision_feature_select_strategy {strategy!r} with a "
+                                 f"{config.vision_config.model_type} encoder: the I-FAS model drops a class token "
+                                 "exactly when the encoder has one")
+        if not isinstance(config.vision_feature_layer, int):
+            raise ModelLoadError(f"vision_feature_layer {config.vision_feature_layer}: only one layer is supported")
+        if config.projector_hidden_act != "gelu":
+            raise ModelLoadError(f"projector_hidden_act {config.projector_hidden_act!r}: only gelu is supported")
+        return {"vision_feature_layer": config.vision_feature_layer, "projector_merge": 1}
+
+    def check_exportable(self, arch: Mapping[str, Any]) -> None:
+        super().check_exportable(arch)
+        if arch.get("projector_merge", 1) != 1:
+            raise NotFamilyCompatible(f"the projector merges {arch['projector_merge']}x{arch['projector_merge']} "
+                                      "patches per token, LLaVA's reads one; train with model.projector_merge=1 to "
+                                      "export as LLaVA")
+
+    def hf_config(self, ifas_config: Mapping[str, Any]):
+        return llava_config(ifas_config)
+
+    def save_processor(self, ifas_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                       chat_template: str | None, directory: str | Path) -> None:
+        llava_processor(ifas_config, tokenizer, chat_template).save_pretrained(str(directory))
 
 
-def has_class_token(vision_config) -> bool:
-    # CLIP-style ViTs prepend a class token; SigLIP and similar pool over patches instead.
-    return "siglip" not in vision_config.model_type
+class AnyresFamily(LlavaFamily):
+    """LLaVA-NeXT and LLaVA-OneVision: a face is the whole image plus its one tile, rows closed by a newline."""
+
+    image_newline = True
+
+    def __init__(self, name: str, model_class: str, config_class: str, processor_class: str,
+                 video_processor_class: str | None, releases: tuple[Release, ...]) -> None:
+        self.name, self.model_types, self.model_class, self.releases = name, (name,), model_class, releases
+        self.config_class, self.processor_class = config_class, processor_class
+        self.video_processor_class = video_processor_class  # what transformers builds its processor with
+
+    def arch(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+             image_size: int | None) -> dict[str, Any]:
+        fixed = super().arch(config, tokenizer, image_size)
+        size = config.vision_config.image_size
+        if [size, size] not in [list(p) for p in config.image_grid_pinpoints]:
+            log.warning("%s: image_grid_pinpoints has no [%d, %d], so the checkpoint cut square images into several "
+                        "padded tiles; the I-FAS model (and its export) sees a face as the whole image plus one tile",
+                        config.model_type, size, size)
+        return fixed
+
+    def hf_config(self, ifas_config: Mapping[str, Any]):
+        """The family's config with the one tile grid the I-FAS model was trained on."""
+        import transformers
+
+        size = ifas_config["arch"]["image_size"]
+        return getattr(transformers, self.config_class)(**_llava_fields(ifas_config),
+                                                        image_grid_pinpoints=[[size, size]])
+
+    def save_processor(self, ifas_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
+                       chat_template: str | None, directory: str | Path) -> None:
+        save_anyres_processor(ifas_config, tokenizer, chat_template, directory, self.processor_class,
+                              self.video_processor_class)
 
 
 def _feature_strategy(arch: Mapping[str, Any]) -> str:
@@ -69,15 +125,12 @@ def llava_config(ifas_config: Mapping[str, Any]):
     """A ``LlavaConfig`` equal in architecture to ``ifas_config`` (``IFASModel.config_dict()``)."""
     from transformers import LlavaConfig
 
-
     grid = ifas_config["arch"]["image_size"] // ifas_config["vision_config"]["patch_size"]
     return LlavaConfig(**_llava_fields(ifas_config), image_seq_length=grid * grid)
 
 
 def _llava_fields(ifas_config: Mapping[str, Any]) -> dict[str, Any]:
     """The config fields LLaVA, LLaVA-NeXT and LLaVA-OneVision share, from ``ifas_config``."""
-    from trainer.model.ifas import sub_config
-
     arch = ifas_config["arch"]
     text = sub_config(ifas_config["text_config"])
     return dict(vision_config=sub_config(ifas_config["vision_config"]), text_config=text,
@@ -87,18 +140,8 @@ def _llava_fields(ifas_config: Mapping[str, Any]) -> dict[str, Any]:
                 tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
 
 
-def anyres_config(ifas_config: Mapping[str, Any], family: str):
-    """A ``LlavaNextConfig`` or ``LlavaOnevisionConfig`` equal in architecture to ``ifas_config``, with
-    the one tile grid the I-FAS model was trained on."""
-    import transformers
-
-    size = ifas_config["arch"]["image_size"]
-    cls = {"llava_next": transformers.LlavaNextConfig, "llava_onevision": transformers.LlavaOnevisionConfig}[family]
-    return cls(**_llava_fields(ifas_config), image_grid_pinpoints=[[size, size]])
-
-
 def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None, directory,
-                          family: str) -> None:
+                          processor_class: str, video_processor_class: str | None) -> None:
     """A ``LlavaNextProcessor`` or ``LlavaOnevisionProcessor`` for the one tile grid, preparing pixels as
     ``ImageTransform`` does (bicubic resize to the square size, no crop, then mean/std)."""
     from PIL import Image
@@ -107,8 +150,6 @@ def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_templa
         LlavaOnevisionImageProcessorPil,
     )
 
-    from trainer.model.processor_files import save_processor
-
     arch = ifas_config["arch"]
     size = arch["image_size"]
     common = dict(size={"height": size, "width": size}, image_grid_pinpoints=[[size, size]], resample=Image.BICUBIC,
@@ -116,15 +157,15 @@ def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_templa
                   do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                   image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]), do_convert_rgb=True)
     strategy = _feature_strategy(arch)
-    if family == "llava_next":
+    if processor_class == "LlavaNextProcessor":
         save_processor("LlavaNextProcessor", LlavaNextImageProcessorPil(**common), tokenizer, chat_template, directory,
                        patch_size=ifas_config["vision_config"]["patch_size"], vision_feature_select_strategy=strategy,
                        num_additional_image_tokens=1 if arch["has_class_token"] else 0, image_token=IMAGE_TOKEN)
     else:
         grid = size // ifas_config["vision_config"]["patch_size"]
         save_processor("LlavaOnevisionProcessor", LlavaOnevisionImageProcessorPil(**common), tokenizer, chat_template,
-                       directory, num_image_tokens=grid * grid, vision_feature_select_strategy=strategy,
-                       image_token=IMAGE_TOKEN)
+                       directory, video_processor_class, num_image_tokens=grid * grid,
+                       vision_feature_select_strategy=strategy, image_token=IMAGE_TOKEN)
 
 
 def llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: str | None = None):

@@ -1,6 +1,6 @@
-"""What the I-FAS model runs for the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families (trainer/model/qwen_vl.py has the
-rest): their vision tower, the flattened patches it reads, and their LLM with 3-D rotary positions
-(and Qwen3-VL's deepstack features).
+"""What the I-FAS model runs for the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families (trainer/model/families/qwen_vl.py
+has the rest): the flattened patches their vision tower reads, and their LLM with 3-D rotary positions (and
+Qwen3-VL's deepstack features).
 docs/architecture.md, "Checkpoint families", says how each piece follows the family's own code."""
 from __future__ import annotations
 
@@ -8,42 +8,18 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import einops
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-
-def _classes(family: str) -> tuple[type, type]:
-    """(vision tower class, text model class) of the family."""
-    if family == "qwen2_vl":
-        from transformers.models.qwen2_vl import modeling_qwen2_vl as m
-
-        return m.Qwen2VisionTransformerPretrainedModel, m.Qwen2VLTextModel
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
-
-        return m.Qwen2_5_VisionTransformerPretrainedModel, m.Qwen2_5_VLTextModel
-    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
-
-    return m.Qwen3VLVisionModel, m.Qwen3VLTextModel
-
-
-def vision_width(vision_config: PretrainedConfig) -> int:
-    """The width of the vision blocks (what the GAC reads): Qwen2-VL calls it embed_dim, its hidden_size is
-    the merger's output; Qwen2.5-VL calls it hidden_size."""
-    return vision_config.embed_dim if vision_config.model_type == "qwen2_vl_vision" else vision_config.hidden_size
-
-
-def build_vision(vision_config: PretrainedConfig, **kw: Any) -> nn.Module:
-    return _classes(vision_config.model_type.removesuffix("_vision"))[0]._from_config(vision_config, **kw)
-
 
 class MRopeCausalLM(PreTrainedModel, GenerationMixin):
     """The family's text model with its LM head, as a causal LM (transformers has the pair only inside the
-    image-text class). Weight names as there: ``model.*`` (the text model) and ``lm_head.weight``."""
+    image-text class). Weight names as there: ``model.*`` (the text model) and ``lm_head.weight``. Each family
+    uses a subclass naming its text model class (``text_model_class``; QwenVLFamily.build_llm makes it)."""
 
+    text_model_class: type[nn.Module]
     base_model_prefix = "model"
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # as the families' own PreTrainedModel declares
@@ -53,8 +29,7 @@ class MRopeCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
-        text_model = _classes(config.model_type.removesuffix("_text"))[1]
-        self.model = text_model(config)
+        self.model = self.text_model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._prompt: dict[str, Any] | None = None  # while generating: the prompt's positions and other inputs
         self.post_init()
@@ -103,12 +78,13 @@ class MRopeCausalLM(PreTrainedModel, GenerationMixin):
 def patchify(pixel_values: torch.Tensor, patch: int, temporal: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, 3, S, S] images -> (flattened patches [B * (S/patch)^2, 3 * temporal * patch^2], grid_thw [B, 3]),
     ordered as the family's image processor orders them: merge x merge blocks of patches, row by row."""
-    b, c, h, w = pixel_values.shape
+    b, _, h, w = pixel_values.shape
     gh, gw = h // patch, w // patch
-    x = pixel_values.unsqueeze(1).expand(b, temporal, c, h, w)  # a still image: the frame repeated
-    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [b, gh/m, gw/m, m, m, c, t, p, p]
-    flat = x.reshape(b * gh * gw, c * temporal * patch * patch)
+    frames = einops.repeat(pixel_values, "b c h w -> b t c h w", t=temporal)  # a still image: the frame repeated
+    # rows (y) and columns (x) of merge blocks, then each block's rows (my) and columns (mx) of patches, then one
+    # patch's channels, frames and pixels (py, px)
+    flat = einops.rearrange(frames, "b t c (y my py) (x mx px) -> (b y x my mx) (c t py px)",
+                            my=merge, mx=merge, py=patch, px=patch)
     grid = torch.tensor([[1, gh, gw]] * b, device=pixel_values.device)
     return flat, grid
 

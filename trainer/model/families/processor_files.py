@@ -17,25 +17,18 @@ from typing import Any
 
 log = logging.getLogger("ifas.model")
 
-# processor class -> the video processor transformers builds it with
-VIDEO_PROCESSORS = {"InternVLProcessor": "InternVLVideoProcessor",
-                    "LlavaOnevisionProcessor": "LlavaOnevisionVideoProcessor",
-                    "Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-                    "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}
-
-
 def save_processor(processor_class: str, image_processor, tokenizer, chat_template: str | None,
-                   directory: str | Path, **settings: Any) -> None:
-    """Write ``processor_class(image_processor, tokenizer, chat_template=..., **settings)`` to ``directory``."""
+                   directory: str | Path, video_processor_class: str | None = None, **settings: Any) -> None:
+    """Write ``processor_class(image_processor, tokenizer, chat_template=..., **settings)`` to ``directory``;
+    ``video_processor_class``: the video processor transformers builds that processor with (None: none)."""
     import transformers
 
     cls = getattr(transformers, processor_class)
     parts = {"image_processor": image_processor, "tokenizer": tokenizer}
-    video = VIDEO_PROCESSORS.get(processor_class)
     d = Path(directory)
-    if video is None or importlib.util.find_spec("torchvision") is not None:
-        if video is not None:
-            parts["video_processor"] = getattr(transformers, video)()
+    if video_processor_class is None or importlib.util.find_spec("torchvision") is not None:
+        if video_processor_class is not None:
+            parts["video_processor"] = getattr(transformers, video_processor_class)()
         cls(**parts, chat_template=chat_template, **settings).save_pretrained(str(d))
         return
     log.warning("torchvision is not installed: writing %s's files without its video processor", processor_class)
