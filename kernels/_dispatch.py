@@ -8,9 +8,6 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-# Forces the backend that "auto" picks, e.g. IFAS_KERNEL_BACKEND=torch to rule the kernels out
-# when debugging a GPU run.
-BACKEND_ENV = "IFAS_KERNEL_BACKEND"
 
 
 @functools.cache
@@ -29,11 +26,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-        if forced in ("triton", "torch"):
-            backend = forced
-        else:
-            return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import einops
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +25,7 @@ def _as_layer_tensor(hidden_states: torch.Tensor | Sequence[torch.Tensor], mode:
     if isinstance(hidden_states, torch.Tensor):
         return hidden_states
     layers = [h[:, :1] for h in hidden_states] if mode == "cls" else list(hidden_states)
-    return torch.stack(layers)
+    return einops.rearrange(layers, "l b n d -> l b n d")  # the layers stacked in front
 
 
 def _check(hidden_states: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str) -> None:
@@ -65,7 +66,7 @@ def _pool_ln_torch(
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, unbiased=False, keepdim=True)
     y = (x - mean) * torch.rsqrt(var + eps) * ln_weight.float()[:, None] + ln_bias.float()[:, None]
-    return y.transpose(0, 1).contiguous().to(hidden_states.dtype)
+    return einops.rearrange(y, "l b d -> b l d").contiguous().to(hidden_states.dtype)
 
 
 class _PoolLayerNormTriton(torch.autograd.Function):

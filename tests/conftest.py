@@ -30,7 +30,7 @@ def small_shards(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_tokenizer(small_shards):
     from trainer.data import resolve_shards
-    from trainer.model.tokenizer import build_demo_tokenizer
+    from trainer.sample.tokenizer import build_demo_tokenizer
     from trainer.training.inputs import read_captions
 
     return build_demo_tokenizer(read_captions(resolve_shards([str(d) for d in small_shards.values()])))

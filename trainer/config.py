@@ -8,8 +8,6 @@ run before any rank starts work.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +15,19 @@ from typing import Any
 import yaml
 
 from shards.schema import CAPTION_PROMPT
+from trainer.typed_yaml import ConfigError, build_dataclass, merge_trees, parse_overrides
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_overrides"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # shipped files (launch/...) resolve against it
 MODULE_GROUPS = ("vision", "projector", "gac", "llm")
-
-
-class ConfigError(ValueError):
-    """The run configuration is invalid; the message names the key or file and the fix."""
 
 
 @dataclass
 class ModelConfig:
     # Where the weights come from (first that is set wins): a local image-text-to-text checkpoint of a
     # supported family (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL:
-    # trainer/model/families.py), found from its config.json model_type;
+    # trainer/model/families/), found from its config.json model_type;
     # or a vision-encoder directory plus an LLM directory; or a named offline preset.
     path: str | None = None  # (model.llava_path, its name before other families, is read as model.path)
     vision_path: str | None = None
@@ -56,8 +53,10 @@ class ModelConfig:
     # Modules whose layers recompute activations in backward (saves memory): any of vision, llm.
     gradient_checkpointing: list[str] = field(default_factory=list)
     # Loss through the fused LM-head cross entropy (kernels/): auto = on CUDA only; true; false.
-    # (The GAC pooling always goes through the kernels dispatcher: Triton on CUDA, torch on CPU.)
     fused_kernels: bool | str = "auto"
+    # The kernels' backend, for the GAC pooling and the fused loss: auto = Triton on CUDA, torch elsewhere;
+    # torch rules the Triton kernels out (e.g. when debugging a GPU run); triton.
+    kernel_backend: str = "auto"
 
 
 @dataclass
@@ -70,7 +69,7 @@ class ShardSource:
 
 @dataclass
 class AugmentConfig:
-    """Train-time image augmentation against capture-condition shift (trainer/augment.py); never
+    """Train-time image augmentation against capture-condition shift (trainer/data/augment.py); never
     applied in evaluation."""
 
     enabled: bool = False
@@ -87,7 +86,7 @@ class AugmentConfig:
 class DataConfig:
     # Shard-set dirs, globs or brace URLs, read as one set; or with weights ({path: ..., weight: 0.3}):
     # each set then streams on its own and every sample is drawn from a set with probability
-    # proportional to its weight (trainer/stream.py, deterministic for the seed and resumable).
+    # proportional to its weight (trainer/data/stream.py, deterministic for the seed and resumable).
     train_shards: list[str | ShardSource] = field(default_factory=list)
     eval_shards: list[str] = field(default_factory=list)
     max_length: int = 128  # tokens per sample, image tokens included; captions are truncated
@@ -184,116 +183,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert ``value`` against the type hint ``hint``; raise ConfigError naming ``key``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
-                    raise  # a mapping meant that section: its own error says what is wrong
-        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {hint}")
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        takes_str = item is str or str in typing.get_args(item)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and takes_str:
-            value = [value]  # a single shard path is a list of one
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        kt, vt = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r}: expected a mapping ({', '.join(hint.__dataclass_fields__)}), "
-                              f"got {value!r}")
-        return _build(hint, value, f"{key}.")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"section {prefix.rstrip('.')!r}" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r} in {where}; valid keys: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {prefix + name!r} must be a section (mapping), got {value!r}")
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, prefix + name)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["train.max_steps=10", "data.train_shards=[a,b]"]`` into a nested dict (YAML values)."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw != "" else None
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from a YAML file (optional) plus ``key=value`` overrides, then validate."""
     data: dict[str, Any] = {}
@@ -307,8 +196,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
-    data = _merge(_old_names(data), _old_names(parse_overrides(overrides or [])))
-    cfg = _build(RunConfig, data, "")
+    data = merge_trees(_old_names(data), _old_names(parse_overrides(overrides or [])))
+    cfg = build_dataclass(RunConfig, data)
     validate(cfg)
     return cfg
 
@@ -356,6 +245,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.pooling must be auto, cls or mean, got {cfg.model.pooling!r}")
     if cfg.model.fused_kernels not in ("auto", True, False):
         raise ConfigError(f"model.fused_kernels must be auto, true or false, got {cfg.model.fused_kernels!r}")
+    if cfg.model.kernel_backend not in ("auto", "triton", "torch"):
+        raise ConfigError(f"model.kernel_backend must be auto, triton or torch, got {cfg.model.kernel_backend!r}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
     if cfg.data.answer_style not in ("caption", "judgment"):

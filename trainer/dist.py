@@ -22,9 +22,12 @@ from typing import Any
 
 import torch
 
+from trainer.config import TrainConfig
+from trainer.process import skip_deepspeed_jit_ops
+
 log = logging.getLogger("ifas.dist")
 
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # a stalled collective (dead or hung rank) fails after this
+DEFAULT_COLLECTIVE_TIMEOUT_S = TrainConfig.collective_timeout_s  # a stalled collective fails after this
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000  # MASTER_PORT = base + SLURM_JOB_ID % span
 
 _timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
@@ -192,8 +195,7 @@ def init_distributed(timeout_s: float | None = None) -> WorldInfo:
         torch.cuda.set_device(_cuda_index(info.local_rank))
         backend = "nccl"
     else:
-        # The shared-memory comm op JIT-compiles C++ (~30 s) on first use; gloo needs none of it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_deepspeed_jit_ops()
         backend = "gloo"
     if info.world_size > 1:
         log.info("rank %d of %d (local rank %d): rendezvous %s:%s, collective timeout %.0f s", info.rank,
@@ -231,11 +233,11 @@ def gather_objects(obj: Any, info: WorldInfo) -> list[Any]:
     return gathered
 
 
-def barrier(info: WorldInfo) -> None:
-    """Wait for every rank (nothing to wait for in a single process)."""
-    if info.world_size > 1:
-        import torch.distributed as dist
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process or without a process group)."""
+    import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 

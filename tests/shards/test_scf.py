@@ -46,7 +46,7 @@ def tiny_captioner(tmp_path_factory) -> Path:
         Qwen2Config,
     )
 
-    from trainer.model.tokenizer import build_demo_tokenizer
+    from trainer.sample.tokenizer import build_demo_tokenizer
 
     tok = build_demo_tokenizer(["a printed photo on paper", "a face on a screen", "a real person"], vocab_size=300)
     d = tmp_path_factory.mktemp("captioner")

@@ -1,5 +1,5 @@
 """Resume-cost benchmark: time from restoring a training stream to its first batch, by how far
-the stream had got (``python -m trainer.resume_bench``; BENCHMARKS.md "Resume cost").
+the stream had got (``python -m trainer.bench.resume``; BENCHMARKS.md "Resume cost").
 
 The demo's stream (its three training domains, micro-batch 16, shuffle buffer 512, the demo
 tokenizer and image size), one reader in this process, world size 1; for each consumed count the
@@ -26,23 +26,22 @@ from trainer.config import PROJECT_ROOT as ROOT
 from trainer.config import load_config
 from trainer.logs import setup_logging
 
-log = logging.getLogger("ifas.resume_bench")
+log = logging.getLogger("ifas.bench.resume")
 
 
 def _stream(cfg, urls, builder, transform, state):
-    from trainer.data import make_loader
-    from trainer.stream import ShardStream
+    from trainer.data import SampleMaker, ShardStream, StreamLayout, make_loader
 
-    stream = ShardStream(urls, builder, transform, rank=0, world_size=1, batch_size=cfg.train.micro_batch_size,
-                         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, resume=state, num_workers=0)
+    stream = ShardStream(urls, SampleMaker(builder, transform, seed=cfg.train.seed), StreamLayout(),
+                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state)
     return iter(make_loader(stream, builder.tokenizer.pad_token_id))
 
 
 def measure(consumed_samples: list[int], repeats: int, verify_up_to: int, config: str) -> list[dict]:
-    from trainer.data import ImageTransform, resolve_shards
-    from trainer.model.prompt import PromptBuilder
-    from trainer.model.tokenizer import build_demo_tokenizer
-    from trainer.stream import StreamState
+    from trainer.data import ImageTransform, StreamState, resolve_shards
+    from trainer.sample.prompt import PromptBuilder
+    from trainer.sample.tokenizer import build_demo_tokenizer
     from trainer.training.inputs import read_captions
 
     cfg = load_config(config, [])
@@ -91,7 +90,7 @@ def section(results: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trainer.resume_bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="trainer.bench.resume", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "launch" / "configs" / "demo.yaml"))
     ap.add_argument("--consumed", type=int, nargs="+", default=[0, 3008, 30000, 120000])
     ap.add_argument("--repeats", type=int, default=3)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     results = measure(args.consumed, args.repeats, args.verify_up_to, args.config)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    command = " ".join(["python -m trainer.resume_bench", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m trainer.bench.resume", *(sys.argv[1:] if argv is None else argv)])
     body = section(results, command)
     print(body)
     if not args.no_markdown:

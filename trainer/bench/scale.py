@@ -52,8 +52,8 @@ def save_checkpoint(out: Path, shards: Path) -> dict[str, Any]:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from trainer.data import resolve_shards
-    from trainer.model.ifas import default_dtype
-    from trainer.model.tokenizer import build_demo_tokenizer, ensure_image_token
+    from trainer.model.arch import default_dtype
+    from trainer.sample.tokenizer import build_demo_tokenizer, ensure_image_token
     from trainer.training.inputs import read_captions
 
     if (out / "config.json").is_file():
@@ -193,4 +193,4 @@ def section(results: dict[str, dict[str, Any]], command: str) -> str:
         "the ratio, and fp32 doubles most of them while its states grow from 18 to 20 bytes per parameter, so "
         "fp32 misses the target that bf16 meets; at 7B over 8-32 GPUs the partitioned states dominate (README "
         "table).", "",
-        "At 7B: the README's \"Real checkpoints at scale\" table (`python -m trainer.training.memory`)."])
+        "At 7B: the README's \"Real checkpoints at scale\" table (`python -m trainer.bench.tables`)."])

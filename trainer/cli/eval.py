@@ -34,9 +34,9 @@ from trainer.eval.scoring import (
     threshold_from_file,
 )
 from trainer.logs import MetricsWriter, Tags, setup_logging
+from trainer.model.arch import ModelLoadError
 from trainer.model.export import inference_dtype, load_model_dir
-from trainer.model.ifas import ModelLoadError
-from trainer.model.prompt import PromptBuilder
+from trainer.sample.prompt import PromptBuilder
 
 
 def parse_set(spec: str) -> tuple[str, str]:

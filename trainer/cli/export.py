@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from trainer.logs import setup_logging
+from trainer.model.arch import ModelLoadError
 from trainer.model.export import EXPORT_DTYPES, FORMATS, export_run
-from trainer.model.ifas import ModelLoadError
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError
 
 

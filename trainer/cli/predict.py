@@ -20,8 +20,9 @@ from trainer.dist import device
 from trainer.eval.predict import batches, crop_face, iter_inputs, predict_batch
 from trainer.eval.scoring import threshold_from_file
 from trainer.logs import setup_logging
+from trainer.model.arch import ModelLoadError
 from trainer.model.export import inference_dtype
-from trainer.model.ifas import IFASModel, ModelLoadError
+from trainer.model.ifas import IFASModel
 
 log = logging.getLogger("ifas.predict")
 

@@ -16,8 +16,8 @@ from trainer.config import ConfigError, load_config
 from trainer.data import ShardSetError
 from trainer.dist import finish_process, shutdown_distributed
 from trainer.logs import setup_logging
-from trainer.model.ifas import ModelLoadError
-from trainer.model.tokenizer import TokenizerError
+from trainer.model.arch import ModelLoadError
+from trainer.sample.tokenizer import TokenizerError
 from trainer.training.inputs import check_inputs, check_sequence_budget, prepare_tokenizer
 from trainer.training.loop import TrainingHalted, train
 

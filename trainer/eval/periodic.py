@@ -15,8 +15,8 @@ from trainer.eval.metrics import FASMetrics
 from trainer.eval.report import report
 from trainer.eval.scoring import ScoredSet, collect_scores, dev_threshold, gather_scored
 from trainer.logs import MetricsWriter, Tags
-from trainer.model.prompt import PromptBuilder
 from trainer.run_dir import RunDir, tag_for
+from trainer.sample.prompt import PromptBuilder
 
 log = logging.getLogger("ifas.eval")
 

@@ -28,7 +28,7 @@ from trainer.data import ImageTransform, collate, decode_sample, resolve_shards
 from trainer.eval.explain import generate_explanations
 from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
 from trainer.model.ifas import IFASModel
-from trainer.model.prompt import PromptBuilder
+from trainer.sample.prompt import PromptBuilder
 
 log = logging.getLogger("ifas.predict")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -20,11 +20,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from trainer.data import ImageTransform, ShardSetError, make_loader
+from trainer.data import ImageTransform, SampleMaker, ShardSetError, ShardStream, StreamLayout, make_loader
 from trainer.dist import WorldInfo, all_reduce_sum, device, gather_objects
 from trainer.eval.metrics import FASMetrics, eer_threshold, fas_metrics
-from trainer.model.prompt import PromptBuilder
-from trainer.stream import ShardStream
+from trainer.sample.prompt import PromptBuilder
 
 log = logging.getLogger("ifas.eval")
 PROMPT_ONLY_MAX_LENGTH = 4096  # prompts carry no answer, so only the prompt itself must fit
@@ -91,17 +90,8 @@ def _eval_batches(
     batch_size: int,
     pad_id: int,
 ) -> Iterator[dict[str, Any]]:
-    stream = ShardStream(
-        urls,
-        builder,
-        transform,
-        rank=rank,
-        world_size=world,
-        batch_size=batch_size,
-        train=False,
-        with_answers=False,
-        num_workers=0,
-    )
+    stream = ShardStream(urls, SampleMaker(builder, transform, with_answers=False), StreamLayout(rank, world),
+                         batch_size=batch_size, train=False)
     return iter(make_loader(stream, pad_id))
 
 

@@ -9,7 +9,7 @@ checkpoints are kept, plus any ``protected`` one (the best step by held-out HTER
 
 A checkpoint written by another layout (world size or loader workers) is converted once, by rank
 0, into DeepSpeed's universal format (``step_<N>/universal``, with its own ``COMPLETE``), which any
-world size loads; the data streams continue through a transition epoch (trainer/stream.py).
+world size loads; the data streams continue through a transition epoch (trainer/data/stream.py).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.io import atomic_write_text
+from trainer.dist import barrier
 from trainer.run_dir import COMPLETE, LATEST, LAYOUT, UNIVERSAL, latest_tag, tag_for
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,15 @@ class Checkpointer:
         self.protected: set[str] = set()  # e.g. the best step by held-out HTER: never pruned
 
     def save(self, engine, step: int, client_state: dict[str, Any], layout: dict[str, int]) -> Path:
-        import torch.distributed as dist
-
         tag = tag_for(step)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk before the checkpoint counts as written
+        barrier()  # every rank's shards are on disk before the checkpoint counts as written
         if self.is_main:
             atomic_write_text(self.dir / tag / LAYOUT, json.dumps(layout))
             atomic_write_text(self.dir / tag / COMPLETE, f"{step}\n")
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep=tag)
-        dist.barrier()
+        barrier()
         log.info("saved checkpoint %s", self.dir / tag)
         return self.dir / tag
 
@@ -56,7 +55,10 @@ class Checkpointer:
             stale += complete[:-self.keep_last]
         for path in stale:
             if path.name != keep and path.name not in self.protected:
-                shutil.rmtree(path, ignore_errors=True)
+                try:
+                    shutil.rmtree(path)
+                except OSError as exc:  # e.g. a file still held open on a network filesystem
+                    log.warning("could not prune checkpoint %s (%s); the next save tries again", path, exc)
 
     def saved_layout(self) -> dict[str, int] | None:
         """The layout (world_size, num_workers) of the latest complete checkpoint, None if there is none."""
@@ -95,7 +97,8 @@ class Checkpointer:
         out = tag_dir / UNIVERSAL
         failure = [None]  # rank 0's error, sent to every rank so that none waits for a conversion that failed
         if self.is_main and not (out / COMPLETE).is_file():
-            shutil.rmtree(out, ignore_errors=True)  # a conversion killed half way
+            if out.exists():  # a conversion killed half way
+                shutil.rmtree(out)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                    "--output_folder", str(out)]
             log.info("converting %s for another world size: %s", tag_dir, " ".join(cmd))

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from trainer.config import PROJECT_ROOT, RunConfig
-from trainer.dist import WorldInfo
+from trainer.dist import WorldInfo, barrier
 from trainer.model.build import build_model
-from trainer.model.families import is_family_compatible, save_family_processor
+from trainer.model.families.hf_format import is_family_compatible, save_family_processor
 from trainer.model.ifas import IFASModel
 from trainer.model.pretrained import full_numel, full_shape
-from trainer.model.tokenizer import load_tokenizer, processor_chat_template
 from trainer.run_dir import CONFIG_NAME, RunDir
+from trainer.sample.tokenizer import load_tokenizer, processor_chat_template
 
 log = logging.getLogger("ifas.train")
 
@@ -97,14 +97,14 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
     to output_dir, and every rank then uses exactly that tokenizer. Returns (model, tokenizer,
     engine, optimizer)."""
     import deepspeed
-    import torch.distributed as dist
 
     run = RunDir(cfg.train.output_dir)
     ds_config = deepspeed_config(cfg, dev.type == "cuda", load_universal)
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     model, tokenizer = build_model(cfg.model, tokenizer, dtype=dtype, zero3_config=ds_config if zero3 else None)
-    model.use_fused_loss(cfg.model.fused_kernels is True or (cfg.model.fused_kernels == "auto" and dev.type == "cuda"))
+    model.use_kernels(cfg.model.fused_kernels is True or (cfg.model.fused_kernels == "auto" and dev.type == "cuda"),
+                      cfg.model.kernel_backend)
     if info.is_main:
         run.model_config.mkdir(parents=True, exist_ok=True)
         # the training dtype: what ifas-export writes by default
@@ -115,7 +115,7 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
             chat_template = processor_chat_template(Path(cfg.model.path)) if cfg.model.path else None
             save_family_processor(model.config_dict(), tokenizer, chat_template, run.processor)
         run.run_config.write_text(json.dumps(cfg.to_dict(), indent=2))
-    dist.barrier()
+    barrier()
     tokenizer = load_tokenizer(run.model_config)
     n_params = sum(full_numel(p) for p in model.parameters())
     log.info("model: %.2fM parameters, %d image tokens per sample", n_params / 1e6, model.num_image_tokens)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -19,26 +18,35 @@ from typing import Any
 import torch
 
 from shards.scf import captioner_prompt
-from trainer.augment import Augment
 from trainer.config import RunConfig
-from trainer.data import SKIP_REASONS, ImageTransform, make_loader, resolve_shards
+from trainer.data import (
+    SKIP_REASONS,
+    Augment,
+    ImageTransform,
+    SampleMaker,
+    ShardStream,
+    Source,
+    StreamLayout,
+    StreamState,
+    make_loader,
+    resolve_shards,
+)
 from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, gather_objects, init_distributed
 from trainer.eval.periodic import PeriodicEvaluator
 from trainer.logs import MetricsWriter, log_system_scalars, setup_logging
 from trainer.model.ifas import IFASModel
-from trainer.model.loss import INTERPRETATION, JUDGMENT, loss_alpha
-from trainer.model.prompt import PromptBuilder
+from trainer.model.loss import loss_alpha
+from trainer.process import keep_host_heap_small
 from trainer.run_dir import RunDir, tag_for
-from trainer.stream import ShardStream, StreamState
+from trainer.sample import INTERPRETATION, JUDGMENT
+from trainer.sample.prompt import PromptBuilder
 from trainer.training.checkpoint import Checkpointer
 from trainer.training.engine import build_engine
 from trainer.training.inputs import held_out_dev
-from trainer.training.memory import keep_host_heap_small
 from trainer.training.timing import PhaseTimer, phase
 
 log = logging.getLogger("ifas.train")
 
-INJECT_NAN_ENV = "IFAS_INJECT_NAN_AT_STEPS"  # fault injection for tests: "3,4" poisons those steps' loss
 BATCH_TENSORS = ("input_ids", "attention_mask", "pixel_values", "score_positions", "labels", "label_groups")
 
 
@@ -56,14 +64,12 @@ def train_step(
     dev: torch.device,
     alpha: float | None,
     world: int,
-    poison: bool = False,
     timer: PhaseTimer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches; returns [loss, judgment, interpretation]
     summed over them (this rank's share of the global-batch loss, detached, on the device) and this
-    rank's [judgment, interpretation] token counts (on the host).
-    ``poison`` makes the loss NaN (fault injection for tests, see INJECT_NAN_ENV); ``timer``
-    (benchmark only) records the phases."""
+    rank's [judgment, interpretation] token counts (on the host). ``timer`` (the benchmark's) records the
+    phases."""
     groups = [mb["label_groups"] for mb in micro_batches]
     counts = torch.stack([sum((g == JUDGMENT).sum() for g in groups), sum((g == INTERPRETATION).sum() for g in groups)])
     with phase(timer, "comm_counts"):  # one small collective per step, kept on the device (no host sync)
@@ -73,8 +79,6 @@ def train_step(
     for mb in micro_batches:
         with phase(timer, "forward"):
             out = engine(**model_inputs(mb, dev), alpha=alpha, n_judgment=n_judgment, n_interpretation=n_interp)
-        if poison:
-            out = out._replace(loss=type(out.loss)(*(p * float("nan") for p in out.loss)))
         # DeepSpeed averages gradients over ranks and micro-steps; the loss is already a global
         # mean, so scale back up to make the update exactly its gradient.
         with phase(timer, "backward"):
@@ -208,26 +212,16 @@ def training_batches(
         image_span=arch.image_span)
     transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
     held_out = held_out_dev(cfg, train_urls)
-    sources = [(resolve_shards([path]), weight, label) for _, path, weight, label in _draws(cfg)]
+    sources = [Source(tuple(resolve_shards([path])), weight, label) for _, path, weight, label in _draws(cfg)]
     if held_out and info.is_main:
         log.info("training skips %s of %d training shard(s): eval.dev_shards holds them out to fix the threshold",
-                 f"the split={held_out[0]!r} samples" if held_out[0] else "every sample", len(held_out[1]))
-    stream = ShardStream(
-        train_urls,
-        builder,
-        transform,
-        rank=info.rank,
-        world_size=info.world_size,
-        batch_size=cfg.train.micro_batch_size,
-        seed=cfg.train.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        resume=state,
-        num_workers=cfg.data.num_workers,
-        caption_source=cfg.data.caption_source,
-        held_out=held_out,
-        augment=Augment(cfg.data.augment) if cfg.data.augment.enabled else None,
-        sources=sources or None,
-    )
+                 f"the split={held_out.split!r} samples" if held_out.split else "every sample", len(held_out.shards))
+    samples = SampleMaker(builder, transform, caption_source=cfg.data.caption_source, held_out=held_out,
+                          augment=Augment(cfg.data.augment) if cfg.data.augment.enabled else None,
+                          seed=cfg.train.seed)
+    stream = ShardStream(train_urls, samples, StreamLayout(info.rank, info.world_size, cfg.data.num_workers),
+                         batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer, resume=state, sources=sources or None)
     if state.origin is not None:  # collective: every rank reports its share of the old epoch's rest
         left = gather_objects([stream.transition_length(r) for r in range(max(cfg.data.num_workers, 1))], info)
         if info.is_main:
@@ -261,7 +255,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     if client is not None:
         start_step = client["step"]
         old = client["data"]
-        if elastic:  # the old ranks' streams finish their epoch through a transition (trainer/stream.py)
+        if elastic:  # the old ranks' streams finish their epoch through a transition (trainer/data/stream.py)
             stream_state = StreamState.after_layout_change(old["streams"], old["num_workers"],
                                                            client["config"]["data"]["shuffle_buffer"], info.rank)
         else:
@@ -296,7 +290,6 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     if cfg.train.log_sample_keys:
         run.sample_keys.mkdir(parents=True, exist_ok=True)
         keys_log = open(run.sample_keys / f"rank{info.rank}.jsonl", "a")
-    nan_steps = {int(s) for s in os.environ.get(INJECT_NAN_ENV, "").split(",") if s.strip()}
     alpha = loss_alpha(cfg.loss.mode, cfg.loss.alpha)  # None: the plain LM loss of the ablation
     gas, world = cfg.train.grad_accum, info.world_size
     history: list[dict[str, Any]] = []
@@ -317,9 +310,9 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         micro = [next(batches) for _ in range(gas)]
         t_data = time.perf_counter()
         lr_used = [g["lr"] for g in optimizer.param_groups]  # the rates this step trains with
-        step_parts, step_tokens = train_step(engine, micro, dev, alpha, world, poison=(step + 1) in nan_steps)
+        step_parts, step_tokens = train_step(engine, micro, dev, alpha, world)
         for mb in micro:
-            stream_state.update(mb)
+            stream_state.update(mb["stream_pos"])
         done = step + 1
         # DeepSpeed skips an update whose gradient norm is not finite (the norm is all-reduced, so
         # every rank agrees); the flag is already on the host.

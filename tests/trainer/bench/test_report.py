@@ -1,6 +1,6 @@
 """The benchmark's arithmetic and report (no timing is asserted)."""
 
-from trainer.bench import _section, scaling_table
+from trainer.bench.report import scaling_table, section
 
 
 def fake_result(ws, step, bare, mem):
@@ -16,7 +16,7 @@ def fake_result(ws, step, bare, mem):
 
 
 def test_section_reports_targets_and_ratios(tmp_path):
-    text = _section([fake_result(1, 0.2, 0.19, 100), fake_result(2, 0.3, 0.2, 50)], "python -m trainer.bench",
+    text = section([fake_result(1, 0.2, 0.19, 100), fake_result(2, 0.3, 0.2, 50)], "python -m trainer.bench",
                     "launch/configs/demo.yaml")
     assert "| trainer step <= 1.10x bare | 1 | 1.05x | pass |" in text
     assert "| trainer step <= 1.10x bare | 2 | 1.50x | FAIL |" in text
@@ -34,7 +34,7 @@ def test_scaling_on_paper_arithmetic():
 
 
 def test_scale_rehearsal_section_judges_the_ratio_and_shows_a_run_that_died():
-    from trainer.scale_rehearsal import section
+    from trainer.bench.scale import section as scale_section
 
     checkpoint = {"parameters": 572_530_304, "largest_tensor": 136_134_656, "bytes": 1 << 30}
     run = {"first_step_s": 60.0, "wall_s": 200.0}
@@ -45,7 +45,7 @@ def test_scale_rehearsal_section_judges_the_ratio_and_shows_a_run_that_died():
         "after": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10000.0, **bf16},
                                                      {"world_size": 2, "peak_rss_mb": 5500.0, **bf16}]},
     }
-    text = section(results, "python -m trainer.bench --scale")
+    text = scale_section(results, "python -m trainer.bench --scale")
     assert "| before | fp32 | 2 | did not finish: killed by the OOM killer |" in text  # no precision: fp32
     assert "| 0.55 (pass) |" in text
     assert "after: 4.39 GiB measured" in text  # (10000 - 5500) / 1024

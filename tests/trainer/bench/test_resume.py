@@ -2,7 +2,7 @@
 section reports the ratio to the ~3k row and the target."""
 from __future__ import annotations
 
-from trainer.resume_bench import measure, section
+from trainer.bench.resume import measure, section
 
 
 def test_resume_bench_measures_and_checks_the_batches(small_shards, tmp_path):

@@ -111,7 +111,8 @@ def test_table_averages_several_test_sets():
 
 def test_plain_loss_is_mean_ce_over_all_answer_tokens():
     from trainer.config import ConfigError, load_config
-    from trainer.model.loss import INTERPRETATION, JUDGMENT, UNSUPERVISED, lopsided_lm_loss, loss_alpha
+    from trainer.model.loss import lopsided_lm_loss, loss_alpha
+    from trainer.sample import INTERPRETATION, JUDGMENT, UNSUPERVISED
 
     torch.manual_seed(0)
     logits = torch.randn(6, 11)

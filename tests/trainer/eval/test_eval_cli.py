@@ -135,7 +135,7 @@ def test_periodic_evaluator_logs_and_tracks_best(tiny_model_dir, small_shards, t
     from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
     from trainer.logs import MetricsWriter
     from trainer.model.ifas import IFASModel
-    from trainer.model.prompt import PromptBuilder
+    from trainer.sample.prompt import PromptBuilder
 
     model, tok = IFASModel.from_pretrained(tiny_model_dir)
     model.eval()

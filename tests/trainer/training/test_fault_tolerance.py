@@ -21,8 +21,9 @@ from trainer.dist import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, ranks: int = 2) -> list[str]:
-    return [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train.sh",
+def command(shards: list[Path], eval_shards: Path, out: Path, *overrides: str, ranks: int = 2,
+            script: tuple[str, ...] = ("launch/train.sh",)) -> list[str]:
+    return [*DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script,
             f"data.train_shards=[{','.join(map(str, shards))}]", f"data.eval_shards=[{eval_shards}]",
             "eval.dev_shards=[]", f"train.output_dir={out}", "train.micro_batch_size=4", "train.log_every=1",
             "eval.at_end=false", "optim.warmup_steps=2", "train.log_sample_keys=true", *overrides]
@@ -217,8 +218,8 @@ def test_non_finite_steps_are_skipped_then_the_run_halts(small_shards, tmp_path)
     shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
     out = tmp_path / "run"
     proc = start(command(shards, small_shards["domain_d"], out, "train.max_steps=10", "train.save_every=100",
-                         "train.max_bad_steps=3", "data.num_workers=0"),
-                 env_extra={"IFAS_INJECT_NAN_AT_STEPS": "2,4,5,6"})
+                         "train.max_bad_steps=3", "data.num_workers=0",
+                         script=("tests/faults.py", "--nan-at-steps", "2,4,5,6")))
     code, log = finish(proc)
     assert code != 0
     assert "step 2: non-finite loss or gradient, update skipped (1 in a row)" in log

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from tests.helpers import ROOT
+from trainer.bench import tables
 from trainer.training import memory
 
 
 def test_the_readme_table_is_what_the_code_prints():
-    assert memory.readme_table() in (ROOT / "README.md").read_text()
+    assert tables.memory_table() in (ROOT / "README.md").read_text()
 
 
 def test_model_states_are_18_bytes_per_parameter_in_bf16_and_20_in_fp32_split_over_the_ranks():
@@ -23,8 +24,8 @@ def test_the_7b_sizes_are_the_llava_model_plus_the_gac():
 
     from trainer.model.gac import GloballyAwareConnector
 
-    llava_size = memory.real_checkpoints()[0]
-    vision, text = memory.checkpoint_configs()["llava-1.5-7b-hf"]
+    llava_size = tables.real_checkpoints()[0]
+    vision, text = tables.checkpoint_configs()["llava-1.5-7b-hf"]
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text))
         gac = GloballyAwareConnector(vision.hidden_size, vision.num_hidden_layers, text.hidden_size, 4, 4, "cls")

@@ -15,7 +15,8 @@ from tests.helpers import train_history as history
 from trainer.dist import free_port
 
 
-def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: bool = True):
+def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: bool = True,
+              script: str = "launch/train.sh"):
     d = {k: str(v) for k, v in small_shards.items()}
     args = [
         *DEEPSPEED,
@@ -23,7 +24,7 @@ def run_train(small_shards, out: Path, *overrides: str, ranks: int = 2, check: b
         str(ranks),
         "--master_port",
         str(free_port()),
-        "launch/train.sh",
+        script,
         f"data.train_shards=[{d['domain_a']},{d['domain_b']},{d['domain_c']}]",
         f"data.eval_shards=[{d['domain_d']}]",
         f"eval.dev_shards=[{d['domain_c']}]",  # val samples: held out, fix the threshold
