@@ -44,6 +44,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def umask_mode(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open()`` would (0666 less the process umask). For files a library writes
+    with a private mode: safetensors writes 0600, so on a shared cluster nobody else could read a model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+
+
 def setup_logging(level: int | str = logging.INFO, rank: int | None = None, force: bool = False) -> None:
     """The one logging format of every command. With ``rank`` (distributed jobs) lines carry
     ``[rank<r>]`` and ranks other than 0 log warnings and errors only. ``force`` replaces an earlier

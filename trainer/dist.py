@@ -14,9 +14,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -239,6 +241,39 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def rank0_before_group(done: Path, work: Callable[[], None], what: str, info: WorldInfo,
+                       poll_s: float = 2.0, log_every_s: float = 60.0) -> None:
+    """Run ``work`` once on rank 0 while the other ranks wait on the filesystem, before any process group
+    exists: a long job there (a checkpoint conversion, an export: minutes to an hour at 7B) holds no collective
+    open, so no collective timeout or NCCL watchdog can end it. ``done`` marks the work finished (written by
+    this function after ``work`` returns; a ``done`` already there means nothing to do). A failure on rank 0 is
+    written beside it (``<done>.failed``) so every other rank stops with rank 0's message instead of waiting.
+    The directory must be shared by the nodes, as checkpoints are."""
+    from shards.io import atomic_write_text
+
+    failed = done.with_name(done.name + ".failed")
+    if info.is_main:
+        if done.is_file():
+            return
+        failed.unlink(missing_ok=True)
+        log.info("%s (the other ranks wait for %s)", what, done)
+        try:
+            work()
+        except Exception as exc:
+            atomic_write_text(failed, f"{type(exc).__name__}: {exc}")
+            raise
+        atomic_write_text(done, what + "\n")
+        return
+    started, last_log = time.time(), time.time()
+    while not done.is_file():
+        if failed.is_file() and failed.stat().st_mtime >= started - 1:  # this attempt's failure, not an old one
+            raise RuntimeError(f"rank 0 failed {what}: {failed.read_text().strip()}")
+        if info.local_rank == 0 and time.time() - last_log >= log_every_s:  # one line per node
+            log.info("rank %d waits for rank 0 %s (%.0f s)", info.rank, what, time.time() - started)
+            last_log = time.time()
+        time.sleep(poll_s)
 
 
 _collectives_ran = False  # set by shutdown_distributed: this process held a process group

@@ -8,7 +8,7 @@ Tags (docs/architecture.md "TensorBoard"):
   data/wait_s/rank<r>, data/wait_frac  loader wait per rank (the slowest rank's fraction)
   memory/<kind>/rank<r>          resident set and CUDA memory per rank
   lr/<group>                     learning rate of each module group
-  eval/<set>/<metric>, eval/<set>/video/<metric>, eval/best_hter   held-out evaluation
+  eval/<set>/<metric>, eval/<set>/video/<metric>, eval/best/<hter_fixed|auc>   held-out evaluation
   eval_plots/roc, eval_plots/<set>/histogram                         ROC and score histograms
   explain/<set>/<n> (image + text), explain/<set>/<mode>/<metric>    explanations
 """
@@ -67,7 +67,11 @@ class Tags:
     def eval(set_name: str, metric: str, video: bool = False) -> str:
         return f"eval/{set_name}/video/{metric}" if video else f"eval/{set_name}/{metric}"
 
-    EVAL_BEST_HTER = "eval/best_hter"
+    @staticmethod
+    def eval_best(criterion: str) -> str:
+        """The best step's value of the metric it was chosen by (trainer/eval/periodic.py: hter_fixed or auc)."""
+        return f"eval/best/{criterion}"
+
     ROC_PLOT = "eval_plots/roc"
 
     @staticmethod

@@ -10,7 +10,8 @@ A run directory::
                            world size resumed from it), latest
     tb/                    TensorBoard events (trainer.logs.MetricsWriter)
     sample_keys/           rank<r>.jsonl, with train.log_sample_keys
-    eval_history.jsonl     one line per periodic evaluation; best.json: the best step by held-out HTER
+    eval_history.jsonl     one line per periodic evaluation; best.json: the best step (by the held-out HTER at
+                           the dev-fixed threshold, or by AUC without a dev set)
     eval_metrics.json ...  the end-of-training report (trainer.eval.report)
     train_result.json      logged history and final metrics
     preempted              left by a signal-stopped run (launch/slurm.sbatch requeues)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.training.memory import model_state_bytes
+from trainer.training.memory import StateDtypes, model_state_bytes
 
 
 def scaling_table(per_rank_step_s: float, flops_per_sample: float, mfu: float = 0.45,
@@ -19,7 +19,7 @@ def scaling_table(per_rank_step_s: float, flops_per_sample: float, mfu: float = 
     tokens_per_gpu = 8 * 2048  # 8 samples x 2048 tokens per GPU per step (448 px image + answer)
     for params in (2e9, 8e9):
         for gpus in (8, 64):
-            states = model_state_bytes(int(params), gpus, "bf16")
+            states = model_state_bytes(int(params), gpus, StateDtypes("bf16", "fp32"))  # the shipped bf16 configs
             layers, hidden = (28, 2048) if params < 4e9 else (32, 4096)
             acts = 2 * tokens_per_gpu * hidden * layers * 2  # one bf16 hidden state per layer, checkpointed
             compute = 6 * params * tokens_per_gpu / (peak * mfu)

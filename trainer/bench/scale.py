@@ -26,7 +26,7 @@ from typing import Any
 from trainer.config import PROJECT_ROOT as ROOT
 from trainer.dist import free_port
 from trainer.run_dir import RunDir
-from trainer.training.memory import DTYPE_BYTES, FP32_STATE_BYTES, GiB, ifas_size, model_state_bytes
+from trainer.training.memory import DTYPE_BYTES, GiB, StateDtypes, ifas_size, model_state_bytes
 
 log = logging.getLogger("ifas.bench")
 TARGET_RATIO = 0.6
@@ -108,8 +108,11 @@ def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, override
                 "error": f"exit {proc.returncode} after {wall:.0f} s (an exit of -9/247: out of memory, see dmesg)"}
     scalars, first_step = _read_events(RunDir(out).tensorboard)
     peaks = [scalars[f"memory/peak_rss_mb/rank{r}"] for r in range(ws)]
-    precision = json.loads(RunDir(out).run_config.read_text())["train"]["precision"]
-    return {"world_size": ws, "threads_per_rank": threads, "precision": "fp32" if precision == "auto" else precision,
+    train = json.loads(RunDir(out).run_config.read_text())["train"]
+    precision = "fp32" if train["precision"] == "auto" else train["precision"]  # auto is fp32 on CPU
+    ds = json.loads((ROOT / train["deepspeed_config"]).read_text())
+    grads = StateDtypes.of_deepspeed_config({**ds, "bf16": {"enabled": precision == "bf16"}}).grads
+    return {"world_size": ws, "threads_per_rank": threads, "precision": precision, "grad_dtype": grads,
             "peak_rss_mb_per_rank": peaks, "peak_rss_mb": max(peaks), "first_step_s": first_step - start,
             "wall_s": wall}
 
@@ -130,8 +133,11 @@ def _memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
 
 
-def _precision(run: dict[str, Any]) -> str:
-    return run.get("precision", "fp32")  # figures recorded before the rehearsal took bf16 were fp32
+def _dtypes(run: dict[str, Any]) -> StateDtypes:
+    """The dtypes the run's ranks held: figures recorded before the rehearsal took bf16 were fp32, and before the
+    shipped configs set grad_accum_dtype the gradients were in the parameters' dtype."""
+    precision = run.get("precision", "fp32")
+    return StateDtypes(precision, run.get("grad_dtype", precision))
 
 
 def section(results: dict[str, dict[str, Any]], command: str) -> str:
@@ -142,7 +148,7 @@ def section(results: dict[str, dict[str, Any]], command: str) -> str:
     vocab = text.vocab_size
     ds = json.loads((ROOT / "launch" / "ds_zero3.json").read_text())["zero_optimization"]
     bucket_gib = (ds["reduce_bucket_size"] + ds["stage3_prefetch_bucket_size"]) * DTYPE_BYTES["fp32"] / GiB
-    rows = ["| code | precision | world size | peak RSS / rank | model states / rank (predicted) | the rest | "
+    rows = ["| code | params / grads | world size | peak RSS / rank | model states / rank (predicted) | the rest | "
             "ws2 / ws1 | launch to first step | wall |", "|---|---|---|---|---|---|---|---|---|"]
     checks = []
     for label, result in results.items():
@@ -150,23 +156,24 @@ def section(results: dict[str, dict[str, Any]], command: str) -> str:
         finished = {ws for ws, r in runs.items() if "error" not in r}
         ratio = runs[2]["peak_rss_mb"] / runs[1]["peak_rss_mb"] if {1, 2} <= finished else None
         for ws, r in sorted(runs.items()):
-            precision = _precision(r)
-            states = model_state_bytes(n, ws, precision) / GiB
+            dtypes = _dtypes(r)
+            kind = f"{dtypes.params} / {dtypes.grads}"
+            states = model_state_bytes(n, ws, dtypes) / GiB
             if "error" in r:
-                rows.append(f"| {label} | {precision} | {ws} | did not finish: {r['error']} | {states:.2f} GiB | | "
+                rows.append(f"| {label} | {kind} | {ws} | did not finish: {r['error']} | {states:.2f} GiB | | "
                             "fail | | |")
                 continue
             peak = r["peak_rss_mb"] / 1024
             verdict = f"{ratio:.2f} ({'pass' if ratio <= TARGET_RATIO else 'fail'})" if ws == 2 and ratio else ""
-            rows.append(f"| {label} | {precision} | {ws} | {peak:.2f} GiB | {states:.2f} GiB | {peak - states:.2f} GiB "
+            rows.append(f"| {label} | {kind} | {ws} | {peak:.2f} GiB | {states:.2f} GiB | {peak - states:.2f} GiB "
                         f"| {verdict} | {r['first_step_s']:.0f} s | {r['wall_s']:.0f} s |")
         if {1, 2} <= finished:
-            precision = _precision(runs[1])
+            dtypes = _dtypes(runs[1])
             measured = (runs[1]["peak_rss_mb"] - runs[2]["peak_rss_mb"]) / 1024
-            predicted = (model_state_bytes(n, 1, precision) - model_state_bytes(n, 2, precision)) / GiB
-            per_param = DTYPE_BYTES[precision] + FP32_STATE_BYTES
+            predicted = (model_state_bytes(n, 1, dtypes) - model_state_bytes(n, 2, dtypes)) / GiB
             checks.append(f"{label}: {measured:.2f} GiB measured, {predicted:.2f} GiB predicted "
-                          f"({per_param} bytes per parameter in {precision}, halved)")
+                          f"({dtypes.bytes_per_parameter} bytes per parameter: {dtypes.params} parameters, "
+                          f"{dtypes.grads} gradients; halved), {100 * (measured / predicted - 1):+.0f}%")
     vocab_grads = ", ".join(f"{2 * vocab * text.hidden_size * DTYPE_BYTES[p] / GiB:.2f} GiB in {p}"
                             for p in ("bf16", "fp32"))
     return "\n".join([

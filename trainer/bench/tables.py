@@ -4,13 +4,16 @@ the per-rank memory of 7B full fine-tunes under ZeRO-3."""
 from __future__ import annotations
 
 import argparse
+import json
 from types import SimpleNamespace
 from typing import Any
 
+from trainer.config import PROJECT_ROOT
 from trainer.model.families import FAMILIES
 from trainer.training.memory import (
     GiB,
     ModelSize,
+    StateDtypes,
     build_peak_bytes,
     ifas_size,
     legacy_build_bytes,
@@ -46,6 +49,12 @@ def checkpoint_configs() -> dict[str, tuple[Any, Any]]:
     return {"llava-1.5-7b-hf": (clip_l_336, vicuna_7b), "CLIP-L/336 + Qwen2-7B-Instruct": (clip_l_336, qwen2_7b)}
 
 
+def real_run_dtypes() -> StateDtypes:
+    """What the real-run configs hold: bf16 training on the shipped 7B DeepSpeed config."""
+    ds = json.loads((PROJECT_ROOT / "launch" / "ds_zero3_7b.json").read_text())
+    return StateDtypes.of_deepspeed_config({**ds, "bf16": {"enabled": True}})
+
+
 def real_checkpoints() -> list[ModelSize]:
     return [ifas_size(name, *configs) for name, configs in checkpoint_configs().items()]
 
@@ -54,9 +63,10 @@ def memory_table(world_sizes: tuple[int, ...] = (8, 16, 32)) -> str:
     """The README's table: per-rank memory of a 7B full fine-tune under ZeRO-3 in bf16."""
     rows = ["| I-FAS on | parameters | GPUs | model states / GPU | loading, extra / rank | "
             "loading before the partitioned build / rank (8-GPU node) |", "|---|---|---|---|---|---|"]
+    dtypes = real_run_dtypes()
     for size in real_checkpoints():
         for ws in world_sizes:
-            states = model_state_bytes(size.parameters, ws, "bf16")
+            states = model_state_bytes(size.parameters, ws, dtypes)
             build = build_peak_bytes(size.largest_tensor, "bf16")
             legacy = legacy_build_bytes(size.parameters)
             rows.append(f"| {size.name} | {size.parameters / 1e9:.2f}B | {ws} | {states / GiB:.1f} GiB | "

@@ -14,19 +14,6 @@ import torch
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
-def _zero3_bytes(engine) -> dict[str, int]:
-    """Bytes this rank holds for parameters (its partition + persistent ones), fp32 gradient and
-    master partitions, and optimizer states."""
-    opt = engine.optimizer
-    params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in engine.module.parameters())
-    master = sum(t.numel() * t.element_size() for t in getattr(opt, "fp32_partitioned_groups_flat", []))
-    states = sum(v.numel() * v.element_size() for s in opt.optimizer.state.values() for v in s.values()
-                 if torch.is_tensor(v) and v.dim() > 0)
-    grads = master  # ZeRO-3 keeps one fp32 gradient partition the size of the master partition
-    return {"params": params, "grads": grads, "master": master, "optimizer_states": states,
-            "total": params + grads + master + states}
-
-
 def _matmul_peak(dev: torch.device) -> float:
     """FLOP/s of a large matmul on this device (fp32 on CPU, bf16 on CUDA)."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -56,6 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.training.engine import build_engine
     from trainer.training.inputs import prepare_tokenizer
     from trainer.training.loop import model_inputs, train_step, training_batches
+    from trainer.training.memory import engine_state_bytes
     from trainer.training.timing import PhaseTimer
 
     cfg = load_config(args.config, args.overrides)
@@ -131,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
         "step_s": step_s, "bare_step_s": bare_s, "data_wait_frac": wait / step_time,
         "phases_s": {k: v / args.steps for k, v in timer.seconds.items()},
         "phased_step_s": phased_time / args.steps, "loader_samples_per_s": delivered,
-        "consumed_samples_per_s": gas * mbs / step_s, "zero3_bytes": _zero3_bytes(engine),
+        "consumed_samples_per_s": gas * mbs / step_s, "zero3_bytes": engine_state_bytes(engine),
         "flops_per_sample": flops_per_sample, "matmul_peak_flops": peak, "seq_len": seq,
     }
     results = gather_objects(rank_result, info)

@@ -22,7 +22,14 @@ from pathlib import Path
 
 from shards.keywords import load_keywords
 from trainer.data import ImageTransform, ShardSetError, resolve_shards
-from trainer.dist import WorldInfo, device, finish_process, init_distributed, shutdown_distributed
+from trainer.dist import (
+    WorldInfo,
+    device,
+    finish_process,
+    init_distributed,
+    shutdown_distributed,
+    world_info_from_env,
+)
 from trainer.eval.explain import SampleKeeper, explain_set, explanation_metrics, log_examples, records_as_dicts
 from trainer.eval.paper_tables import paper_tables
 from trainer.eval.report import merge_results, report, report_explanations
@@ -35,7 +42,8 @@ from trainer.eval.scoring import (
 )
 from trainer.logs import MetricsWriter, Tags, setup_logging
 from trainer.model.arch import ModelLoadError
-from trainer.model.export import inference_dtype, load_model_dir
+from trainer.model.export import inference_dtype, model_dir
+from trainer.model.ifas import IFASModel
 from trainer.sample.prompt import PromptBuilder
 
 
@@ -98,14 +106,11 @@ def _merge_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace, info: WorldInfo) -> None:
-    if not args.model:
-        raise ValueError("--model is required (or --merge to render tables from existing results)")
-    if not args.shards:
-        raise ValueError("give at least one test shard set (PATH or NAME=PATH)")
+def run_eval(args: argparse.Namespace, info: WorldInfo, model_path: Path) -> None:
+    """Evaluate the model directory ``model_path`` (``model_dir``'s, resolved before the process group)."""
     out = Path(args.out or args.model)
     keywords = load_keywords() if args.explain_samples > 0 else {}
-    model, tokenizer = load_model_dir(args.model, args.tag, out, info, inference_dtype(device()))
+    model, tokenizer = IFASModel.from_pretrained(model_path, dtype=inference_dtype(device()))
     model.to(device()).eval()
     builder = PromptBuilder(tokenizer, model.num_image_tokens, max_length=PROMPT_ONLY_MAX_LENGTH,
                             image_span=model.arch.image_span)
@@ -195,9 +200,15 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.merge:
             return _merge_main(args)
+        if not args.model:
+            raise ValueError("--model is required (or --merge to render tables from existing results)")
+        if not args.shards:
+            raise ValueError("give at least one test shard set (PATH or NAME=PATH)")
+        # a run directory is exported first, before any collective is open (minutes at 7B)
+        model_path = model_dir(args.model, args.tag, Path(args.out or args.model), world_info_from_env())
         info = init_distributed() if int(os.environ.get("WORLD_SIZE", 1)) > 1 else WorldInfo(0, 0, 1)
         try:
-            run_eval(args, info)
+            run_eval(args, info, model_path)
         finally:
             shutdown_distributed()
     except (ModelLoadError, ShardSetError, ValueError, FileNotFoundError) as exc:

@@ -21,9 +21,22 @@ from trainer.sample.prompt import PromptBuilder
 log = logging.getLogger("ifas.eval")
 
 
+# How the best step is chosen, never by a threshold fitted on the test labels (docs/architecture.md, "Thresholds"):
+# with dev samples, the held-out HTER at the threshold they fix (lower is better); without, the AUC (higher).
+BEST_BY_DEV_HTER, BEST_BY_AUC = "hter_fixed", "auc"
+
+
+def best_criterion(has_dev_set: bool) -> str:
+    return BEST_BY_DEV_HTER if has_dev_set else BEST_BY_AUC
+
+
+def _better(value: float, than: float, criterion: str) -> bool:
+    return value < than if criterion == BEST_BY_DEV_HTER else value > than
+
+
 class PeriodicEvaluator:
     """Held-out evaluation every ``cfg.eval.every`` steps inside the training loop, with best-step
-    tracking by held-out HTER (mean over the sets, at each set's EER threshold).
+    tracking (the mean over the held-out sets of ``best_criterion``'s metric, recorded in ``best.json``).
 
     Call ``maybe_run(engine, step)`` on EVERY rank after each step (the forwards and the gather are
     collective); ``writer`` writes on rank 0 only (trainer.logs.MetricsWriter), which alone writes
@@ -42,6 +55,7 @@ class PeriodicEvaluator:
         self.dev_urls = resolve_shards(cfg.eval.dev_shards, "eval.dev_shards") if cfg.eval.dev_shards else []
         self.writer = writer if writer is not None else MetricsWriter(None)
         self.run_dir = RunDir(out_dir)
+        self.criterion = best_criterion(bool(self.dev_urls))
         self.best: dict[str, Any] | None = None
         self.last_was_best = False
         self._restored = False
@@ -66,18 +80,29 @@ class PeriodicEvaluator:
         threshold = calibration["threshold"] if calibration else None
         results = {name: s.metrics(threshold) for name, s in scored.items()}
         if not self._restored:  # a resumed run keeps the best of the steps before the resume
-            best_file = self.run_dir.best
-            mine = json.loads(best_file.read_text()) if self.info.is_main and best_file.is_file() else None
-            self.best = gather_objects(mine, self.info)[0]  # rank 0's view on every rank (no shared FS needed)
+            self.best = gather_objects(self._saved_best() if self.info.is_main else None, self.info)[0]
             self._restored = True
-        hter = float(np.mean([m.hter for m in results.values()]))
-        self.last_was_best = self.best is None or hter < self.best["hter"]
+        value = float(np.mean([getattr(m, self.criterion) for m in results.values()]))
+        self.last_was_best = self.best is None or _better(value, self.best["value"], self.criterion)
         if self.last_was_best:
-            self.best = {"step": step, "hter": hter, "tag": tag_for(step),
-                         "sets": {k: m.hter for k, m in results.items()}}
+            self.best = {"step": step, "criterion": self.criterion, "value": value, "tag": tag_for(step),
+                         "sets": {k: getattr(m, self.criterion) for k, m in results.items()},
+                         "chosen_by": "held-out HTER at the threshold the dev samples fix" if self.dev_urls
+                         else "held-out AUC (no dev set: no threshold that is not fitted on the test labels)"}
         if self.info.is_main:
             self._write(step, results, calibration, scored if final else None)
         return results
+
+    def _saved_best(self) -> dict[str, Any] | None:
+        """best.json of the steps before a resume, if it was chosen by this run's criterion."""
+        if not self.run_dir.best.is_file():
+            return None
+        saved = json.loads(self.run_dir.best.read_text())
+        if saved.get("criterion") != self.criterion:
+            log.warning("%s chose its best step by %s, this run by %s: the earlier best is not carried over",
+                        self.run_dir.best, saved.get("criterion", "the test EER HTER"), self.criterion)
+            return None
+        return saved
 
     def _write(self, step: int, results: dict[str, FASMetrics], calibration: dict[str, Any] | None,
                scored: dict[str, ScoredSet] | None) -> None:
@@ -90,7 +115,7 @@ class PeriodicEvaluator:
             report(results, self.run_dir.root, self.writer, step, scored=scored, calibration=calibration)
         else:
             self.writer.eval_metrics(results, step)
-        self.writer.scalars({Tags.EVAL_BEST_HTER: self.best["hter"]}, step)
-        log.info("eval at step %d: %s (best %.4f at step %d)", step,
+        self.writer.scalars({Tags.eval_best(self.criterion): self.best["value"]}, step)
+        log.info("eval at step %d: %s (best %s %.4f at step %d)", step,
                  ", ".join(f"{k} HTER {m.hter:.4f} AUC {m.auc:.4f}" for k, m in results.items()),
-                 self.best["hter"], self.best["step"])
+                 self.criterion, self.best["value"], self.best["step"])

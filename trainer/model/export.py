@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.dist import WorldInfo, barrier
+from trainer.dist import WorldInfo, rank0_before_group
 from trainer.model.arch import ModelLoadError
 from trainer.model.families.base import NotFamilyCompatible
 from trainer.model.families.hf_format import check_family_compatible, write_family
@@ -94,22 +94,28 @@ def inference_dtype(dev: torch.device) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
-def load_model_dir(path: str | Path, tag: str | None, out_dir: Path, info: WorldInfo,
-                   dtype: torch.dtype | None = None):
-    """(model, tokenizer) from an exported model directory, or from a training run directory whose
-    checkpoint (latest, or ``tag``) is consolidated into OUT/export_<tag> first (by rank 0; the
-    others wait); in ``dtype`` (default: the export's)."""
+EXPORTED = "EXPORTED"  # marks an on-the-fly export (``model_dir``) complete
+
+
+def model_dir(path: str | Path, tag: str | None, out_dir: Path, info: WorldInfo) -> Path:
+    """The model directory ``path`` names: an exported model as it is, or a training run directory whose
+    checkpoint (latest, or ``tag``) rank 0 consolidates into OUT/export_<tag> first. Call it on every rank before
+    the process group exists: the other ranks wait on the filesystem, holding no collective open while a large
+    model exports (trainer.dist.rank0_before_group)."""
     p = Path(path)
-    if not (p / CONFIG_NAME).is_file():
-        if not RunDir(p).is_run():
-            raise ModelLoadError(
-                f"--model {p} is neither an exported model (no {CONFIG_NAME}) nor a training run "
-                f"(no {RunDir(p).model_config.name}/{CONFIG_NAME}); pass <run>/export or the run "
-                "directory"
-            )
-        target = out_dir / f"export_{tag or 'latest'}"
-        if info.is_main:
-            export_run(p, target, tag)
-        barrier()
-        p = target
-    return IFASModel.from_pretrained(p, dtype=dtype)
+    if (p / CONFIG_NAME).is_file():
+        return p
+    run = RunDir(p)
+    if not run.is_run():
+        raise ModelLoadError(f"--model {p} is neither an exported model (no {CONFIG_NAME}) nor a training run "
+                             f"(no {run.model_config.name}/{CONFIG_NAME}); pass <run>/export or the run directory")
+    try:
+        tag = tag or latest_tag(run.checkpoints)
+    except RuntimeError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if tag is None:
+        raise ModelLoadError(f"{run.checkpoints} holds no checkpoint (no 'latest' file); train first")
+    target = out_dir / f"export_{tag}"  # named by the tag, so an earlier export of it is reused
+    rank0_before_group(target / EXPORTED, lambda: export_run(p, target, tag), f"exporting {p} ({tag}) to {target}",
+                       info)
+    return target

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from shards.io import parse_size
+from shards.io import parse_size, umask_mode
 
 log = logging.getLogger("ifas.weights")
 
@@ -132,6 +132,7 @@ def write_weights(model: nn.Module, tensors: Mapping[str, TensorLike], directory
         part = {name: _cast(tensors[source[name]].contiguous(), dtype) for name in members}
         tmp = d / (file + ".tmp")
         save_file(part, str(tmp), metadata={"format": "pt"})
+        umask_mode(tmp)  # safetensors writes 0600
         tmp.replace(d / file)
         files.append(d / file)
         del part  # one shard at a time

@@ -7,23 +7,23 @@ kill at any moment therefore leaves ``latest`` naming a complete checkpoint; hal
 directories have no marker and are pruned at the next save. The last ``keep_last`` complete
 checkpoints are kept, plus any ``protected`` one (the best step by held-out HTER).
 
-A checkpoint written by another layout (world size or loader workers) is converted once, by rank
-0, into DeepSpeed's universal format (``step_<N>/universal``, with its own ``COMPLETE``), which any
-world size loads; the data streams continue through a transition epoch (trainer/data/stream.py).
+A checkpoint written by another world size is converted once, by rank 0 before the process group exists,
+into DeepSpeed's universal format (``step_<N>/universal``, with its own ``COMPLETE``), which any world size
+loads (trainer/training/universal.py); the data streams continue through a transition epoch
+(trainer/data/stream.py).
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from shards.io import atomic_write_text
-from trainer.dist import barrier
+from trainer.dist import WorldInfo, barrier, rank0_before_group
 from trainer.run_dir import COMPLETE, LATEST, LAYOUT, UNIVERSAL, latest_tag, tag_for
+from trainer.training import universal
 
 log = logging.getLogger(__name__)
 
@@ -70,43 +70,38 @@ class Checkpointer:
         saved = self.saved_layout()
         return saved is not None and saved["world_size"] != layout["world_size"]
 
+    def prepare(self, layout: dict[str, int], info: WorldInfo) -> None:
+        """Call on every rank before the process group exists: where the latest checkpoint was written by another
+        world size, rank 0 converts it to universal form while the others wait on the filesystem, holding no
+        collective open however long it takes (minutes at 7B)."""
+        if not self.needs_universal(layout):
+            return
+        tag_dir = self.dir / latest_tag(self.dir)
+        rank0_before_group(tag_dir / UNIVERSAL / COMPLETE, lambda: universal.convert(tag_dir, tag_dir / UNIVERSAL),
+                           f"converting {tag_dir} for another world size", info)
+
     def load(self, engine, layout: dict[str, int]) -> dict[str, Any] | None:
         """Load the latest complete checkpoint into ``engine``; return its client state (None if none).
-        From another world size (the engine must then be built with ``load_universal``) through the
-        universal checkpoint; the client state's ``data`` still describes the old streams."""
+        From another world size (``prepare`` converted it; the engine must be built with ``load_universal``)
+        through the universal checkpoint; the client state's ``data`` still describes the old streams."""
         tag = latest_tag(self.dir)
         if tag is None:
             return None
         saved = json.loads((self.dir / tag / LAYOUT).read_text())
-        load_dir, load_tag = self.dir, tag
-        if self.needs_universal(layout):  # (other loader workers: the streams alone differ)
-            self._convert_to_universal(self.dir / tag)
-            log.info("checkpoint %s was written by %d rank(s) x %d loader worker(s), this run has %d x %d: loading "
-                     "its universal form", tag, saved["world_size"], max(saved["num_workers"], 1),
-                     layout["world_size"], max(layout["num_workers"], 1))
-            load_dir, load_tag = self.dir / tag, UNIVERSAL
-        path, client = engine.load_checkpoint(str(load_dir), tag=load_tag)
+        if not self.needs_universal(layout):  # (other loader workers: the streams alone differ)
+            path, client = engine.load_checkpoint(str(self.dir), tag=tag)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            return client
+        if not (self.dir / tag / UNIVERSAL / COMPLETE).is_file():
+            raise RuntimeError(f"{self.dir / tag} was written by {saved['world_size']} rank(s) and has no universal "
+                               "form: call Checkpointer.prepare before the process group starts")
+        log.info("checkpoint %s was written by %d rank(s) x %d loader worker(s), this run has %d x %d: loading its "
+                 "universal form", tag, saved["world_size"], max(saved["num_workers"], 1), layout["world_size"],
+                 max(layout["num_workers"], 1))
+        built_groups = universal.group_names(engine)
+        path, client = engine.load_checkpoint(str(self.dir / tag), tag=UNIVERSAL)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag / UNIVERSAL}")
+        universal.repair_optimizer(engine, self.dir / tag / UNIVERSAL, built_groups)
         return client
-
-    def _convert_to_universal(self, tag_dir: Path) -> None:
-        """Rank 0 converts (once, atomically by marker) while the other ranks wait."""
-        import torch.distributed as dist
-
-        out = tag_dir / UNIVERSAL
-        failure = [None]  # rank 0's error, sent to every rank so that none waits for a conversion that failed
-        if self.is_main and not (out / COMPLETE).is_file():
-            if out.exists():  # a conversion killed half way
-                shutil.rmtree(out)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-                   "--output_folder", str(out)]
-            log.info("converting %s for another world size: %s", tag_dir, " ".join(cmd))
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                atomic_write_text(out / COMPLETE, tag_dir.name + "\n")
-            else:
-                failure[0] = f"converting {tag_dir} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
-        dist.broadcast_object_list(failure, src=0)
-        if failure[0]:
-            raise RuntimeError(failure[0])

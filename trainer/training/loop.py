@@ -31,7 +31,15 @@ from trainer.data import (
     make_loader,
     resolve_shards,
 )
-from trainer.dist import WorldInfo, all_reduce_sum, collective_timeout, device, gather_objects, init_distributed
+from trainer.dist import (
+    WorldInfo,
+    all_reduce_sum,
+    collective_timeout,
+    device,
+    gather_objects,
+    init_distributed,
+    world_info_from_env,
+)
 from trainer.eval.periodic import PeriodicEvaluator
 from trainer.logs import MetricsWriter, log_system_scalars, setup_logging
 from trainer.model.ifas import IFASModel
@@ -234,15 +242,18 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     from tqdm import tqdm
 
     keep_host_heap_small()
+    run = RunDir(cfg.train.output_dir)
+    info = world_info_from_env()
+    checkpointer = Checkpointer(run.checkpoints, cfg.train.keep_last, info.is_main)
+    layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
+    if cfg.train.resume:  # a checkpoint of another world size is converted before any collective is open
+        checkpointer.prepare(layout, info)
     info = init_distributed(cfg.train.collective_timeout_s)
     setup_logging(info.rank, force=True)
     dev = device()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    run = RunDir(cfg.train.output_dir)
     stop_request = StopRequest()
 
-    checkpointer = Checkpointer(run.checkpoints, cfg.train.keep_last, info.is_main)
-    layout = {"world_size": info.world_size, "num_workers": cfg.data.num_workers}
     saved_layout = checkpointer.saved_layout() if cfg.train.resume else None
     elastic = saved_layout is not None and saved_layout != layout  # resumed by another world size / workers
     model, tokenizer, engine, optimizer = build_engine(

@@ -38,15 +38,21 @@ def test_scale_rehearsal_section_judges_the_ratio_and_shows_a_run_that_died():
 
     checkpoint = {"parameters": 572_530_304, "largest_tensor": 136_134_656, "bytes": 1 << 30}
     run = {"first_step_s": 60.0, "wall_s": 200.0}
-    bf16 = {**run, "precision": "bf16"}
+    bf16 = {**run, "precision": "bf16"}  # recorded before the runs said their gradient dtype: bf16 gradients
+    fp32_grads = {**bf16, "grad_dtype": "fp32"}
     results = {
         "before": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 19000.0, **run},
                                                       {"world_size": 2, "error": "killed by the OOM killer"}]},
-        "after": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10000.0, **bf16},
-                                                     {"world_size": 2, "peak_rss_mb": 5500.0, **bf16}]},
+        "bf16": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10000.0, **bf16},
+                                                    {"world_size": 2, "peak_rss_mb": 5500.0, **bf16}]},
+        "after": {"checkpoint": checkpoint, "runs": [{"world_size": 1, "peak_rss_mb": 10500.0, **fp32_grads},
+                                                     {"world_size": 2, "peak_rss_mb": 5800.0, **fp32_grads}]},
     }
     text = scale_section(results, "python -m trainer.bench --scale")
-    assert "| before | fp32 | 2 | did not finish: killed by the OOM killer |" in text  # no precision: fp32
-    assert "| 0.55 (pass) |" in text
-    assert "after: 4.39 GiB measured" in text  # (10000 - 5500) / 1024
-    assert "(18 bytes per parameter in bf16, halved)" in text  # the states predicted in the run's precision
+    # no precision: fp32 parameters and gradients
+    assert "| before | fp32 / fp32 | 2 | did not finish: killed by the OOM killer |" in text
+    assert "| bf16 | bf16 / bf16 | 2 |" in text and "| 0.55 (pass) |" in text
+    assert "bf16: 4.39 GiB measured" in text  # (10000 - 5500) / 1024
+    # the states predicted in the dtypes each run's ranks held
+    assert "(16 bytes per parameter: bf16 parameters, bf16 gradients; halved)" in text
+    assert "(18 bytes per parameter: bf16 parameters, fp32 gradients; halved)" in text

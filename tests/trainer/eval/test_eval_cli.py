@@ -157,22 +157,55 @@ def test_periodic_evaluator_logs_and_tracks_best(tiny_model_dir, small_shards, t
             ran[step] = result["held-out"]
     assert sorted(ran) == [2, 4] and engine.mode_calls == ["eval", "train"] * 2
     best = json.loads((tmp_path / "best.json").read_text())
-    best_step = min(ran, key=lambda s: (ran[s].hter, s))
-    assert best["step"] == best_step and best["hter"] == pytest.approx(ran[best_step].hter)
+    # a dev set fixes the threshold: the best step is the one with the lowest held-out HTER at it, never the
+    # HTER at the test set's own EER threshold (chosen by looking at the test labels)
+    best_step = min(ran, key=lambda s: (ran[s].hter_fixed, s))
+    assert best["criterion"] == "hter_fixed" and "dev samples fix" in best["chosen_by"]
+    assert best["step"] == best_step and best["value"] == pytest.approx(ran[best_step].hter_fixed)
     assert best["tag"] == f"step_{best_step:08d}" and evaluator.last_was_best == (best_step == 4)
     history = [json.loads(ln) for ln in (tmp_path / "eval_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history][:2] == [2, 4] and history[0]["threshold_fixed"] is not None
     resumed = PeriodicEvaluator(cfg, resolve_shards([str(small_shards["domain_d"])]), builder, transform,
                                 WorldInfo(0, 0, 1), tok.pad_token_id, None, tmp_path)
     again = resumed.run(engine, 4)["held-out"]  # same model as step 4: not better than the restored best
-    assert resumed.best["step"] == best_step and resumed.last_was_best == (again.hter < best["hter"])
+    assert resumed.best["step"] == best_step and resumed.last_was_best == (again.hter_fixed < best["value"])
     evaluator.run(engine, 5, final=True)  # end of training: the full report
     assert (tmp_path / "eval_metrics.json").is_file() and (tmp_path / "plots" / "roc.png").is_file()
     writer.close()
     acc = tensorboard_events(tmp_path / "tb")
     assert [e.step for e in acc.Scalars("eval/held-out/hter")] == [2, 4, 5]
-    assert [e.step for e in acc.Scalars("eval/best_hter")] == [2, 4, 5]
+    assert [e.step for e in acc.Scalars("eval/best/hter_fixed")] == [2, 4, 5]
     assert "eval/held-out/video/hter" in acc.Tags()["scalars"] and "eval_plots/roc" in acc.Tags()["images"]
+
+
+def test_without_a_dev_set_the_best_step_is_the_one_with_the_highest_auc(tiny_model_dir, small_shards, tmp_path):
+    from trainer.config import load_config
+    from trainer.data import ImageTransform, resolve_shards
+    from trainer.dist import WorldInfo
+    from trainer.eval.periodic import PeriodicEvaluator
+    from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
+    from trainer.model.ifas import IFASModel
+    from trainer.sample.prompt import PromptBuilder
+
+    model, tok = IFASModel.from_pretrained(tiny_model_dir)
+    model.eval()
+    cfg = load_config(None, ["eval.every=1", "eval.dev_shards=[]", "eval.batch_size=24"])
+    evaluator = PeriodicEvaluator(cfg, resolve_shards([str(small_shards["domain_d"])]),
+                                  PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH),
+                                  ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std),
+                                  WorldInfo(0, 0, 1), tok.pad_token_id, None, tmp_path)
+    ran = {}
+    for step in (1, 2):
+        if step == 2:  # the judgment flipped: the AUC goes to 1 - AUC
+            with torch.no_grad():
+                head = model.llm.get_output_embeddings().weight
+                head[[model.arch.yes_token_id, model.arch.no_token_id]] = head[[model.arch.no_token_id,
+                                                                                model.arch.yes_token_id]]
+        ran[step] = evaluator.run(FakeEngine(model), step)["held-out"]
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert ran[1].auc != ran[2].auc and ran[1].hter_fixed is None
+    assert best["criterion"] == "auc" and best["step"] == max(ran, key=lambda s: ran[s].auc)
+    assert best["value"] == pytest.approx(max(r.auc for r in ran.values()))
 
 
 @pytest.mark.slow

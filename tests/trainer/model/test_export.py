@@ -97,6 +97,23 @@ def test_small_weights_stay_one_file_and_the_existing_loader_reads_them(tmp_path
     assert_same_weights(src, dst)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_weights_follow_the_umask_like_every_other_file(umask, tmp_path):
+    import os
+
+    old = os.umask(umask)
+    try:
+        model = tiny_model(tied=False)
+        model.save_pretrained(tmp_path / "model", max_shard_size=300_000)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    weights = sorted((tmp_path / "model").glob("*.safetensors"))
+    assert len(weights) > 1 and {f.stat().st_mode & 0o777 for f in weights} == {want}
+
+
 def test_mismatched_weights_are_refused_with_the_name(tmp_path):
     src = tiny_model(tied=False)
     state = src.state_dict()

@@ -13,10 +13,23 @@ def test_the_readme_table_is_what_the_code_prints():
     assert tables.memory_table() in (ROOT / "README.md").read_text()
 
 
-def test_model_states_are_18_bytes_per_parameter_in_bf16_and_20_in_fp32_split_over_the_ranks():
-    assert memory.model_state_bytes(1000, 1, "bf16") == 18_000
-    assert memory.model_state_bytes(1000, 1, "fp32") == 20_000
-    assert memory.model_state_bytes(1001, 2, "fp32") == 501 * 20  # a partition rounds up
+def test_model_states_per_parameter_follow_the_parameter_and_gradient_dtypes():
+    bf16, fp32 = memory.StateDtypes("bf16", "fp32"), memory.StateDtypes("fp32", "fp32")
+    assert memory.model_state_bytes(1000, 1, bf16) == 18_000
+    assert memory.model_state_bytes(1000, 1, fp32) == 20_000
+    assert memory.model_state_bytes(1000, 1, memory.StateDtypes("bf16", "bf16")) == 16_000
+    assert memory.model_state_bytes(1001, 2, fp32) == 501 * 20  # a partition rounds up
+
+
+def test_the_gradient_dtype_is_deepspeeds_grad_accum_dtype_else_the_parameters():
+    import json
+
+    assert memory.StateDtypes.of_deepspeed_config({"bf16": {"enabled": True}}) == memory.StateDtypes("bf16", "bf16")
+    with_fp32 = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    assert memory.StateDtypes.of_deepspeed_config(with_fp32) == memory.StateDtypes("bf16", "fp32")
+    for name in ("ds_zero3.json", "ds_zero3_7b.json", "ds_zero3_hpz.json", "ds_zero2.json"):  # the shipped ones
+        shipped = json.loads((ROOT / "launch" / name).read_text())
+        assert memory.StateDtypes.of_deepspeed_config({**shipped, "bf16": {"enabled": True}}).grads == "fp32", name
 
 
 def test_the_7b_sizes_are_the_llava_model_plus_the_gac():
