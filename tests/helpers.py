@@ -86,7 +86,7 @@ def assert_export_scores_equal_the_runs(exported: Path, run_dir: Path, shard_set
     model.eval()
     expected = json.loads((run_dir / "eval_scores.json").read_text())["held-out"]
     builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH, image_span=model.arch.image_span)
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     stream = shard_stream(resolve_shards([str(shard_set)]), builder, transform=transform, batch_size=16, train=False,
                           with_answers=False)
     got = {}

@@ -89,7 +89,8 @@ class DataConfig:
     # proportional to its weight (trainer/data/stream.py, deterministic for the seed and resumable).
     train_shards: list[str | ShardSource] = field(default_factory=list)
     eval_shards: list[str] = field(default_factory=list)
-    max_length: int = 128  # tokens per sample, image tokens included; captions are truncated
+    max_length: int = 128  # tokens per sample, image tokens included; captions are truncated. 0: the prompt
+    answer_tokens: int = 96  # with max_length 0: (its image tokens included, from the checkpoint) + this many
     shuffle_buffer: int = 512
     num_workers: int = 1
     answer_style: str = "caption"  # caption: "Yes. <caption>"; judgment: "Yes" only
@@ -219,6 +220,9 @@ def _old_names(source: dict[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no files (file checks happen in the data/model code)."""
+    if cfg.data.max_length < 0 or cfg.data.answer_tokens < 2:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} (0: from the checkpoint) and data.answer_tokens="
+                          f"{cfg.data.answer_tokens} (at least 2: the judgment and the end of text) are out of range")
     if not 0.0 <= cfg.loss.alpha <= 1.0:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
     if cfg.loss.mode not in ("lopsided", "plain"):

@@ -114,7 +114,7 @@ def run_eval(args: argparse.Namespace, info: WorldInfo, model_path: Path) -> Non
     model.to(device()).eval()
     builder = PromptBuilder(tokenizer, model.num_image_tokens, max_length=PROMPT_ONLY_MAX_LENGTH,
                             image_span=model.arch.image_span)
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     sets = [parse_set(s) for s in args.shards]
     if len({n for n, _ in sets}) != len(sets):
         raise ValueError(f"test set names repeat ({[n for n, _ in sets]}); name them NAME=PATH")

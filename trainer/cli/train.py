@@ -18,7 +18,7 @@ from trainer.dist import finish_process, shutdown_distributed
 from trainer.logs import setup_logging
 from trainer.model.arch import ModelLoadError
 from trainer.sample.tokenizer import TokenizerError
-from trainer.training.inputs import check_inputs, check_sequence_budget, prepare_tokenizer
+from trainer.training.inputs import check_inputs, check_model_files, check_sequence_budget, prepare_tokenizer
 from trainer.training.loop import TrainingHalted, train
 
 log = logging.getLogger("ifas.train")
@@ -41,6 +41,7 @@ def _main(argv: list[str] | None) -> int:
         cfg = load_config(args.config, args.overrides)
         train_urls, eval_urls = check_inputs(cfg)
         tokenizer = prepare_tokenizer(cfg, train_urls)
+        check_model_files(cfg, tokenizer)
         check_sequence_budget(cfg, tokenizer)
         if args.check:
             log.info("config and inputs are valid")

@@ -96,7 +96,7 @@ def predict_batch(model: IFASModel, tokenizer, images: list[Image.Image], thresh
     dev = next(model.parameters()).device
     builder = PromptBuilder(tokenizer, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH,
                             image_span=model.arch.image_span)
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     enc = builder.encode_prompt()
     samples = [{"input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
                 "score_position": enc.score_position, "pixel_values": transform(image), "live": 0,

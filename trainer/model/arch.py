@@ -39,6 +39,7 @@ class ArchConfig:
     image_size: int = 128
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    image_resample: int = 3  # the checkpoint's image processor's PIL filter (3: bicubic)
     family: str = DEFAULT_FAMILY  # the checkpoint family (trainer/model/families/)
     image_span: list[str] = field(default_factory=lambda: ["", ""])  # tokens around the image tokens (<img>, </img>)
     family_extra: dict[str, int] = field(default_factory=dict)  # token ids the family-format export needs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,8 @@ from trainer.model.pretrained import CheckpointError, CheckpointPart, load_pretr
 from trainer.model.weights import WeightsError
 from trainer.run_dir import CONFIG_NAME
 from trainer.sample.tokenizer import ensure_image_token, image_token_of, judgment_token_ids, load_tokenizer
+
+log = logging.getLogger("ifas.model")
 
 
 def preset_configs(preset: str, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
@@ -132,14 +135,60 @@ def _family_arch(family: Family, family_config: PretrainedConfig, tokenizer: Pre
     return {**fixed, "family": family.name}
 
 
-def _image_processing(path: str | Path | None, image_size: int) -> dict[str, Any]:
-    """Read normalisation from a preprocessor_config.json when the checkpoint has one."""
+def image_processing(directory: Path | None, image_size: int, required: bool) -> dict[str, Any]:
+    """The ArchConfig fields of the checkpoint's image processor (mean, std, resampling filter), read by
+    transformers' own AutoImageProcessor: from preprocessor_config.json (how most releases ship it) or the
+    ``image_processor`` of processor_config.json (how transformers 5 saves it), with the class's defaults for
+    what the file leaves out. ``required``: a checkpoint without either file is refused (its normalisation cannot
+    be guessed); otherwise (a preset, or a vision directory without one) CLIP's, with a warning for a directory."""
     info: dict[str, Any] = {"image_size": image_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
-    if path is not None and (Path(path) / "preprocessor_config.json").is_file():
-        pre = json.loads((Path(path) / "preprocessor_config.json").read_text())
-        info["image_mean"] = list(pre.get("image_mean", info["image_mean"]))
-        info["image_std"] = list(pre.get("image_std", info["image_std"]))
+    if directory is None:
+        return info
+    from transformers import AutoImageProcessor
+
+    try:  # the PIL backend: what ImageTransform computes, and no torchvision needed
+        processor = AutoImageProcessor.from_pretrained(str(directory), backend="pil")
+    except (OSError, ValueError, KeyError) as exc:
+        if required:
+            raise ModelLoadError(f"{directory} has no image processor (preprocessor_config.json, or processor_config"
+                                 f".json with an image_processor): copy the release's processor files beside its "
+                                 f"weights; its image normalisation cannot be guessed ({exc})") from exc
+        log.warning("%s has no image processor settings (%s): using CLIP's mean and std", directory, exc)
+        return info
+    info.update(image_mean=[float(v) for v in processor.image_mean], image_std=[float(v) for v in processor.image_std],
+                image_resample=int(getattr(processor, "resample", ArchConfig.image_resample)))
     return info
+
+
+def checkpoint_summary(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What the build takes from model.path's files, read from them alone (no weight; ``--check`` prints it, and
+    raises what the build would): family, config layout, tying, image token, image normalisation."""
+    root, family, family_config, fixed = _family_checkpoint(cfg, tokenizer)
+    raw = json.loads((root / "config.json").read_text())
+    size = fixed.get("image_size") or side(family_config.vision_config.image_size)
+    images = image_processing(root, size, required=True)
+    return {"family": family.name, "config.json": "nested" if "text_config" in raw else "flat (transformers 4)",
+            "tied embeddings": tied_embeddings(family_config),
+            "image token": tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(image_token_of(tokenizer))),
+            "image size": size, "image mean": images["image_mean"], "image std": images["image_std"],
+            "resample": images.get("image_resample", ArchConfig.image_resample)}
+
+
+def tied_embeddings(family_config: PretrainedConfig) -> bool:
+    """Whether transformers ties the checkpoint's LM head to its input embedding: the composite config's
+    ``tie_word_embeddings`` (a flat transformers-4 config.json keeps it at the top level, its text config has
+    none), else the text config's."""
+    tied = getattr(family_config, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(family_config.text_config, "tie_word_embeddings", False)
+    return bool(tied)
+
+
+def checkpoint_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model.path checkpoint (or model.tokenizer_path), naming the image token its family's
+    processor falls back to where the tokenizer names none."""
+    family = checkpoint_family(_require_dir(cfg.path, "model.path"))
+    return load_tokenizer(cfg.tokenizer_path or cfg.path, image_token=family.default_image_token)
 
 
 def _check_image_token(family_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, root: Path) -> None:
@@ -226,15 +275,13 @@ def build_model(
         groups = ("vision", "llm", "projector") + (("gac",) if arch.gac else ())
         parts.append(CheckpointPart(root, {f"{g}.": f"{g}." for g in groups}))
     elif cfg.path:
-        checkpoint_family(_require_dir(cfg.path, "model.path"))  # an unsupported family before its tokenizer
-        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_path or cfg.path)
+        tokenizer = tokenizer or checkpoint_tokenizer(cfg)  # (an unsupported family is refused first)
         root, family, family_config, fixed = _family_checkpoint(cfg, tokenizer)
         arch_kw.update(fixed)
         vision_config, text_config = family_config.vision_config, family_config.text_config
-        # the composite config decides the tying in transformers; the I-FAS LLM is built from the text config
-        text_config.tie_word_embeddings = bool(getattr(family_config, "tie_word_embeddings",
-                                                       text_config.tie_word_embeddings))
-        image_info = _image_processing(root, arch_kw.pop("image_size", None) or side(vision_config.image_size))
+        # the I-FAS LLM is built from the text config: it gets the tying transformers gives the whole checkpoint
+        text_config.tie_word_embeddings = tied_embeddings(family_config)
+        image_info = image_processing(root, arch_kw.pop("image_size", None) or side(vision_config.image_size), True)
         # names as the family's class has them (older files' layouts, e.g. llava-hf's transformers-4 one, are
         # translated by transformers' own rules first: trainer/model/pretrained.py)
         parts.append(CheckpointPart(root, family.checkpoint_prefixes(),
@@ -246,7 +293,7 @@ def build_model(
         vcfg = AutoConfig.from_pretrained(str(vroot))
         vision_config = getattr(vcfg, "vision_config", vcfg)  # a full CLIP/SigLIP checkpoint holds one
         text_config = AutoConfig.from_pretrained(str(lroot))
-        image_info = _image_processing(vroot, vision_config.image_size)
+        image_info = image_processing(vroot, vision_config.image_size, required=False)
         parts.append(CheckpointPart(vroot, {"": "vision."}, _meta(lambda: AutoModel.from_config(vision_config))))
         parts.append(CheckpointPart(lroot, {"": "llm."}, _meta(lambda: AutoModelForCausalLM.from_config(text_config))))
     else:
@@ -255,7 +302,7 @@ def build_model(
                 f"model.preset={cfg.preset!r} needs a tokenizer (model.tokenizer_path or the demo BPE)"
             )
         vision_config, text_config = preset_configs(cfg.preset, len(tokenizer))
-        image_info = _image_processing(None, vision_config.image_size)
+        image_info = image_processing(None, vision_config.image_size, required=False)
 
     # Rows for tokens the checkpoint's vocabulary lacks (e.g. an added <image>) are made here, not by a
     # resize after the build (which a partitioned embedding would not survive).

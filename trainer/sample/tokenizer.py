@@ -70,24 +70,37 @@ def build_demo_tokenizer(texts: Iterable[str], vocab_size: int = 640) -> PreTrai
     return tok
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a local tokenizer directory and make it fit for I-FAS (image token, pad token)."""
+def load_tokenizer(path: str | Path, image_token: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a local tokenizer directory and make it fit for I-FAS (image token, pad token, chat template).
+
+    ``image_token``: the placeholder the checkpoint family's processor falls back to when the tokenizer names
+    none (Qwen-VL's ``<|image_pad|>``: its released tokenizer_config.json names no image token); it is then named
+    in the tokenizer, so every copy saved from it keeps it. The chat template is the processor-level one
+    (chat_template.jinja / chat_template.json) where the directory has one, as the checkpoint's processor uses
+    it, else the tokenizer's own."""
     p = Path(path)
     if not p.is_dir():
         raise TokenizerError(f"tokenizer directory {p} does not exist; set model.tokenizer_path to a local directory")
     tok = AutoTokenizer.from_pretrained(str(p))
+    if image_token is not None and not _named_image_token(tok):
+        tok = AutoTokenizer.from_pretrained(str(p), extra_special_tokens={"image_token": image_token})
     ensure_image_token(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     judgment_token_ids(tok, f"the tokenizer at {p}")
-    if getattr(tok, "chat_template", None) is None:
-        tok.chat_template = processor_chat_template(p)  # llava-hf keeps it at processor level
+    processor_template = processor_chat_template(p)
+    if processor_template is not None:
+        tok.chat_template = processor_template  # the processor's wins, as in transformers' processors
     if tok.chat_template is None:
         raise TokenizerError(
             f"{p} has no chat template (neither its tokenizer's nor a processor's chat_template.json/.jinja): I-FAS "
             "prompts a checkpoint in its own chat format; use its instruction-tuned release, or set "
             "model.tokenizer_path to a tokenizer directory that has the template")
     return tok
+
+
+def _named_image_token(tok: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tok, "image_token", None) or getattr(tok, "context_image_token", None))
 
 
 def processor_chat_template(p: Path) -> str | None:
@@ -97,8 +110,9 @@ def processor_chat_template(p: Path) -> str | None:
     if (p / "chat_template.json").is_file():
         try:
             return json.loads((p / "chat_template.json").read_text()).get("chat_template")
-        except ValueError:
-            return None
+        except ValueError as exc:
+            raise TokenizerError(f"{p / 'chat_template.json'} is not valid JSON ({exc}); copy it again from the "
+                                 "checkpoint's release") from exc
     return None
 
 

@@ -3,6 +3,7 @@ tokenizer (``ifas-train --check`` runs exactly this)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from trainer.config import ConfigError, RunConfig
@@ -10,6 +11,8 @@ from trainer.data import HeldOut, resolve_shards
 from trainer.run_dir import RunDir
 from trainer.sample.tokenizer import build_demo_tokenizer, load_tokenizer
 from trainer.training.engine import deepspeed_config_path
+
+log = logging.getLogger("ifas.train")
 
 
 def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
@@ -31,12 +34,12 @@ def read_captions(urls: list[str], limit: int = 20000) -> list[str]:
 
 def prepare_tokenizer(cfg: RunConfig, train_urls: list[str]):
     """The run's tokenizer: given path, checkpoint's own, the saved demo one, or a fresh demo BPE."""
-    if cfg.model.path:
-        from trainer.model.families import checkpoint_family
+    if cfg.model.path and not cfg.model.init_from:  # its family names the image token where the tokenizer does not
+        from trainer.model.build import checkpoint_tokenizer
 
-        checkpoint_family(cfg.model.path)  # an unsupported family is refused before anything is loaded
+        return checkpoint_tokenizer(cfg.model)  # (an unsupported family is refused before anything is loaded)
     saved = RunDir(cfg.train.output_dir).model_config
-    given = cfg.model.init_from or cfg.model.tokenizer_path or cfg.model.path or cfg.model.llm_path
+    given = cfg.model.init_from or cfg.model.tokenizer_path or cfg.model.llm_path
     if given:
         return load_tokenizer(given)
     if (saved / "tokenizer.json").is_file():
@@ -78,9 +81,20 @@ def held_out_dev(cfg: RunConfig, train_urls: list[str]) -> HeldOut | None:
     return HeldOut(cfg.eval.dev_split, shared) if shared else None
 
 
+def check_model_files(cfg: RunConfig, tokenizer) -> None:
+    """For a model.path checkpoint: what the build will take from its files, read from them alone (a problem the
+    build would meet is raised here, before any rank starts)."""
+    if cfg.model.path and not cfg.model.init_from:
+        from trainer.model.build import checkpoint_summary
+
+        summary = checkpoint_summary(cfg.model, tokenizer)
+        log.info("model.path %s: %s", cfg.model.path, ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+
 def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
     """data.max_length against the image tokens (from the configs alone, no weights), the prompt and
     the shortest answer (judgment + end of text); returns the tokens left for the interpretation.
+    ``data.max_length=0`` is set here to the prompt + ``data.answer_tokens`` (one config fits every family).
     Raises a ConfigError naming the numbers and the value to set."""
     from trainer.model.build import image_tokens_of
     from trainer.sample.prompt import PromptBuilder
@@ -91,6 +105,10 @@ def check_sequence_budget(cfg: RunConfig, tokenizer) -> int:
     prompt = len(PromptBuilder(tokenizer, image_tokens, 1 << 20, cfg.data.answer_style,
                                image_span=image_span).prompt_ids)
     shortest = prompt + 2  # + judgment + end of text
+    if cfg.data.max_length == 0:
+        cfg.data.max_length = prompt + max(cfg.data.answer_tokens, 2)
+        log.info("data.max_length=%d: %d image tokens + %d prompt tokens + data.answer_tokens=%d", cfg.data.max_length,
+                 image_tokens, prompt - image_tokens, cfg.data.answer_tokens)
     if cfg.data.max_length < shortest:
         raise ConfigError(
             f"data.max_length={cfg.data.max_length} is too short: {image_tokens} image tokens + "

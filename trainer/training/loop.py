@@ -218,7 +218,7 @@ def training_batches(
     builder = PromptBuilder(
         tokenizer, model.num_image_tokens, cfg.data.max_length, cfg.data.answer_style, caption_prompt,
         image_span=arch.image_span)
-    transform = ImageTransform(arch.image_size, arch.image_mean, arch.image_std)
+    transform = ImageTransform.for_model(arch)
     held_out = held_out_dev(cfg, train_urls)
     sources = [Source(tuple(resolve_shards([path])), weight, label) for _, path, weight, label in _draws(cfg)]
     if held_out and info.is_main:

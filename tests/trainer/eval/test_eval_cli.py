@@ -143,7 +143,7 @@ def test_periodic_evaluator_logs_and_tracks_best(tiny_model_dir, small_shards, t
                              "eval.batch_size=24"])
     writer = MetricsWriter(tmp_path / "tb")
     builder = PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH)
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     evaluator = PeriodicEvaluator(cfg, resolve_shards([str(small_shards["domain_d"])]), builder, transform,
                                   WorldInfo(0, 0, 1), tok.pad_token_id, writer, tmp_path)
     engine = FakeEngine(model)
@@ -192,7 +192,7 @@ def test_without_a_dev_set_the_best_step_is_the_one_with_the_highest_auc(tiny_mo
     cfg = load_config(None, ["eval.every=1", "eval.dev_shards=[]", "eval.batch_size=24"])
     evaluator = PeriodicEvaluator(cfg, resolve_shards([str(small_shards["domain_d"])]),
                                   PromptBuilder(tok, model.num_image_tokens, PROMPT_ONLY_MAX_LENGTH),
-                                  ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std),
+                                  ImageTransform.for_model(model.arch),
                                   WorldInfo(0, 0, 1), tok.pad_token_id, None, tmp_path)
     ran = {}
     for step in (1, 2):

@@ -112,7 +112,7 @@ def test_the_prompt_and_pixels_are_the_processors_own(family, gac, video_slot_ma
         theirs = theirs[:last] + [image_id] * GAC_TOKENS + theirs[last:]
     builder = PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span)
     assert builder.prompt_ids == theirs
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     expected = case.family_pixels(transform(image)[None])  # the pixels of training, as the family lays them out
     torch.testing.assert_close(inputs["pixel_values"].reshape(expected.shape), expected, atol=1e-5, rtol=0)
 
@@ -162,7 +162,7 @@ def test_without_gac_the_family_format_export_scores_the_same(family, tmp_path, 
                                          add_generation_prompt=True, tokenize=False)
     inputs = processor(text=text, images=[face], return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == enc.input_ids
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     with torch.no_grad():
         logits = hf(**inputs).logits[:, -1]
         ours = model(inputs["input_ids"], inputs["attention_mask"], transform(face)[None],
@@ -234,6 +234,30 @@ def test_the_readme_table_is_what_the_code_prints():
     from trainer.bench.tables import families_table
 
     assert families_table() in (ROOT / "README.md").read_text()
+
+
+def test_the_normalisation_is_read_where_transformers_5_keeps_it_and_never_guessed(tmp_path, demo_tokenizer):
+    """A checkpoint saved by transformers 5 keeps its image processor inside processor_config.json (no
+    preprocessor_config.json); one with neither is refused, its normalisation cannot be guessed."""
+    from transformers import AutoProcessor
+
+    from trainer.model.arch import ModelLoadError
+
+    FAMILY_CASES["llava"].save(tmp_path, demo_tokenizer)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    processor.image_processor.image_mean = processor.image_processor.image_std = [0.5, 0.5, 0.5]
+    (tmp_path / "preprocessor_config.json").unlink(missing_ok=True)
+    processor.save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    model, _ = build(FAMILY_CASES["llava"], tmp_path)
+    assert model.arch.image_mean == model.arch.image_std == [0.5, 0.5, 0.5]
+    face = Image.fromarray(np.random.default_rng(2).integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    torch.testing.assert_close(ImageTransform.for_model(model.arch)(face)[None],
+                               processor(text="<image>", images=[face], return_tensors="pt")["pixel_values"],
+                               rtol=0, atol=1e-6)
+    (tmp_path / "processor_config.json").unlink()
+    with pytest.raises(ModelLoadError, match="has no image processor"):
+        build(FAMILY_CASES["llava"], tmp_path)
 
 
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl"])

@@ -33,7 +33,7 @@ def test_llava_form_computes_what_the_model_computes(preset, demo_tokenizer, tmp
     images = [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(2)]
     prompt = captioner_prompt(processor, CAPTION_PROMPT)
     inputs = processor(images=images, text=[prompt] * 2, return_tensors="pt")
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     torch.testing.assert_close(inputs["pixel_values"], torch.stack([transform(im) for im in images]),
                                atol=1e-5, rtol=0)  # same pixels as in training
     builder = PromptBuilder(tok, model.num_image_tokens, 256, caption_prompt=prompt)

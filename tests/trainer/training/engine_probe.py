@@ -26,7 +26,7 @@ def fixed_batch(cfg, model, tokenizer, urls: list[str]) -> dict:
     from trainer.sample.prompt import PromptBuilder
 
     builder = PromptBuilder(tokenizer, model.num_image_tokens, cfg.data.max_length, image_span=model.arch.image_span)
-    transform = ImageTransform(model.arch.image_size, model.arch.image_mean, model.arch.image_std)
+    transform = ImageTransform.for_model(model.arch)
     stream = ShardStream(urls, SampleMaker(builder, transform), StreamLayout(), batch_size=GLOBAL_BATCH, train=False)
     return next(iter(make_loader(stream, tokenizer.pad_token_id)))
 

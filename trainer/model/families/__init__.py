@@ -16,7 +16,7 @@ from trainer.model.arch import ModelLoadError
 from trainer.model.families.base import Family, Release
 from trainer.model.families.internvl import InternVLFamily
 from trainer.model.families.llava import AnyresFamily, LlavaFamily
-from trainer.model.families.qwen_vl import QwenVLFamily
+from trainer.model.families.qwen_vl import QWEN_LEGACY_PREFIXES, QwenVLFamily
 
 FAMILIES: list[Family] = [
     LlavaFamily(),
@@ -31,12 +31,12 @@ FAMILIES: list[Family] = [
     QwenVLFamily("qwen2_vl", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel",
                  "Qwen2VLTextModel", "Qwen2VLConfig", "Qwen2VLProcessor", "Qwen2VLVideoProcessor",
                  (Release("Qwen/Qwen2-VL-2B-Instruct, -7B-Instruct", "Qwen2-VL ViT-675M/14, at 448", 448, 14, 32,
-                          merge=2),), vision_width_key="embed_dim"),
+                          merge=2),), vision_width_key="embed_dim", legacy_prefixes=QWEN_LEGACY_PREFIXES),
     QwenVLFamily("qwen2_5_vl", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
                  "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLTextModel", "Qwen2_5_VLConfig",
                  "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor",
                  (Release("Qwen/Qwen2.5-VL-3B-Instruct, -7B-Instruct", "Qwen2.5-VL ViT-670M/14 (window attention), "
-                          "at 448", 448, 14, 32, merge=2),)),
+                          "at 448", 448, 14, 32, merge=2),), legacy_prefixes=QWEN_LEGACY_PREFIXES),
     QwenVLFamily("qwen3_vl", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel",
                  "Qwen3VLTextModel", "Qwen3VLConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor",
                  (Release("Qwen/Qwen3-VL-2B-Instruct, -4B-Instruct, -8B-Instruct",

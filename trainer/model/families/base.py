@@ -73,6 +73,11 @@ class Family:
     model_class: str = ""  # the transformers class its checkpoints were saved from
     releases: tuple[Release, ...] = ()  # what it covers (README, "Checkpoint families")
     prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES  # I-FAS state-dict prefix -> the family class's
+    # The family class's prefixes -> those of checkpoints saved before transformers 4.52 (the releases' own
+    # files); transformers translates them back when loading (trainer/model/pretrained.py does the same).
+    legacy_prefixes: tuple[tuple[str, str], ...] = ()
+    # The image placeholder its processor falls back to when the tokenizer names none (None: it must be named).
+    default_image_token: str | None = "<image>"
     projector_norm = False  # a LayerNorm before the projector's first linear
     features_from_output = False  # vision_feature_layer -1 is the encoder's output, after its final norm
     image_newline = False  # the face again as one tile, each row closed by a learned newline token

@@ -34,6 +34,7 @@ class InternVLFamily(Family):
     releases = (Release("OpenGVLab/InternVL3-1B-hf, -2B-hf, -8B-hf, InternVL2.5-1B..8B-hf", "InternViT-300M-448px",
                         448, 14, 24, merge=2),)
     projector_norm = True  # multi_modal_projector.layer_norm over the merged patches
+    default_image_token = None  # the -hf tokenizer names <IMG_CONTEXT> (context_image_token)
     features_from_output = True  # layer -1 is the encoder's output after its final norm
 
     def arch(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
@@ -99,7 +100,8 @@ def save_internvl_processor(ifas_config: Mapping[str, Any], tokenizer, chat_temp
     arch = ifas_config["arch"]
     size = arch["image_size"]
     image_processor = GotOcr2ImageProcessorPil(
-        size={"height": size, "width": size}, crop_to_patches=False, max_patches=1, resample=Image.BICUBIC,
+        size={"height": size, "width": size}, crop_to_patches=False, max_patches=1,
+        resample=arch.get("image_resample", Image.BICUBIC),
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(arch["image_mean"]),
         image_std=list(arch["image_std"]), do_convert_rgb=True)
     save_processor("InternVLProcessor", image_processor, tokenizer, chat_template, directory, "InternVLVideoProcessor",

@@ -45,8 +45,15 @@ def check_native_size(config: PretrainedConfig, image_size: int | None) -> None:
                              f"{native} x {native}; leave model.image_size unset (it is for Qwen-VL checkpoints)")
 
 
+LLAVA_LEGACY_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                         ("model.vision_tower.", "vision_tower."),
+                         ("model.multi_modal_projector.", "multi_modal_projector."),
+                         ("model.image_newline", "image_newline"))
+
+
 class LlavaFamily(Family):
     name = "llava"
+    legacy_prefixes = LLAVA_LEGACY_PREFIXES
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
     releases = (Release("llava-hf/llava-1.5-7b-hf, llava-1.5-13b-hf", "CLIP-L/14-336", 336, 14, 24),
@@ -78,7 +85,9 @@ class LlavaFamily(Family):
 
     def save_processor(self, ifas_config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
                        chat_template: str | None, directory: str | Path) -> None:
-        llava_processor(ifas_config, tokenizer, chat_template).save_pretrained(str(directory))
+        processor = llava_processor(ifas_config, tokenizer, chat_template)
+        processor.save_pretrained(str(directory))
+        processor.image_processor.save_pretrained(str(directory))  # preprocessor_config.json: processor_files.py
 
 
 class AnyresFamily(LlavaFamily):
@@ -152,7 +161,8 @@ def save_anyres_processor(ifas_config: Mapping[str, Any], tokenizer, chat_templa
 
     arch = ifas_config["arch"]
     size = arch["image_size"]
-    common = dict(size={"height": size, "width": size}, image_grid_pinpoints=[[size, size]], resample=Image.BICUBIC,
+    common = dict(size={"height": size, "width": size}, image_grid_pinpoints=[[size, size]],
+                  resample=arch.get("image_resample", Image.BICUBIC),
                   crop_size={"height": size, "width": size},  # the tile size (LLaVA-NeXT's default is 224)
                   do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                   image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]), do_convert_rgb=True)
@@ -179,7 +189,8 @@ def llava_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template: st
     size = arch["image_size"]
     # the PIL backend resizes exactly as ImageTransform does (the torchvision one differs slightly)
     image_processor = CLIPImageProcessorPil(
-        do_resize=True, size={"height": size, "width": size}, resample=Image.BICUBIC, do_center_crop=False,
+        do_resize=True, size={"height": size, "width": size}, resample=arch.get("image_resample", Image.BICUBIC),
+        do_center_crop=False,
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(arch["image_mean"]),
         image_std=list(arch["image_std"]), do_convert_rgb=True)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,

@@ -30,6 +30,9 @@ def save_processor(processor_class: str, image_processor, tokenizer, chat_templa
         if video_processor_class is not None:
             parts["video_processor"] = getattr(transformers, video_processor_class)()
         cls(**parts, chat_template=chat_template, **settings).save_pretrained(str(d))
+        # transformers 5 keeps the image processor inside processor_config.json; readers of the release layout
+        # (transformers 4, inference servers, this project's loader) look for preprocessor_config.json
+        image_processor.save_pretrained(str(d))
         return
     log.warning("torchvision is not installed: writing %s's files without its video processor", processor_class)
     d.mkdir(parents=True, exist_ok=True)

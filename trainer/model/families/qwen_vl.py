@@ -33,22 +33,26 @@ from trainer.model.families.processor_files import save_processor
 
 DEFAULT_IMAGE_SIZE = 448
 QWEN_PREFIXES = (("vision.", "model.visual."), ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head."))
+# Qwen2-VL and Qwen2.5-VL were released from transformers 4.4x: visual.*, and model.* for the LLM
+QWEN_LEGACY_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
 class QwenVLFamily(Family):
     """One of Qwen2-VL, Qwen2.5-VL, Qwen3-VL: they differ only in transformers' classes and one config key."""
 
     prefixes = QWEN_PREFIXES  # the whole visual module, merger included, is the vision group
+    default_image_token = "<|image_pad|>"  # what Qwen's processors fall back to (the releases' tokenizers name none)
 
     def __init__(self, name: str, modeling: str, vision_class: str, text_class: str, config_class: str,
                  processor_class: str, video_processor_class: str, releases: tuple[Release, ...],
-                 vision_width_key: str = "hidden_size") -> None:
+                 vision_width_key: str = "hidden_size", legacy_prefixes: tuple[tuple[str, str], ...] = ()) -> None:
         self.name, self.model_types, self.releases = name, (name,), releases
         self.model_class = config_class.removesuffix("Config") + "ForConditionalGeneration"
         self.modeling, self.vision_class, self.text_class = modeling, vision_class, text_class
         self.config_class, self.processor_class = config_class, processor_class
         self.video_processor_class = video_processor_class
         self.vision_width_key = vision_width_key  # Qwen2-VL's blocks are embed_dim wide (its hidden_size: the merger's)
+        self.legacy_prefixes = legacy_prefixes
         self._llm_class: type[MRopeCausalLM] | None = None
 
     def _modeling(self, name: str) -> type:
@@ -151,7 +155,8 @@ def save_qwen_processor(ifas_config: Mapping[str, Any], tokenizer, chat_template
     # smart_resize rounds in floating point: half a grid unit of slack either side lands every square
     # image on size x size (min = max = size^2 misses it for many input sizes)
     images = Qwen2VLImageProcessorPil(
-        min_pixels=(size - half) ** 2, max_pixels=(size + half) ** 2, resample=Image.BICUBIC,
+        min_pixels=(size - half) ** 2, max_pixels=(size + half) ** 2,
+        resample=arch.get("image_resample", Image.BICUBIC),
         patch_size=vision["patch_size"],
         temporal_patch_size=vision["temporal_patch_size"], merge_size=vision["spatial_merge_size"],
         image_mean=list(arch["image_mean"]), image_std=list(arch["image_std"]))
