@@ -9,8 +9,13 @@ DEMO_DATA ?= data/demo
 DEMO_SAMPLES ?= 1000
 NUM_RANKS ?= 2
 PYTEST_ARGS ?=
+# The torchvision tier: a second venv where transformers builds every processor whole (video processors need
+# torchvision, which does not import beside the CPU torch above); PyPI's pair that imports together.
+TV_VENV ?= .venv-tv
+TV_BIN := $(TV_VENV)/bin
+TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo-data train lint test bench gpu-wheels clean
+.PHONY: install install-torchvision demo-data train lint test test-torchvision bench gpu-wheels clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +26,17 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 	touch $@
 
 install: $(BIN)/.installed
+
+$(TV_BIN)/.installed: requirements.txt requirements-dev.txt setup.py
+	test -x $(TV_BIN)/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_BIN)/pip install -q --upgrade pip
+	# the pinned requirements but triton, whose pin (3.9) the torch of this pair does not admit (it brings its own)
+	grep -v -e '^triton==' requirements.txt > $(TV_VENV)/requirements.txt
+	$(TV_BIN)/pip install -q $(TV_TORCH_SPEC) -r $(TV_VENV)/requirements.txt $$(grep -v '^-r' requirements-dev.txt)
+	$(TV_BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install-torchvision: $(TV_BIN)/.installed
 
 $(DEMO_DATA)/domain_d/manifest.json: | $(BIN)/.installed
 	$(BIN)/ifas-shards synth --out $(DEMO_DATA) --samples-per-domain $(DEMO_SAMPLES) --seed 0 --workers 2
@@ -35,6 +51,11 @@ lint: install
 
 test: install lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(MAKE) test-torchvision
+
+# The processors as transformers builds them with torchvision (tests marked torchvision; skipped in the first tier)
+test-torchvision: install-torchvision
+	PATH=$(abspath $(TV_BIN)):$$PATH $(TV_BIN)/python -m pytest tests -m torchvision $(PYTEST_ARGS)
 
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m kernels.bench

@@ -35,7 +35,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help="validate config and inputs, then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=50")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before and after --config
     setup_logging(int(os.environ.get("RANK", 0)), force=True)
     try:
         cfg = load_config(args.config, args.overrides)

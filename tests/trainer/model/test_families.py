@@ -6,6 +6,7 @@ without GAC exported in the family's format loads with AutoModelForImageTextToTe
 refused by --check within seconds."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -258,6 +259,38 @@ def test_the_normalisation_is_read_where_transformers_5_keeps_it_and_never_guess
     (tmp_path / "processor_config.json").unlink()
     with pytest.raises(ModelLoadError, match="has no image processor"):
         build(FAMILY_CASES["llava"], tmp_path)
+
+
+@pytest.mark.torchvision
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="needs torchvision (make test-torchvision runs it in its own venv)")
+def test_with_torchvision_every_family_export_loads_with_autoprocessor_and_prompts_as_training(family, tmp_path):
+    """Where torchvision is installed transformers builds each family's processor whole (the video processors of
+    InternVL, OneVision and Qwen-VL need it): the export writes it so, AutoProcessor loads it, and its prompt and
+    PIL pixels (faces of several sizes) are training's."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from trainer.model.families.hf_format import save_family_processor, write_family
+    from trainer.sample.tokenizer import processor_chat_template
+
+    case, directory, _ = family
+    model, tok = build(case, directory, gac=False)
+    save_family_processor(model.config_dict(), tok, processor_chat_template(directory), tmp_path / "processor")
+    write_family(model.config_dict(), model.state_dict(), tmp_path / "processor", tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    video = "video_processor" in processor.get_attributes()
+    assert not video or processor.video_processor is not None  # whole
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": QUESTION}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    enc = PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span).encode_prompt()
+    pil = AutoImageProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    for side in (40, IMAGE_SIZE, 300):
+        face = Image.fromarray(np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8))
+        assert processor(text=text, images=[face], return_tensors="pt")["input_ids"][0].tolist() == enc.input_ids
+        expected = case.family_pixels(ImageTransform.for_model(model.arch)(face)[None])
+        theirs = pil(images=[face], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(theirs.reshape(expected.shape), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl"])

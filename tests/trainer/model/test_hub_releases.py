@@ -12,6 +12,7 @@ merges.txt from the 7B folder (the same blobs, SOURCES.md).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -54,6 +55,9 @@ RELEASES = {
     "llava-hf__llava-1.5-7b-hf": {},
 }
 pytestmark = pytest.mark.skipif(not HUB.is_dir(), reason=f"the releases' files are not at {HUB} (set IFAS_HUB)")
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="needs torchvision (make test-torchvision runs it in its own venv)")
+FACE_SIDES = (120, 300, 700)  # faces the processor resizes to the training size
 
 
 @pytest.fixture(scope="module", params=sorted(RELEASES))
@@ -203,3 +207,88 @@ def test_two_zero3_ranks_train_the_release_with_gac(release, small_shards, tmp_p
               "train.max_steps=2", "train.deepspeed_config=launch/ds_zero3.json", "model.gradient_checkpointing=[]",
               "eval.dev_shards=[]", "eval.at_end=false")
     assert sorted(train_history(out)) == [1, 2]
+
+
+def face_of(side: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+def training_pixels(model, face: Image.Image) -> torch.Tensor:
+    """The pixels training computes, laid out as the family's processor lays them out."""
+    ours = ImageTransform.for_model(model.arch)(face)[None]
+    if model.projector is None:  # Qwen-VL: flattened patches
+        from trainer.model.families.mrope import patchify
+
+        vc = model.vision.config
+        ours = patchify(ours, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)[0]
+    return ours
+
+
+@pytest.mark.torchvision
+@needs_torchvision
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_the_releases_own_autoprocessor_prompts_and_sees_as_training(release, backend):
+    """AutoProcessor builds the release's processor whole (its video processor needs torchvision), with the
+    torchvision ("fast") image processor by default: at the training size its pixels are training's."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    _, directory = release
+    model, tok = build_model(ModelConfig(path=str(directory)))
+    processor = AutoProcessor.from_pretrained(directory)
+    if backend == "pil":  # (AutoProcessor's backend="pil" refuses the video processor, which has no PIL backend)
+        processor.image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    face = face_of(model.arch.image_size)
+    inputs = processor(text=text, images=[face], return_tensors="pt")
+    theirs = inputs["input_ids"][0].tolist()
+    last = len(theirs) - theirs[::-1].index(model.arch.image_token_id)
+    theirs = theirs[:last] + [model.arch.image_token_id] * (model.num_image_tokens - model.num_patch_tokens) + \
+        theirs[last:]
+    assert PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span).prompt_ids == theirs
+    ours = training_pixels(model, face)
+    torch.testing.assert_close(inputs["pixel_values"].reshape(ours.shape), ours, rtol=0, atol=1e-6)
+
+
+@pytest.mark.torchvision
+@needs_torchvision
+def test_the_export_with_torchvision_loads_whole_and_gives_the_training_pixels(release, tmp_path):
+    """Where torchvision is installed the family-format export writes the processor whole (video processor
+    included); AutoProcessor loads it and the model scores as ours. Its PIL image processor gives training's
+    pixels for every face size; the torchvision one gives the same grid, and training's pixels at the training
+    size (other sizes: torchvision's bicubic resampling differs from PIL's by up to about 0.03 after
+    normalisation, README "Export, evaluation and prediction")."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+    from trainer.model.families.hf_format import save_family_processor, write_family
+    from trainer.sample.tokenizer import processor_chat_template
+
+    _, directory = release
+    model, tok = build_model(ModelConfig(path=str(directory), gac=False))
+    model.eval()
+    save_family_processor(model.config_dict(), tok, processor_chat_template(directory), tmp_path / "processor")
+    write_family(model.config_dict(), model.state_dict(), tmp_path / "processor", tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    pil = AutoImageProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    for side in (*FACE_SIDES, model.arch.image_size):
+        face = face_of(side, seed=side)
+        ours = training_pixels(model, face)
+        theirs = pil(images=[face], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(theirs.reshape(ours.shape), ours, rtol=0, atol=1e-6)
+        fast = processor.image_processor(images=[face], return_tensors="pt")["pixel_values"]
+        assert fast.numel() == ours.numel()  # the training grid
+        assert float((fast.reshape(ours.shape) - ours).abs().max()) <= (1e-6 if side == model.arch.image_size else 0.05)
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    face = face_of(model.arch.image_size, seed=3)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": QUESTION}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[face], return_tensors="pt")
+    enc = PromptBuilder(tok, model.num_image_tokens, 4096, image_span=model.arch.image_span).encode_prompt()
+    assert inputs["input_ids"][0].tolist() == enc.input_ids
+    with torch.no_grad():
+        logits = hf(**inputs).logits[:, -1]
+        ours = model(inputs["input_ids"], inputs["attention_mask"], ImageTransform.for_model(model.arch)(face)[None],
+                     torch.tensor([enc.score_position])).scores
+    theirs = torch.softmax(logits[:, [model.arch.yes_token_id, model.arch.no_token_id]], dim=-1)[:, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
