@@ -34,6 +34,20 @@ def tensorboard_events(logdir: Path):
     return acc
 
 
+def save_image_processor(directory: Path, image_size: int, siglip: bool = False) -> None:
+    """The image processor a LLaVA-style release ships beside its weights (preprocessor_config.json), saved with
+    transformers' own class: CLIP's resize-and-crop and mean/std (llava-1.5), or SigLIP's plain resize to the
+    tower's size with mean/std 0.5 (llava-interleave). A checkpoint without one is refused at --check."""
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    if siglip:
+        SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    else:
+        CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                              resample=Image.BICUBIC).save_pretrained(directory)
+
+
 def train_history(out: Path) -> dict[int, float]:
     """step -> logged loss of a finished run (train_result.json)."""
     return {h["step"]: h["loss"] for h in json.loads((out / "train_result.json").read_text())["history"]}

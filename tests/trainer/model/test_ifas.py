@@ -10,6 +10,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from tests.helpers import save_image_processor
 from trainer.config import ModelConfig
 from trainer.data import collate
 from trainer.model.build import build_model
@@ -133,6 +134,7 @@ def test_build_from_llava_checkpoint_dir(demo_tokenizer, tmp_path):
                                                       image_token_index=demo_tokenizer.convert_tokens_to_ids("<image>")))
     llava.save_pretrained(tmp_path / "llava")
     demo_tokenizer.save_pretrained(tmp_path / "llava")
+    save_image_processor(tmp_path / "llava", vision.image_size)
     model, tok = build_model(ModelConfig(path=str(tmp_path / "llava")))
     assert_same_weights(model.vision, llava.model.vision_tower)
     assert_same_weights(model.projector, llava.model.multi_modal_projector)

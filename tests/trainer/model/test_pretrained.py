@@ -18,7 +18,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from tests.helpers import DEEPSPEED, ROOT, launch_env
+from tests.helpers import DEEPSPEED, ROOT, launch_env, save_image_processor
 from tests.trainer.model.test_ifas import _tiny_vision_text, assert_same_weights
 from trainer.config import ModelConfig
 from trainer.dist import free_port
@@ -45,6 +45,7 @@ def save_llava(directory: Path, tokenizer, tied: bool = False, seed: int = 1) ->
         image_token_index=tokenizer.convert_tokens_to_ids("<image>")))
     llava.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    save_image_processor(directory, vision.image_size)
     return llava
 
 

@@ -77,7 +77,10 @@ class ToyFamily(Family):
 
 
 def save_toy_checkpoint(directory: Path, tokenizer) -> ToyVLForConditionalGeneration:
-    """A tiny random toy_vl checkpoint with its tokenizer (naming <image>, with a chat template)."""
+    """A tiny random toy_vl checkpoint with its tokenizer (naming <image>, with a chat template) and CLIP's
+    image processor."""
+    from tests.helpers import save_image_processor  # here: this module also runs as the launcher's script
+
     torch.manual_seed(11)
     config = ToyVLConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -90,6 +93,7 @@ def save_toy_checkpoint(directory: Path, tokenizer) -> ToyVLForConditionalGenera
     model = ToyVLForConditionalGeneration(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    save_image_processor(directory, config.vision_config.image_size)
     return model
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import save_image_processor
+
 
 @pytest.fixture(scope="module")
 def siglip_llava(tmp_path_factory, demo_tokenizer):
@@ -20,6 +22,7 @@ def siglip_llava(tmp_path_factory, demo_tokenizer):
                                               vision_feature_select_strategy="full")  # no class token to drop
                                   ).save_pretrained(out)
     demo_tokenizer.save_pretrained(out)
+    save_image_processor(out, vision.image_size, siglip=True)
     return out
 
 
