@@ -115,6 +115,7 @@ FIXTURES: dict[str, list[tuple[str, dict[str, Any] | None]]] = {
         ("Train/live/006/006-1-1-1-1.mov", _e("none", "006", "train", device="sensor1")),
         ("Train/spoof/006/006-2-2-2-1.mov", _e("print", "006", "train", spoof_type="print_lq")),
         ("Test/spoof/090/090-1-3-4-1.mov", _e("replay", "090", "test", spoof_type="asus_mb168b")),
+        ("Test/live/153/153-2-1-1-1.m.mov", _e("none", "153", "test", device="sensor2", session="1")),
         ("Test/spoof/090/090-1-4-1-1.mov", None),
     ],
     "siw_m_v2": [

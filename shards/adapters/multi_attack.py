@@ -26,7 +26,8 @@ class CelebASpoof(Adapter):
     name, dataset = "celeba_spoof", "CelebA-Spoof"
     exts = IMAGE_EXTS
     layout = (
-        "root/Data/{train,test}/<id>/{live,spoof}/<n>.jpg + <n>_BB.txt; root/metas/intra_test/{train,test}_label.json"
+        "root/Data/{train,test}/<id>/{live,spoof}/<n>.{jpg,png} + <n>_BB.txt; "
+        "root/metas/intra_test/{train,test}_label.json"
     )
     # index 40: 0 live, 1 photo, 2 poster, 3 A4, 4 face mask, 5 upper-body mask, 6 region mask, 7 PC, 8 pad,
     # 9 phone, 10 3D mask
@@ -86,12 +87,13 @@ class CelebASpoof(Adapter):
 
 
 class SiW(Adapter):
-    """``{Train,Test}/{live,spoof}/<subject>/<subject>-<sensor>-<type>-<medium>-<session>.mov``;
-    type 1 live, 2 print, 3 replay."""
+    """``{Train,Test}/{live,spoof}/<subject>/<subject>-<sensor>-<type>-<medium>-<session>[.m].mov``;
+    type 1 live, 2 print, 3 replay. The release names the sensor-2 live videos of subjects 153, 154, 158
+    and 161 ``NNN-2-1-M-S.m.mov`` (an extra ``.m``): the same capture naming, accepted as such."""
 
     name, dataset = "siw", "SiW"
     exts = (".mov", ".mp4", ".avi")
-    layout = "root/{Train,Test}/{live,spoof}/<subject>/<SSS>-<sensor>-<type 1-3>-<medium>-<session>.mov"
+    layout = "root/{Train,Test}/{live,spoof}/<subject>/<SSS>-<sensor>-<type 1-3>-<medium>-<session>[.m].mov"
     MEDIA = {
         (2, 1): "print_hq",
         (2, 2): "print_lq",
@@ -102,7 +104,7 @@ class SiW(Adapter):
     }
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
-        m = self.match(r"(\d+)-(\d)-([123])-(\d)-(\d)", rel.stem)
+        m = self.match(r"(\d+)-(\d)-([123])-(\d)-(\d)(?:\.m)?", rel.stem)
         split = self.split_from_parts(rel, SPLIT_WORDS)
         if not m or split is None:
             return None
