@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -19,12 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-
 from shards.errors import ShardsError
-from shards.io import parse_size, setup_logging, sha256_file
+from shards.io import open_image, parse_size, setup_logging, sha256_file
 from shards.manifest import COUNT_FIELDS, MANIFEST_NAME, ManifestError, read_manifest
-from shards.schema import SchemaError, validate_meta
+from shards.schema import SchemaError, image_member, validate_meta
 
 log = logging.getLogger("shards.cli")
 
@@ -33,9 +30,13 @@ def _check_sample(sample: dict, url: str) -> tuple[str, dict | None, list[str]]:
     """Decode one raw webdataset sample; return (key, meta or None, problems)."""
     key = sample.get("__key__", "?")
     problems = []
-    for ext in ("jpg", "json"):
-        if ext not in sample:
-            problems.append(f"{url}: sample {key} has no .{ext} member")
+    image = None
+    try:
+        _, image = image_member(sample, key)
+    except SchemaError as e:
+        problems.append(f"{url}: {e}")
+    if "json" not in sample:
+        problems.append(f"{url}: sample {key} has no .json member")
     meta = None
     if "json" in sample:
         try:
@@ -43,10 +44,9 @@ def _check_sample(sample: dict, url: str) -> tuple[str, dict | None, list[str]]:
         except (UnicodeDecodeError, json.JSONDecodeError, SchemaError) as e:
             problems.append(f"{url}: sample {key}: bad json ({e})")
             meta = None
-    if "jpg" in sample:
+    if image is not None:
         try:
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
-                im.load()
+            open_image(image)
         except Exception as e:  # PIL raises many types for corrupt data
             problems.append(f"{url}: sample {key}: image does not decode ({e})")
     return key, meta, problems

@@ -36,12 +36,12 @@ def frame_indices(num_frames: int, n: int) -> list[int]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 (PIL first: it reads more formats than cv2's imread)."""
-    from PIL import Image
+    """Decode an image file to RGB uint8 as a person sees it (``shards.io.open_image``: EXIF orientation,
+    16-bit grey, alpha on white)."""
+    from shards.io import open_image
 
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+        return np.asarray(open_image(path))
     except Exception as e:  # PIL raises many types on corrupt files
         raise MediaError("unreadable_image", f"{path}: image does not decode ({type(e).__name__}: {e})") from e
 

@@ -1,5 +1,8 @@
 """``ifas-predict``: judgment, liveness score and a generated explanation per face image, as JSON
-lines (trainer/eval/predict.py).
+lines (trainer/eval/predict.py). Every readable input is predicted; each unreadable one (a missing path,
+a file that is no image, a damaged shard or sample) gets its own record ``{"path", "error"}`` and the
+counts go to stderr. Exit status 1 only when nothing could be predicted, or with --strict when anything
+was unreadable; 2 for a bad model, threshold file or option.
 
     ifas-predict --model runs/demo/export --threshold-from runs/demo/calibration.json \
         face1.jpg photos/ data/demo/domain_d --out predictions.jsonl
@@ -12,8 +15,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-
-from PIL import UnidentifiedImageError
 
 from trainer.data import ShardSetError
 from trainer.dist import device
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="crop the largest face of raw photos first (the shards' detector and crop rule)",
     )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when any input is unreadable (default: only when none predicts)"
+    )
     parser.add_argument("--out", default=None, help="write JSON lines to this file")
     parser.add_argument("--jsonl", action="store_true", help="print JSON lines instead of one readable line per input")
     parser.add_argument("inputs", nargs="+", help="image files, folders or shard sets")
@@ -52,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     out_file = None
     try:
-        for spec in args.inputs:  # fail before loading the model when an input is missing
-            if not Path(spec).exists():
-                raise FileNotFoundError(f"input {spec} does not exist (give image files, folders or shard sets)")
+        if not any(Path(spec).exists() for spec in args.inputs):  # fail before loading the model
+            missing = "; ".join(f"{spec} does not exist" for spec in args.inputs)
+            raise FileNotFoundError(f"no input exists: {missing} (give image files, folders or shard sets)")
         if args.threshold_from:
             threshold, source = threshold_from_file(args.threshold_from)
         else:
@@ -63,13 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = IFASModel.from_pretrained(args.model, dtype=inference_dtype(device()))
         model.to(device()).eval()
         out_file = open(args.out, "w") if args.out else None
-        count = 0
+        counts = {"predicted": 0, "unreadable": 0}
         for items in batches(iter_inputs(args.inputs), args.batch_size):
-            crops = [crop_face(it.image, model.arch.image_size) if args.face_crop else (it.image, None) for it in items]
-            preds = predict_batch(
+            good = [it for it in items if it.image is not None]
+            crops = [crop_face(it.image, model.arch.image_size) if args.face_crop else (it.image, None) for it in good]
+            preds = iter(predict_batch(
                 model, tokenizer, [c for c, _ in crops], threshold, not args.no_explain, args.max_new_tokens
-            )
-            for it, (_, box), (score, judgment, text) in zip(items, crops, preds):
+            ) if good else [])
+            boxes = iter(box for _, box in crops)
+            for it in items:
+                if it.image is None:
+                    _emit(args, out_file, {"path": it.path, "error": it.error}, f"{it.path}: unreadable: {it.error}")
+                    counts["unreadable"] += 1
+                    continue
+                score, judgment, text = next(preds)
                 record = {
                     "path": it.path,
                     "judgment": judgment,
@@ -79,27 +90,34 @@ def main(argv: list[str] | None = None) -> int:
                     "explanation": text,
                     **it.meta,
                 }
+                box = next(boxes)
                 if args.face_crop:
                     record["face_box"] = box  # normalised [x, y, w, h] in the input image; None: no face found
-                if out_file is not None:
-                    out_file.write(json.dumps(record) + "\n")
-                if args.jsonl:
-                    print(json.dumps(record), flush=True)
-                elif out_file is None:
-                    print(
-                        f"{record['path']}: {judgment} (score {score:.3f}, threshold {threshold:.3f}) {text}",
-                        flush=True,
-                    )
-                count += 1
-        log.info("%d predictions%s", count, f" written to {args.out}" if args.out else "")
-    except (ModelLoadError, FileNotFoundError, UnidentifiedImageError, ShardSetError, ValueError, OSError) as exc:
+                _emit(args, out_file, record,
+                      f"{it.path}: {judgment} (score {score:.3f}, threshold {threshold:.3f}) {text}")
+                counts["predicted"] += 1
+        print(f"ifas-predict: {counts['predicted']} predicted, {counts['unreadable']} unreadable"
+              + (f" (records in {args.out})" if args.out else ""), file=sys.stderr)
+    except (ModelLoadError, FileNotFoundError, ShardSetError, ValueError, OSError) as exc:
         print(f"ifas-predict: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if out_file is not None:
             out_file.close()
-    return 0
+    if counts["predicted"] == 0:
+        print("ifas-predict: error: no input could be predicted (every one is unreadable)", file=sys.stderr)
+        return 1
+    return 1 if args.strict and counts["unreadable"] else 0
 
+
+def _emit(args: argparse.Namespace, out_file, record: dict, line: str) -> None:
+    """One record to --out (JSON lines), and to stdout as JSON (--jsonl) or a readable line (without --out)."""
+    if out_file is not None:
+        out_file.write(json.dumps(record) + "\n")
+    if args.jsonl:
+        print(json.dumps(record), flush=True)
+    elif out_file is None:
+        print(line, flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

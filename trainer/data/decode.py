@@ -2,13 +2,13 @@
 ``BadSample`` with its reason, which the stream counts and skips (never fatal)."""
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 from PIL import Image
 
-from shards.schema import validate_meta
+from shards.io import open_image
+from shards.schema import SchemaError, image_member, validate_meta
 
 SKIP_REASONS = ("unreadable_shard", "corrupt_tar", "missing_member", "bad_json", "bad_image")
 
@@ -24,16 +24,18 @@ class BadSample(ValueError):
 def decode_sample(raw: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
     """Decode one raw webdataset sample into (image, validated metadata); raise BadSample."""
     key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
-    image_bytes = raw.get("jpg", raw.get("jpeg", raw.get("png")))
-    if image_bytes is None or "json" not in raw:
-        raise BadSample("missing_member", f"sample {key} in {url}: needs an image (.jpg) and a .json member")
+    try:
+        _, image_bytes = image_member(raw, key)
+    except SchemaError as exc:
+        raise BadSample("missing_member", f"{url}: {exc}") from exc
+    if "json" not in raw:
+        raise BadSample("missing_member", f"sample {key} in {url}: has no .json member")
     try:
         meta = validate_meta(json.loads(raw["json"]), key)
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError and SchemaError are ValueErrors
         raise BadSample("bad_json", f"sample {key} in {url}: {exc}") from exc
     try:
-        image = Image.open(io.BytesIO(image_bytes))
-        image.load()
+        image = open_image(image_bytes)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage bytes
         raise BadSample("bad_image", f"sample {key} in {url}: undecodable image ({exc})") from exc
     return image, meta

@@ -7,7 +7,8 @@ liveness score and a generated explanation per input.
 Inputs are image files, folders (searched recursively for images) or shard sets (a directory
 with manifest.json or .tar shards, or a .tar file). The score is P(Yes) among {Yes, No} at the
 first answer position (one forward pass); the judgment is score >= threshold, with the threshold
-given, read from an ifas-eval output (calibration.json or eval_metrics.json), or 0.5. The
+given, read from an ifas-eval output (calibration.json or eval_metrics.json), or 0.5. Images are
+read as a person sees them (``shards.io.open_image``: EXIF orientation, 16-bit grey, alpha on white). The
 explanation is generated after that judgment (see trainer.eval.explain); --no-explain skips it.
 --face-crop finds the largest frontal face in a raw photo first with the shards' face detector
 (``shards.faces``) and scores the crop made by the shards' crop rule, as the shards hold face crops.
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shards.io import open_image
 from shards.manifest import MANIFEST_NAME
-from trainer.data import ImageTransform, collate, decode_sample, resolve_shards
+from trainer.data import BadSample, ImageTransform, ShardSetError, collate, decode_sample, resolve_shards
 from trainer.eval.explain import generate_explanations
 from trainer.eval.scoring import PROMPT_ONLY_MAX_LENGTH
 from trainer.model.ifas import IFASModel
@@ -36,9 +38,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 @dataclass
 class Item:
+    """One input: an image to predict, or (``image`` None) the reason it could not be read."""
+
     path: str  # file path, or "<shard url>#<key>" for a shard sample
-    image: Image.Image
+    image: Image.Image | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # label/attack of shard samples
+    error: str | None = None
 
 
 def crop_face(image: Image.Image, size: int) -> tuple[Image.Image, list[float] | None]:
@@ -58,35 +63,64 @@ def _is_shard_set(path: Path) -> bool:
 
 
 def iter_inputs(specs: list[str]) -> Iterator[Item]:
-    """Items of image files, folders (recursive, sorted) and shard sets, in the order given.
-    Unreadable images raise (a file the user named must not vanish from the output silently)."""
-    import webdataset as wds
-
+    """Items of image files, folders (recursive, sorted) and shard sets, in the order given. An input
+    that cannot be read (a missing path, a file that is no image, a damaged shard or sample) becomes
+    an Item with its ``error``: it is reported, never silently dropped, and never stops the others."""
     for spec in specs:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"input {path} does not exist (give image files, folders or shard sets)")
-        if _is_shard_set(path):
-            urls = resolve_shards([spec], f"input {spec}")
-            for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                      empty_check=False):
-                image, meta = decode_sample(raw)
-                yield Item(f"{raw['__url__']}#{raw['__key__']}", image,
-                           {"label": meta["label"], "attack": meta["attack"], "dataset": meta["dataset"]})
+            yield Item(spec, error="does not exist (give image files, folders or shard sets)")
+        elif _is_shard_set(path):
+            try:
+                urls = resolve_shards([spec], f"input {spec}")
+            except ShardSetError as exc:
+                yield Item(spec, error=str(exc))
+                continue
+            for url in urls:
+                yield from _shard_items(url)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 log.warning("folder %s holds no images (%s)", path, ", ".join(IMAGE_SUFFIXES))
-            for p in files:
-                yield Item(str(p), _open(p))
+            yield from (_file_item(p) for p in files)
         else:
-            yield Item(str(path), _open(path))
+            yield _file_item(path)
 
 
-def _open(path: Path) -> Image.Image:
-    image = Image.open(path)
-    image.load()
-    return image
+def _file_item(path: Path) -> Item:
+    try:
+        return Item(str(path), open_image(path))
+    except Exception as exc:  # noqa: BLE001 - PIL and the OS raise many types for unreadable files
+        return Item(str(path), error=f"not a readable image ({type(exc).__name__}: {exc})")
+
+
+def _shard_items(url: str) -> Iterator[Item]:
+    """The samples of one shard; a damaged tar or sample is an error Item and reading goes on."""
+    import webdataset as wds
+
+    damage: list[str] = []
+
+    def handler(exc: Exception) -> bool:  # webdataset may report one broken tar twice: keep it once
+        message = f"damaged shard ({type(exc).__name__}: {exc})"
+        if message not in damage:
+            damage.append(message)
+        return True
+
+    reported = 0
+    for raw in wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                              empty_check=False, handler=handler):
+        for message in damage[reported:]:
+            yield Item(url, error=message)
+        reported = len(damage)
+        try:
+            image, meta = decode_sample(raw)
+        except BadSample as exc:
+            yield Item(f"{url}#{raw.get('__key__', '?')}", error=f"{exc.reason}: {exc}")
+            continue
+        yield Item(f"{url}#{raw['__key__']}", image,
+                   {"label": meta["label"], "attack": meta["attack"], "dataset": meta["dataset"]})
+    for message in damage[reported:]:
+        yield Item(url, error=message)
 
 
 @torch.no_grad()
@@ -113,17 +147,20 @@ def predict_batch(model: IFASModel, tokenizer, images: list[Image.Image], thresh
 def predict(model: IFASModel, tokenizer, paths: list[Path], threshold: float = 0.5, explain: bool = True,
             max_new_tokens: int = 48) -> list[dict[str, Any]]:
     """Records for image files (the library entry point; the command streams any input kind)."""
-    images = [_open(Path(p)) for p in paths]
+    images = [open_image(p) for p in paths]
     return [{"path": str(p), "judgment": j, "score": s, "threshold": threshold, "explanation": e}
             for p, (s, j, e) in zip(paths, predict_batch(model, tokenizer, images, threshold, explain, max_new_tokens))]
 
 
 def batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    """Items in order, in lists holding ``size`` readable images (error Items ride along in place)."""
     batch: list[Item] = []
+    readable = 0
     for item in items:
         batch.append(item)
-        if len(batch) == size:
+        readable += item.image is not None
+        if readable == size:
             yield batch
-            batch = []
+            batch, readable = [], 0
     if batch:
         yield batch

@@ -93,9 +93,51 @@ def test_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.jpg does not exist" in err[0]
     (tmp_path / "x.png").write_bytes(b"not a png")
-    assert main(["--model", str(tiny_model_dir), "--no-explain", str(tmp_path / "x.png")]) == 2
-    assert "ifas-predict: error:" in capsys.readouterr().err
+    assert main(["--model", str(tiny_model_dir), "--no-explain", str(tmp_path / "x.png")]) == 1
+    captured = capsys.readouterr()
+    assert "x.png: unreadable: not a readable image" in captured.out
+    assert "ifas-predict: error: no input could be predicted" in captured.err
     (tmp_path / "bad.json").write_text(json.dumps({"a": {"eer_threshold": 0.5}, "b": {"eer_threshold": 0.6}}))
     assert main(["--model", str(tiny_model_dir), "--threshold-from", str(tmp_path / "bad.json"),
                  str(tmp_path / "x.png")]) == 2
     assert "--dev-shards" in capsys.readouterr().err
+
+
+def test_every_readable_input_is_predicted_and_each_unreadable_one_reported(tiny_model_dir, inputs, tmp_path,
+                                                                             capsys):
+    """A folder with a zero-byte .jpg and a text file named .jpg between good photos, a missing path and a
+    shard set with one undecodable sample and one garbage tar: the good ones are all predicted, in order,
+    and every bad one is its own error record; the exit status is 0 unless --strict."""
+    from trainer.cli.predict import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = Image.open(inputs["files"][1])
+    good.save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"")
+    (folder / "c.jpg").write_text("this is a text file")
+    good.save(folder / "d.jpg")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    samples = list(wds.WebDataset(str(inputs["shard"]), shardshuffle=False))[:3]
+    with wds.TarWriter(str(damaged / "shard-000000.tar")) as sink:
+        for i, s in enumerate(samples):
+            sink.write({"__key__": s["__key__"], "jpg": b"\xff\xd8 cut" if i == 1 else s["jpg"], "json": s["json"]})
+    (damaged / "shard-000001.tar").write_bytes(b"garbage, not a tar" * 40)
+    args = ["--model", str(tiny_model_dir), "--no-explain", "--batch-size", "2", "--jsonl",
+            str(inputs["files"][0]), str(folder), str(tmp_path / "missing.png"), str(damaged)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(ln) for ln in captured.out.splitlines()]
+    keys = [s["__key__"] for s in samples]
+    shard0 = str(damaged / "shard-000000.tar")
+    assert [r["path"] for r in records] == [
+        str(inputs["files"][0]), *(str(folder / n) for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")),
+        str(tmp_path / "missing.png"), *(f"{shard0}#{k}" for k in keys), str(damaged / "shard-000001.tar")]
+    errors = [r for r in records if "error" in r]
+    assert [r["path"] for r in errors] == [str(folder / "b.jpg"), str(folder / "c.jpg"), str(tmp_path / "missing.png"),
+                                           f"{shard0}#{keys[1]}", str(damaged / "shard-000001.tar")]
+    assert "does not exist" in errors[2]["error"] and errors[3]["error"].startswith("bad_image")
+    assert all("judgment" in r for r in records if "error" not in r)
+    assert "5 predicted, 5 unreadable" in captured.err
+    assert main(["--strict", *args]) == 1
