@@ -218,8 +218,31 @@ def _old_names(source: dict[str, Any]) -> dict[str, Any]:
     return source
 
 
+# Every count and size a run reads, with its least allowed value: a negative batch size must fail in
+# --check, not at the final evaluation after hours of training (None: the key is unset).
+MIN_SIZES: dict[str, float] = {
+    "model.image_size": 1, "model.projector_merge": 1, "model.gac_prefix_queries": 1, "model.gac_heads": 1,
+    "data.shuffle_buffer": 0, "data.num_workers": 0, "data.augment.jpeg_quality_min": 1,
+    "optim.warmup_steps": 0, "optim.grad_clip": 0,
+    "train.max_steps": 1, "train.stop_at_step": 0, "train.micro_batch_size": 1, "train.grad_accum": 1,
+    "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0, "train.max_bad_steps": 1,
+    "train.collective_timeout_s": 1,
+    "eval.batch_size": 1, "eval.max_samples": 0, "eval.every": 0,
+}
+
+
+def _check_sizes(cfg: RunConfig) -> None:
+    for key, least in MIN_SIZES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and value < least:
+            raise ConfigError(f"{key} must be >= {least:g}, got {value}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no files (file checks happen in the data/model code)."""
+    _check_sizes(cfg)
     if cfg.data.max_length < 0 or cfg.data.answer_tokens < 2:
         raise ConfigError(f"data.max_length={cfg.data.max_length} (0: from the checkpoint) and data.answer_tokens="
                           f"{cfg.data.answer_tokens} (at least 2: the judgment and the end of text) are out of range")
@@ -227,8 +250,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
     if cfg.loss.mode not in ("lopsided", "plain"):
         raise ConfigError(f"loss.mode must be lopsided or plain, got {cfg.loss.mode!r}")
-    if cfg.eval.every < 0:
-        raise ConfigError(f"eval.every must be >= 0 (0 = only at the end), got {cfg.eval.every}")
     a = cfg.data.augment
     for key in ("flip", "resample", "blur", "jpeg"):
         if not 0.0 <= getattr(a, key) <= 1.0:
@@ -261,9 +282,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.task must be fas or caption, got {cfg.data.task!r}")
     if cfg.data.task == "caption":
         _validate_captioning(cfg)
-    for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "save_every"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(cfg.train, key)}")
     if cfg.model.init_from and (cfg.model.path or cfg.model.vision_path or cfg.model.tokenizer_path):
         raise ConfigError("model.init_from starts from an I-FAS export, which holds every weight and the tokenizer "
                           "its token ids belong to: drop model.path / model.vision_path + model.llm_path / "

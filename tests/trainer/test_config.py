@@ -25,6 +25,11 @@ def test_single_path_becomes_list():
         ("loss.alpha=1.5", "loss.alpha must be in [0, 1]"),
         ("optim.freeze=[brain]", "unknown module group 'brain'"),
         ("train.max_steps", "not of the form"),
+        ("eval.batch_size=-1", "eval.batch_size must be >= 1, got -1"),
+        ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+        ("data.num_workers=-2", "data.num_workers must be >= 0, got -2"),
+        ("model.gac_heads=0", "model.gac_heads must be >= 1, got 0"),
+        ("train.keep_last=-1", "train.keep_last must be >= 0, got -1"),
     ],
 )
 def test_bad_config_names_the_key(override, needle):
@@ -55,3 +60,21 @@ def test_an_override_under_either_name_replaces_the_files_model_path(tmp_path):
     assert load_config(tmp_path / "run.yaml", ["model.llava_path=/m/cli"]).model.path == "/m/cli"
     (tmp_path / "old.yaml").write_text("model:\n  llava_path: /m/from_file\n")
     assert load_config(tmp_path / "old.yaml", ["model.path=/m/cli"]).model.path == "/m/cli"
+
+
+def test_check_refuses_a_negative_eval_batch_size_before_any_rank_starts(small_shards, tmp_path):
+    """eval.batch_size=-1 used to pass --check, train, save, then crash at the final evaluation."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import launch_env
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli.train", "--check", "eval.batch_size=-1",
+                           f"data.train_shards=[{small_shards['domain_a']}]", f"train.output_dir={tmp_path / 'run'}"],
+                          cwd=Path(__file__).resolve().parents[2], env=launch_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ifas-train: error:")]
+    assert errors == ["ifas-train: error: eval.batch_size must be >= 1, got -1"]
+    assert not (tmp_path / "run").exists()
