@@ -52,6 +52,23 @@ def _check_sample(sample: dict, url: str) -> tuple[str, dict | None, list[str]]:
     return key, meta, problems
 
 
+def file_problems(shard_dir: Path, manifest: dict) -> list[str]:
+    """What the files alone show against the manifest (no tar is read): unfinished temporary files, tars
+    the manifest does not list, listed shards that are missing or of another size. ``stats`` reports
+    these; ``verify`` adds checksums and reads every sample."""
+    problems = [f"{stray}: unfinished temporary file" for stray in sorted(shard_dir.glob("*.tmp"))]
+    listed = {s["file"] for s in manifest["shards"]}
+    problems += [f"{tar}: tar file not listed in {shard_dir / MANIFEST_NAME}"
+                 for tar in sorted(shard_dir.glob("*.tar")) if tar.name not in listed]
+    for entry in manifest["shards"]:
+        path = shard_dir / entry["file"]
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    return problems
+
+
 def verify_shard_set(shard_dir: Path) -> tuple[list[str], dict]:
     """Check a shard set against its manifest; return (problems, summary). Every problem names a file."""
     import webdataset as wds
@@ -60,23 +77,14 @@ def verify_shard_set(shard_dir: Path) -> tuple[list[str], dict]:
         manifest = read_manifest(shard_dir)
     except (FileNotFoundError, ManifestError) as e:
         return [str(e)], {}
-    problems: list[str] = []
+    problems = file_problems(shard_dir, manifest)
     keys: set[str] = set()
     counts = {f: Counter() for f in COUNT_FIELDS}
-    listed = {s["file"] for s in manifest["shards"]}
-    for stray in sorted(shard_dir.glob("*.tmp")):
-        problems.append(f"{stray}: unfinished temporary file")
-    for tar in sorted(shard_dir.glob("*.tar")):
-        if tar.name not in listed:
-            problems.append(f"{tar}: tar file not listed in {shard_dir / MANIFEST_NAME}")
     for entry in manifest["shards"]:
         path = shard_dir / entry["file"]
         log.info("verifying %s", path)
         if not path.is_file():
-            problems.append(f"{path}: listed in the manifest but missing")
             continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         if sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
         n = 0
@@ -128,6 +136,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             rc = 1
             continue
         print(f"{d}: {m['name']}, {m['num_samples']} samples in {len(m['shards'])} shards")
+        damage = file_problems(Path(d), m)
+        if damage:  # the counts below are the manifest's, not what the damaged files still hold
+            rc = 1
+            print(f"  DAMAGED: {len(damage)} problem(s) the counts below do not reflect; "
+                  f"run `ifas-shards verify {d}` to read every sample")
+            for p in damage:
+                print(f"    {p}")
         for field, counts in m["counts"].items():
             print(f"  {field:8s} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
             total.setdefault(field, Counter()).update(counts)
@@ -224,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dirs", nargs="+")
     v.set_defaults(func=_cmd_verify)
 
-    st = sub.add_parser("stats", help="print label/attack counts from manifests")
+    st = sub.add_parser("stats", help="print label/attack counts from manifests, and damage the files show "
+                        "(missing, resized, unlisted or unfinished shards; verify reads every sample)")
     st.add_argument("dirs", nargs="+")
     st.set_defaults(func=_cmd_stats)
 
