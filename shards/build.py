@@ -39,7 +39,7 @@ from shards.writer import ShardWriter
 log = logging.getLogger(__name__)
 
 STATE_NAME = "build_state.json"
-BUILD_VERSION = 2  # 2: build_state.json keeps running totals of the counts
+BUILD_VERSION = 3  # 2: build_state.json keeps running totals of the counts; 3: frame_size in every sample
 MAX_EXAMPLES = 5  # example paths kept per skip reason
 
 
@@ -49,6 +49,7 @@ class BuildOptions:
 
     frames: int = 10  # frames sampled per video, evenly spaced
     image_frames: int = 0  # images kept per frame folder (same ``video``), evenly spaced; 0 = all
+    first_frames: int = 0  # > 0: sample only among each video's (or frame folder's) first N frames
     face: str = "auto"  # auto | detect | bbox | center | full (see shards.faces.FaceCropper)
     margin: float = 0.25
     size: int = 224
@@ -79,15 +80,17 @@ def sample_key(dataset: str, rel: str, frame: int) -> str:
     return f"{base}-f{frame:05d}"
 
 
-def select_image_frames(items: list[Item], n: int) -> list[Item]:
-    """Keep ``n`` evenly spaced images of every frame folder (items sharing ``video``); videos untouched."""
-    if n <= 0:
+def select_image_frames(items: list[Item], n: int, first: int = 0) -> list[Item]:
+    """Keep ``n`` evenly spaced images (0: all) of every frame folder (items sharing ``video``), among its
+    ``first`` images when > 0; videos untouched."""
+    if n <= 0 and first <= 0:
         return items
     groups: dict[str, list[Item]] = defaultdict(list)
     for it in items:
         if not is_video(it.path):
             groups[it.video].append(it)
-    keep = {id(g[i]) for g in groups.values() for i in frame_indices(len(g), n)}
+    spans = {v: g[:first] if first > 0 else g for v, g in groups.items()}
+    keep = {id(g[i]) for g in spans.values() for i in (frame_indices(len(g), n) if n > 0 else range(len(g)))}
     return [it for it in items if is_video(it.path) or id(it) in keep]
 
 
@@ -171,7 +174,7 @@ class _SplitBuild:
 
     def _frames(self, item: Item) -> list[tuple[int, np.ndarray]]:
         if is_video(item.path):
-            return read_video_frames(item.path, self.opts.frames)
+            return read_video_frames(item.path, self.opts.frames, self.opts.first_frames)
         return [(0, read_image(item.path))]
 
     def samples(self) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
@@ -211,7 +214,9 @@ class _SplitBuild:
                     "source": item.rel,
                     "caption": template_caption(item.attack, key),
                     "caption_source": "template",
+                    "frame_size": [rgb.shape[1], rgb.shape[0]],  # decoded width, height
                     **{k: v for k, v in item.extra.items() if isinstance(v, (str, int, float))},
+                    **self.adapter.frame_fields(item, rgb.shape[1], rgb.shape[0]),
                 }
                 yield key, buf.getvalue(), meta
         self.cursor = (len(self.items), 0)
@@ -298,8 +303,8 @@ def build_dataset(
         if budget is not None and budget <= 0:
             result[split] = None  # not started: the stop fell on the previous split's last shard
             break
-        build = _SplitBuild(adapter, select_image_frames(by_split[split], opts.image_frames), out / split, opts,
-                            naming_skips, overwrite)
+        items = select_image_frames(by_split[split], opts.image_frames, opts.first_frames)
+        build = _SplitBuild(adapter, items, out / split, opts, naming_skips, overwrite)
         result[split] = build.run(budget)
         if result[split] is None:
             break

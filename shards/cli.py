@@ -180,6 +180,13 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _count_arg(text: str) -> int:
+    """argparse type for counts (0 or more)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0, 1, 2, ...)")
+    return int(text)
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from shards.adapters import AdapterError, get_adapter
     from shards.build import BuildOptions, build_dataset, format_report
@@ -202,6 +209,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         frames=args.frames,
         image_frames=args.image_frames,
+        first_frames=args.first_frames,
         face=args.face,
         margin=args.margin,
         size=args.size,
@@ -264,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--splits", nargs="+", help="build only these splits (default: all the adapter finds)")
     b.add_argument("--frames", type=int, default=10, help="frames per video, evenly spaced")
     b.add_argument("--image-frames", type=int, default=0, help="images kept per frame folder, evenly spaced (0: all)")
+    b.add_argument(
+        "--first-frames",
+        type=_count_arg,
+        default=0,
+        help="sample only among each video's (or frame folder's) first N frames, e.g. SiW protocol 1: "
+        "--first-frames 60 --frames 60 (0: the whole video)",
+    )
     b.add_argument(
         "--face",
         default="auto",

@@ -46,12 +46,22 @@ def write_video(path: Path, frames: int = 6, rgb: np.ndarray | None = None) -> N
     w.release()
 
 
-def write_file(root: Path, rel: str) -> None:
+def framed_face(width: int, height: int) -> np.ndarray:
+    """A frame of a camera's size with the face filling its height, centred on grey (for datasets whose
+    frame size carries information, like CASIA-MFSD's cameras)."""
+    frame = np.full((height, width, 3), 128, np.uint8)
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    frame[top : top + side, left : left + side] = face_image(side)
+    return frame
+
+
+def write_file(root: Path, rel: str, rgb: np.ndarray | None = None) -> None:
     p = root / rel
     if is_video(p):
-        write_video(p)
+        write_video(p, rgb=rgb)
     else:
-        write_image(p)
+        write_image(p, rgb)
 
 
 def _e(attack: str, subject: str, split: str, **extra: Any) -> dict[str, Any]:
@@ -74,8 +84,8 @@ FIXTURES: dict[str, list[tuple[str, dict[str, Any] | None]]] = {
         ("Test_files/6_1_40.avi", None),
     ],
     "casia_mfsd": [
-        ("train_release/1/1.avi", _e("none", "train_01", "train", device="low")),
-        ("train_release/1/HR_1.avi", _e("none", "train_01", "train", device="high")),
+        ("train_release/1/1.avi", _e("none", "train_01", "train", device="low_or_normal", frame_size=[640, 480])),
+        ("train_release/1/HR_1.avi", _e("none", "train_01", "train", device="high", frame_size=[1280, 720])),
         ("train_release/2/4.avi", _e("print", "train_02", "train", spoof_type="warped_photo")),
         ("test_release/3/HR_3.avi", _e("print", "test_03", "test", spoof_type="cut_photo")),
         ("test_release/3/8.avi", _e("replay", "test_03", "test")),
@@ -168,7 +178,9 @@ def write_tree(name: str, root: Path) -> list[tuple[str, dict[str, Any] | None]]
     """Write ``FIXTURES[name]`` (plus the dataset's side files) under ``root``; return the spec."""
     spec = FIXTURES[name]
     for rel, _ in spec:
-        write_file(root, rel)
+        # CASIA-MFSD: the paper's cameras, 1280x720 for the HR_ videos, 640x480 for the USB ones
+        size = ((1280, 720) if "HR_" in rel else (640, 480)) if name == "casia_mfsd" else None
+        write_file(root, rel, framed_face(*size) if size else None)
     if name == "celeba_spoof":
         labels: dict[str, dict[str, list[int]]] = {"train": {}, "test": {}}
         for rel, _ in spec:

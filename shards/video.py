@@ -85,8 +85,10 @@ def container_shortfall(path: str | Path) -> str | None:
     return None
 
 
-def read_video_frames(path: str | Path, n: int) -> list[tuple[int, np.ndarray]]:
-    """Return ``[(frame_index, rgb), ...]`` for ``n`` evenly spaced frames of a video.
+def read_video_frames(path: str | Path, n: int, first: int = 0) -> list[tuple[int, np.ndarray]]:
+    """Return ``[(frame_index, rgb), ...]`` for ``n`` evenly spaced frames of a video, or with ``first``
+    of its first ``first`` frames (protocols that train on the start of each clip: SiW protocol 1).
+    The whole clip is still checked for truncation.
 
     Seeks by index when the container reports a frame count (and checks that its last frame
     decodes); otherwise, or when seeking or that check fails, decodes the whole clip once and picks
@@ -111,7 +113,7 @@ def read_video_frames(path: str | Path, n: int) -> list[tuple[int, np.ndarray]]:
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         out: list[tuple[int, np.ndarray]] = []
         if total > 0:
-            wanted = frame_indices(total, n)
+            wanted = frame_indices(min(total, first) if first > 0 else total, n)
             for idx in wanted:
                 frame = read_at(idx)
                 if frame is None:
@@ -134,7 +136,8 @@ def read_video_frames(path: str | Path, n: int) -> list[tuple[int, np.ndarray]]:
             if total > 0 and frames and len(frames) < total - slack:
                 raise MediaError("truncated_video", f"{path}: the container reports {total} frames but only "
                                  f"{len(frames)} decode (a cut-off or damaged file); re-copy or re-download it")
-            out = [(i, cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)) for i in frame_indices(len(frames), n)]
+            span = min(len(frames), first) if first > 0 else len(frames)
+            out = [(i, cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)) for i in frame_indices(span, n)]
         if not out:
             raise MediaError("unreadable_video", f"{path}: no decodable frames")
         return out

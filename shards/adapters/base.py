@@ -141,6 +141,11 @@ class Adapter:
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def frame_fields(self, item: Item, width: int, height: int) -> dict[str, Any]:
+        """Fields only the decoded frame can tell (e.g. CASIA-MFSD's camera from its resolution); they
+        override what ``parse`` said. None by default."""
+        return {}
+
     # -- helpers for naming rules ------------------------------------------------------------
     @staticmethod
     def split_from_parts(rel: PurePosixPath, mapping: dict[str, str]) -> str | None:

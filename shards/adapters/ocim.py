@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shards.adapters.base import SPLIT_WORDS, Adapter, SkipFile
+from shards.adapters.base import SPLIT_WORDS, Adapter, Item, SkipFile
 
 
 class OuluNPU(Adapter):
@@ -45,40 +45,50 @@ class OuluNPU(Adapter):
 
 
 class CasiaMFSD(Adapter):
-    """``{train,test}_release/<subject>/<1..8|HR_1..HR_4>.avi``; 1,2,HR_1 live; 3-6,HR_2-3 print; 7,8,HR_4 replay."""
+    """``{train,test}_release/<subject>/<1..8|HR_1..HR_4>.avi``; 1,2,HR_1 live; 3-6,HR_2-3 print; 7,8,HR_4 replay.
+
+    Camera quality (``device``) comes from the decoded frame size, as the dataset's paper describes its
+    cameras (Zhang et al., "A face antispoofing database with diverse attacks", ICB 2012; docs/datasets.md):
+    low quality 640x480 (an old USB camera), normal quality 640x480 (a new USB camera), high quality
+    1280x720 (Sony NEX-5). Frame size tells high from the others only, so 640x480 is ``low_or_normal``:
+    the file numbers 1-8 are not documented to say which USB camera, and loaders disagree on it.
+    """
 
     name, dataset = "casia_mfsd", "CASIA-MFSD"
     exts = (".avi", ".mp4", ".mov")
     layout = "root/{train_release,test_release}/<subject>/{1..8,HR_1..HR_4}.avi"
     NAME_ATTACK = {
-        "1": ("none", "", "low"),
-        "2": ("none", "", "normal"),
-        "hr_1": ("none", "", "high"),
-        "3": ("print", "warped_photo", "low"),
-        "4": ("print", "warped_photo", "normal"),
-        "hr_2": ("print", "warped_photo", "high"),
-        "5": ("print", "cut_photo", "low"),
-        "6": ("print", "cut_photo", "normal"),
-        "hr_3": ("print", "cut_photo", "high"),
-        "7": ("replay", "video", "low"),
-        "8": ("replay", "video", "normal"),
-        "hr_4": ("replay", "video", "high"),
+        "1": ("none", ""),
+        "2": ("none", ""),
+        "hr_1": ("none", ""),
+        "3": ("print", "warped_photo"),
+        "4": ("print", "warped_photo"),
+        "hr_2": ("print", "warped_photo"),
+        "5": ("print", "cut_photo"),
+        "6": ("print", "cut_photo"),
+        "hr_3": ("print", "cut_photo"),
+        "7": ("replay", "video"),
+        "8": ("replay", "video"),
+        "hr_4": ("replay", "video"),
     }
+    QUALITY_OF_SIZE = {(1280, 720): "high", (640, 480): "low_or_normal"}  # (width, height), the paper's cameras
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         rule = self.NAME_ATTACK.get(rel.stem.lower())
         split = self.split_from_parts(rel, SPLIT_WORDS)
         if rule is None or split is None or len(rel.parts) < 2 or not rel.parts[-2].isdigit():
             return None
-        attack, spoof_type, quality = rule
+        attack, spoof_type = rule
         # Test subjects are numbered from 1 again but are other people: keep the split in the id.
         return {
             "attack": attack,
             "spoof_type": spoof_type,
             "subject": f"{split}_{int(rel.parts[-2]):02d}",
             "split": split,
-            "device": quality,
         }
+
+    def frame_fields(self, item: Item, width: int, height: int) -> dict[str, Any]:
+        return {"device": self.QUALITY_OF_SIZE.get((width, height), f"unknown_{width}x{height}")}
 
 
 class ReplayAttack(Adapter):
