@@ -30,6 +30,7 @@ from PIL import Image
 from shards.adapters import Adapter, Item, Skip
 from shards.captions import template_caption
 from shards.errors import ShardsError
+from shards.face_locations import FaceFileError, normalised, read_face_file
 from shards.faces import FaceCropper
 from shards.io import atomic_write_text, sha256_file
 from shards.manifest import MANIFEST_NAME, read_manifest
@@ -39,7 +40,7 @@ from shards.writer import ShardWriter
 log = logging.getLogger(__name__)
 
 STATE_NAME = "build_state.json"
-BUILD_VERSION = 3  # 2: build_state.json keeps running totals of the counts; 3: frame_size in every sample
+BUILD_VERSION = 3  # 2: build_state.json keeps running totals; 3: frame_size, face_source, release faces
 MAX_EXAMPLES = 5  # example paths kept per skip reason
 
 
@@ -50,7 +51,7 @@ class BuildOptions:
     frames: int = 10  # frames sampled per video, evenly spaced
     image_frames: int = 0  # images kept per frame folder (same ``video``), evenly spaced; 0 = all
     first_frames: int = 0  # > 0: sample only among each video's (or frame folder's) first N frames
-    face: str = "auto"  # auto | detect | bbox | center | full (see shards.faces.FaceCropper)
+    face: str = "auto"  # auto | release | detect | bbox | center | full (see shards.faces.FaceCropper)
     margin: float = 0.25
     size: int = 224
     center_fallback: bool = False
@@ -172,6 +173,18 @@ class _SplitBuild:
     def _skip(self, rel: str, reason: str) -> None:
         note_skip(self.skipped, self.examples, reason, rel)
 
+    def _release_faces(self, item: Item) -> dict[int, tuple[float, float, float, float]]:
+        """The release's per-frame face boxes (pixels) of a video; {} when it ships none or they are not
+        asked for (the detector then runs, or the dataset's per-image box is used)."""
+        path = self.adapter.face_file(item) if self.opts.face in ("auto", "release", "bbox") else None
+        if path is None:
+            return {}
+        try:
+            return read_face_file(path, self.adapter.face_format)
+        except (OSError, FaceFileError) as e:
+            log.warning("%s: face locations unreadable, using the detector (%s)", path, e)
+            return {}
+
     def _frames(self, item: Item) -> list[tuple[int, np.ndarray]]:
         if is_video(item.path):
             return read_video_frames(item.path, self.opts.frames, self.opts.first_frames)
@@ -189,11 +202,14 @@ class _SplitBuild:
                     log.warning("%s", e)
                     self._skip(item.rel, e.reason)
                 continue
+            release = self._release_faces(item)
             for j, (fidx, rgb) in enumerate(frames):
                 if i == start_item and j < start_frame:
                     continue
                 self.cursor = (i, j)
-                crop = self.cropper.crop(rgb, item.bbox)
+                h, w = rgb.shape[:2]
+                box = normalised(release[fidx], w, h) if fidx in release else item.bbox
+                crop, face_source = self.cropper.crop_with_source(rgb, box)
                 if crop is None:
                     self._skip(f"{item.rel}#{fidx}", "no_face")
                     continue
@@ -214,9 +230,10 @@ class _SplitBuild:
                     "source": item.rel,
                     "caption": template_caption(item.attack, key),
                     "caption_source": "template",
-                    "frame_size": [rgb.shape[1], rgb.shape[0]],  # decoded width, height
+                    "frame_size": [w, h],  # decoded width, height
+                    "face_source": face_source,  # release | detector | center | full (counted in the manifest)
                     **{k: v for k, v in item.extra.items() if isinstance(v, (str, int, float))},
-                    **self.adapter.frame_fields(item, rgb.shape[1], rgb.shape[0]),
+                    **self.adapter.frame_fields(item, w, h),
                 }
                 yield key, buf.getvalue(), meta
         self.cursor = (len(self.items), 0)
@@ -279,6 +296,9 @@ def build_dataset(
     into every split's manifest under ``skipped_files``.
     """
     opts = opts or BuildOptions()
+    if opts.face == "release" and not adapter.face_locations:
+        raise ShardsError(f"--face release: {adapter.dataset} ships no face locations; use --face auto or detect "
+                          "(the bundled detector), see docs/datasets.md")
     by_split: dict[str, list[Item]] = defaultdict(list)
     naming: Counter = Counter()
     naming_examples: dict[str, list[str]] = defaultdict(list)

@@ -283,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--face",
         default="auto",
         choices=FACE_MODES,
-        help="auto: dataset boxes, else the bundled LBP face detector; center/full: no detection",
+        help="auto: the release's face locations (OULU-NPU eyes, Replay-Attack/SiW .face, CelebA-Spoof boxes) "
+        "where it ships them, else the bundled LBP detector; release: the same, refused for a dataset without "
+        "them; detect: the detector only; bbox: release locations only; center/full: no detection",
     )
     b.add_argument("--margin", type=float, default=0.25, help="margin around the face box, per side, in box sizes")
     b.add_argument("--size", type=int, default=224, help="output crop size (pixels)")

@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-FACE_MODES = ("auto", "detect", "bbox", "center", "full")
+FACE_MODES = ("auto", "release", "detect", "bbox", "center", "full")
+FACE_SOURCES = ("release", "detector", "center", "full")  # where a crop's box came from (``face_source``)
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,10 +58,11 @@ def detect_face(rgb: np.ndarray, max_side: int = 320) -> tuple[float, float, flo
 class FaceCropper:
     """Crop a square face region with a margin and resize it to ``size``.
 
-    mode: ``auto`` (the dataset's box when it has one, else the detector), ``detect`` (always the
-    detector), ``bbox`` (dataset box only), ``center`` (central square), ``full`` (whole frame,
-    no crop). With ``center_fallback`` a frame without a face gets the centre crop instead of
-    being skipped.
+    mode: ``auto`` and ``release`` (the release's face location for the frame when it ships one, else
+    the detector; ``release`` is refused up front for a dataset that ships none), ``detect`` (always the
+    detector), ``bbox`` (the release's locations only: frames without one are ``no_face``), ``center``
+    (central square), ``full`` (whole frame, no crop). With ``center_fallback`` a frame without a face
+    gets the centre crop instead of being skipped.
     """
 
     mode: str = "auto"
@@ -72,34 +74,38 @@ class FaceCropper:
         if self.mode not in FACE_MODES:
             raise ValueError(f"face mode {self.mode!r}: choose one of {FACE_MODES}")
 
-    def box(self, rgb: np.ndarray, bbox: Sequence[float] | None) -> tuple[float, float, float, float] | None:
-        """Normalised face box for this frame, or None when no face is found."""
-        if self.mode == "center":
-            return None
-        if bbox is not None and self.mode in ("auto", "bbox"):
-            return tuple(bbox)  # type: ignore[return-value]
-        if self.mode in ("auto", "detect"):
-            return detect_face(rgb)
-        return None
+    def box(self, rgb: np.ndarray, release: Sequence[float] | None) -> tuple[tuple[float, ...] | None, str]:
+        """(normalised face box or None when no face is found, its source: release or detector)."""
+        if release is not None and self.mode in ("auto", "release", "bbox"):
+            return tuple(release), "release"
+        if self.mode in ("auto", "release", "detect"):
+            return detect_face(rgb), "detector"
+        return None, "release"
 
-    def crop(self, rgb: np.ndarray, bbox: Sequence[float] | None = None) -> np.ndarray | None:
-        """The face crop (size x size RGB), or None: no face (the build counts ``no_face``)."""
+    def crop_with_source(self, rgb: np.ndarray, release: Sequence[float] | None = None
+                         ) -> tuple[np.ndarray | None, str]:
+        """(the face crop, size x size RGB, or None: no face, which the build counts ``no_face``; the
+        source of its box, one of FACE_SOURCES)."""
         h, w = rgb.shape[:2]
         if self.mode == "full":
-            return np.asarray(Image.fromarray(rgb).resize((self.size, self.size), Image.BICUBIC))
-        box = self.box(rgb, bbox)
+            return np.asarray(Image.fromarray(rgb).resize((self.size, self.size), Image.BICUBIC)), "full"
+        box, source = (None, "center") if self.mode == "center" else self.box(rgb, release)
+        if box is not None and (box[2] * w <= 1 or box[3] * h <= 1):
+            box = None
         if box is None:
             if self.mode != "center" and not self.center_fallback:
-                return None
+                return None, source
             side = min(h, w)
-            cx, cy, half = w / 2, h / 2, side / 2
+            cx, cy, half, source = w / 2, h / 2, side / 2, "center"
         else:
             x, y, bw, bh = box[0] * w, box[1] * h, box[2] * w, box[3] * h
-            if bw <= 1 or bh <= 1:
-                return None
             cx, cy = x + bw / 2, y + bh / 2
             half = max(bw, bh) * (1 + 2 * self.margin) / 2
         # Square crop; regions outside the frame are filled by edge padding (PIL crop pads black).
         left, top, right, bottom = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
         crop = Image.fromarray(rgb).crop((left, top, right, bottom))
-        return np.asarray(crop.resize((self.size, self.size), Image.BICUBIC))
+        return np.asarray(crop.resize((self.size, self.size), Image.BICUBIC)), source
+
+    def crop(self, rgb: np.ndarray, bbox: Sequence[float] | None = None) -> np.ndarray | None:
+        """The face crop (size x size RGB), or None: no face."""
+        return self.crop_with_source(rgb, bbox)[0]

@@ -10,7 +10,7 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 # Metadata fields whose value distribution the manifest records (when present in samples).
-COUNT_FIELDS = ("label", "attack", "dataset", "split")
+COUNT_FIELDS = ("label", "attack", "dataset", "split", "face_source")
 _MANIFEST_FIELDS = {"name": str, "num_samples": int, "shards": list, "counts": dict}
 
 

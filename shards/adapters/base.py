@@ -90,6 +90,12 @@ class Adapter:
     dataset: ClassVar[str] = ""
     exts: ClassVar[tuple[str, ...]] = MEDIA_EXTS  # the file types the dataset ships samples as
     layout: ClassVar[str] = ""  # the expected folder layout, listed by `ifas-shards build --help`
+    # The face locations the release ships ("" = none; --face release refuses such a dataset) and, for
+    # per-video files, their format (shards.face_locations) and extension, beside each video or in a
+    # face-locations/ tree mirroring the videos' paths under the root.
+    face_locations: ClassVar[str] = ""
+    face_format: ClassVar[str] = ""
+    face_ext: ClassVar[str] = ""
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         self.root = Path(root)
@@ -140,6 +146,20 @@ class Adapter:
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def face_file(self, item: Item) -> Path | None:
+        """The release's face-location file of a video, or None (then every frame uses the detector).
+        A name with an inner suffix (SiW's ``NNN-2-1-M-S.m.mov``) may have its file with or without it."""
+        if not self.face_format:
+            return None
+        rel = PurePosixPath(item.rel)
+        stems = [rel.stem] + ([rel.stem.rsplit(".", 1)[0]] if "." in rel.stem else [])
+        for stem in stems:
+            for folder in (self.root / rel.parent, self.root / "face-locations" / rel.parent):
+                path = folder / (stem + self.face_ext)
+                if path.is_file():
+                    return path
+        return None
 
     def frame_fields(self, item: Item, width: int, height: int) -> dict[str, Any]:
         """Fields only the decoded frame can tell (e.g. CASIA-MFSD's camera from its resolution); they

@@ -29,6 +29,7 @@ class CelebASpoof(Adapter):
         "root/Data/{train,test}/<id>/{live,spoof}/<n>.{jpg,png} + <n>_BB.txt; "
         "root/metas/intra_test/{train,test}_label.json"
     )
+    face_locations = "a box per image in <n>_BB.txt"
     # index 40: 0 live, 1 photo, 2 poster, 3 A4, 4 face mask, 5 upper-body mask, 6 region mask, 7 PC, 8 pad,
     # 9 phone, 10 3D mask
     SPOOF_TYPES = {
@@ -94,6 +95,7 @@ class SiW(Adapter):
     name, dataset = "siw", "SiW"
     exts = (".mov", ".mp4", ".avi")
     layout = "root/{Train,Test}/{live,spoof}/<subject>/<SSS>-<sensor>-<type 1-3>-<medium>-<session>[.m].mov"
+    face_locations, face_format, face_ext = "per-frame boxes in <video>.face", "line_xyxy", ".face"
     MEDIA = {
         (2, 1): "print_hq",
         (2, 2): "print_lq",

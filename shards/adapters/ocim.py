@@ -19,6 +19,7 @@ class OuluNPU(Adapter):
     name, dataset = "oulu_npu", "OULU-NPU"
     exts = (".avi", ".mp4", ".mov")
     layout = "root/{Train_files,Dev_files,Test_files}/<Phone 1-6>_<Session 1-3>_<User 01-55>_<File 1-5>.avi"
+    face_locations, face_format, face_ext = "per-frame eye positions in <video>.txt", "oulu_eyes", ".txt"
     FILE_ATTACK = {
         1: ("none", ""),
         2: ("print", "print1"),
@@ -98,6 +99,8 @@ class ReplayAttack(Adapter):
     name, dataset = "replay_attack", "Replay-Attack"
     exts = (".mov", ".avi", ".mp4")
     layout = "root/{train,devel,test}/{real,attack/fixed,attack/hand}/*.mov (enroll/ is skipped)"
+    face_locations = "per-frame boxes in <video>.face (beside it or under root/face-locations/)"
+    face_format, face_ext = "frame_xywh", ".face"
 
     def parse(self, rel: PurePosixPath) -> dict[str, Any] | None:
         if "enroll" in [p.lower() for p in rel.parts[:-1]]:
