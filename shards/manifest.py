@@ -44,3 +44,14 @@ def shard_paths(shard_dir: str | os.PathLike) -> list[str]:
     """Absolute paths of a shard set's tar files, in manifest order (for ``wds.WebDataset``)."""
     root = Path(shard_dir).resolve()
     return [str(root / s["file"]) for s in read_manifest(shard_dir)["shards"]]
+
+
+def data_source(manifest: dict[str, Any]) -> str:
+    """Where a shard set's samples come from, as its manifest records it: ``synthetic`` (written by
+    shards.synth), ``dataset`` (``ifas-shards build`` of a real dataset) or ``unknown`` (hand-made, or a
+    writer that records neither)."""
+    if (manifest.get("generator") or {}).get("name") == "shards.synth":
+        return "synthetic"
+    if "adapter" in ((manifest.get("build") or {}).get("fingerprint") or {}):
+        return "dataset"
+    return "unknown"

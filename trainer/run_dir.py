@@ -5,7 +5,8 @@ docs/architecture.md ("What a run writes") says which part writes each.
 A run directory::
 
     run_config.json        the resolved RunConfig (rank 0, at start)
-    model_config/          ifas_config.json + tokenizer (+ processor/ for LLaVA-form models): what export needs
+    model_config/          ifas_config.json + tokenizer (+ processor/ for LLaVA-form models) + training_data.json
+                           (the training shard sets' sources, copied into every export): what export needs
     checkpoints/           step_<N>/ (DeepSpeed shards + layout.json + COMPLETE; universal/ once another
                            world size resumed from it), latest
     tb/                    TensorBoard events (trainer.logs.MetricsWriter)
@@ -25,6 +26,7 @@ from pathlib import Path
 CONFIG_NAME = "ifas_config.json"  # architecture of a model directory (exported, or a run's model_config/)
 CALIBRATION = "calibration.json"  # a decision threshold fixed on held-out training data
 EVAL_METRICS = "eval_metrics.json"
+TRAINING_DATA = "training_data.json"  # in model_config/ and every export: what the model was trained on
 
 # Inside a checkpoint directory.
 LATEST = "latest"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shards.keywords import load_keywords
 from trainer.data import ImageTransform, ShardSetError, resolve_shards
+from trainer.data.provenance import synthetic_only_note
 from trainer.dist import (
     WorldInfo,
     device,
@@ -184,7 +185,10 @@ def run_eval(args: argparse.Namespace, info: WorldInfo, model_path: Path) -> Non
                 0,
             )
     if info.is_main:
-        report(results, out, writer, scored=scored, protocol=args.protocol, calibration=calibration)
+        note = synthetic_only_note(model_path)
+        if note:
+            print(f"ifas-eval: warning: {note}", file=sys.stderr, flush=True)
+        report(results, out, writer, scored=scored, protocol=args.protocol, calibration=calibration, note=note)
         if explained:
             report_explanations(explained, out)
     writer.close()

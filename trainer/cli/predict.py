@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from trainer.data import ShardSetError
+from trainer.data.provenance import synthetic_only_note
 from trainer.dist import device
 from trainer.eval.predict import batches, crop_face, iter_inputs, predict_batch
 from trainer.eval.scoring import threshold_from_file
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             source = "default" if args.threshold is None else "--threshold"
         model, tokenizer = IFASModel.from_pretrained(args.model, dtype=inference_dtype(device()))
         model.to(device()).eval()
+        note = synthetic_only_note(args.model)
+        if note:
+            print(f"ifas-predict: warning: {note}", file=sys.stderr)
         out_file = open(args.out, "w") if args.out else None
         counts = {"predicted": 0, "unreadable": 0}
         for items in batches(iter_inputs(args.inputs), args.batch_size):
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                     "explanation": text,
                     **it.meta,
                 }
+                if note:
+                    record["model_training_data"] = "synthetic_only"
                 box = next(boxes)
                 if args.face_crop:
                     record["face_box"] = box  # normalised [x, y, w, h] in the input image; None: no face found

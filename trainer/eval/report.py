@@ -25,16 +25,18 @@ def report(
     scored: dict[str, ScoredSet] | None = None,
     protocol: str = "auto",
     calibration: dict[str, Any] | None = None,
+    note: str | None = None,
 ) -> str:
     """Print the tables and write eval_metrics.json/.md, eval_tables.json/.md (paper layouts, when a
     test set maps to a protocol column), eval_scores.json (per sample), ROC/histogram PNGs (with
-    ``scored``) and TensorBoard scalars and images."""
+    ``scored``) and TensorBoard scalars and images. ``note`` heads the printed and written report
+    (e.g. that the model was trained only on synthetic shards)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     as_json = {k: m.as_dict() for k, m in results.items()}
     for name, s in (scored or {}).items():
         as_json[name]["dataset"] = s.dataset
     paper_md, paper_json = paper_tables(as_json, protocol)
-    sections = [format_table(results)]
+    sections = ([f"Note: {note}"] if note else []) + [format_table(results)]
     if any(m.per_attack for m in results.values()):
         sections.append(format_attack_table(results))
     if calibration:

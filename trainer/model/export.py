@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from trainer.model.families.base import NotFamilyCompatible
 from trainer.model.families.hf_format import check_family_compatible, write_family
 from trainer.model.ifas import IFASModel
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES
-from trainer.run_dir import CONFIG_NAME, RunDir, latest_tag
+from trainer.run_dir import CONFIG_NAME, TRAINING_DATA, RunDir, latest_tag
 from trainer.sample.tokenizer import load_tokenizer
 
 log = logging.getLogger("ifas.export")
@@ -85,6 +86,8 @@ def export_run(
         skeleton.save_pretrained(out, load_tokenizer(run.model_config), tensors=lazy, max_shard_size=max_shard_size,
                                  dtype=weights_dtype)
     del lazy
+    if (run.model_config / TRAINING_DATA).is_file():  # what the model was trained on travels with it
+        shutil.copyfile(run.model_config / TRAINING_DATA, out / TRAINING_DATA)
     log.info("exported %s to %s", ckpt_dir, out)
     return out
 

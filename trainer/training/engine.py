@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from trainer.config import PROJECT_ROOT, RunConfig
+from trainer.data.provenance import training_data
 from trainer.dist import WorldInfo, barrier
 from trainer.model.build import build_model
 from trainer.model.families.hf_format import is_family_compatible, save_family_processor
 from trainer.model.ifas import IFASModel
 from trainer.model.pretrained import full_numel, full_shape
-from trainer.run_dir import CONFIG_NAME, RunDir
+from trainer.run_dir import CONFIG_NAME, TRAINING_DATA, RunDir
 from trainer.sample.tokenizer import load_tokenizer, processor_chat_template
 
 log = logging.getLogger("ifas.train")
@@ -115,6 +116,8 @@ def build_engine(cfg: RunConfig, tokenizer, info: WorldInfo, dev: torch.device, 
             chat_template = processor_chat_template(Path(cfg.model.path)) if cfg.model.path else None
             save_family_processor(model.config_dict(), tokenizer, chat_template, run.processor)
         run.run_config.write_text(json.dumps(cfg.to_dict(), indent=2))
+        sources = training_data([s.path for s in cfg.data.train_sources()])
+        (run.model_config / TRAINING_DATA).write_text(json.dumps(sources, indent=2))
     barrier()
     tokenizer = load_tokenizer(run.model_config)
     n_params = sum(full_numel(p) for p in model.parameters())

@@ -242,8 +242,13 @@ def test_predict_prints_judgment_score_and_explanation(exported, small_shards, t
             break
         paths.append(tmp_path / f"face{i}.png")
         Image.open(io.BytesIO(sample["jpg"])).save(paths[-1])
+    sources = json.loads((exported / "training_data.json").read_text())  # the run's, copied by the export
+    assert sources["synthetic_only"] is True and [s["name"] for s in sources["sets"]] == ["domain_a", "domain_b",
+                                                                                          "domain_c"]
     assert main(["--model", str(exported), "--jsonl", "--max-new-tokens", "8", *map(str, paths)]) == 0
-    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    assert "trained only on synthetic shards (domain_a, domain_b, domain_c)" in captured.err
+    lines = [json.loads(ln) for ln in captured.out.splitlines()]
     assert [ln["path"] for ln in lines] == [str(p) for p in paths]
     for ln in lines:
         assert 0.0 <= ln["score"] <= 1.0 and ln["judgment"] == ("Yes" if ln["score"] >= 0.5 else "No")
