@@ -10,6 +10,7 @@ import numpy as np
 
 from trainer.config import RunConfig
 from trainer.data import ImageTransform, resolve_shards
+from trainer.data.provenance import synthetic_only_note
 from trainer.dist import WorldInfo, gather_objects
 from trainer.eval.metrics import FASMetrics
 from trainer.eval.report import report
@@ -112,7 +113,8 @@ class PeriodicEvaluator:
                                 "sets": {k: m.as_dict() for k, m in results.items()}}) + "\n")
         self.run_dir.best.write_text(json.dumps(self.best, indent=2))
         if scored is not None:
-            report(results, self.run_dir.root, self.writer, step, scored=scored, calibration=calibration)
+            report(results, self.run_dir.root, self.writer, step, scored=scored, calibration=calibration,
+                   note=synthetic_only_note(self.run_dir.model_config))
         else:
             self.writer.eval_metrics(results, step)
         self.writer.scalars({Tags.eval_best(self.criterion): self.best["value"]}, step)

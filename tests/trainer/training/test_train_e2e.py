@@ -57,6 +57,8 @@ def test_two_rank_zero3_run_trains_and_evaluates(unbroken):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]  # it learns something even in 6 steps (the LM part drops fast)
     assert "| held-out |" in proc.stdout  # the metrics table is printed
+    # ... headed by the notice that this model only saw synthetic faces (its training_data.json)
+    assert (out / "eval_metrics.md").read_text().startswith("Note: this model was trained only on synthetic shards")
     metrics = json.loads((out / "eval_metrics.json").read_text())["held-out"]
     assert metrics["num_live"] + metrics["num_spoof"] == 48  # every held-out sample, once, over 2 ranks
     # both HTERs: at the test set's EER threshold and at the one fixed on domain_c's val samples
