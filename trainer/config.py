@@ -7,10 +7,11 @@ run before any rank starts work.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -229,6 +230,19 @@ MIN_SIZES: dict[str, float] = {
     "train.collective_timeout_s": 1,
     "eval.batch_size": 1, "eval.max_samples": 0, "eval.every": 0,
 }
+
+
+def size_arg(least: int) -> Callable[[str], int]:
+    """argparse type for a command's count or size (ifas-eval, ifas-predict): an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {least}")
+        return value
+    return parse
 
 
 def _check_sizes(cfg: RunConfig) -> None:

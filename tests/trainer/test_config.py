@@ -78,3 +78,15 @@ def test_check_refuses_a_negative_eval_batch_size_before_any_rank_starts(small_s
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ifas-train: error:")]
     assert errors == ["ifas-train: error: eval.batch_size must be >= 1, got -1"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_the_commands_refuse_a_size_below_its_least_before_loading_anything(command, tmp_path, capsys):
+    from trainer.cli.eval import main as eval_main
+    from trainer.cli.predict import main as predict_main
+
+    main = {"predict": predict_main, "eval": eval_main}[command]
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "no-model"), "--batch-size", "-1", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--batch-size: '-1' is not an integer >= 1" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from shards.keywords import load_keywords
+from trainer.config import size_arg
 from trainer.data import ImageTransform, ShardSetError, resolve_shards
 from trainer.data.provenance import synthetic_only_note
 from trainer.dist import (
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tag", default=None, help="checkpoint tag of a run directory (default: latest)")
     parser.add_argument("--out", default=None, help="output directory (default: --model)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-samples", type=int, default=0, help="cap per test set (0 = all)")
+    parser.add_argument("--batch-size", type=size_arg(1), default=32)
+    parser.add_argument("--max-samples", type=size_arg(0), default=0, help="cap per test set (0 = all)")
     parser.add_argument(
         "--dev-shards",
         nargs="+",
@@ -76,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold-from", default=None, help="fixed threshold from calibration.json/eval_metrics.json"
     )
     parser.add_argument("--protocol", default="auto", help="paper table layout: auto, ocim or one_to_eleven")
-    parser.add_argument("--explain-samples", type=int, default=16, help="explained samples per test set (0 = none)")
+    parser.add_argument("--explain-samples", type=size_arg(0), default=16,
+                        help="explained samples per test set (0 = none)")
     parser.add_argument("--explain-modes", nargs="+", default=["greedy", "sampled"], choices=["greedy", "sampled"])
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="explanation length cap (tokens)")
+    parser.add_argument("--max-new-tokens", type=size_arg(1), default=48, help="explanation length cap (tokens)")
     parser.add_argument("--tb", default=None, help="TensorBoard log dir (default: OUT/tb)")
     parser.add_argument(
         "--merge",

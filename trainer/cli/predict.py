@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from trainer.config import size_arg
 from trainer.data import ShardSetError
 from trainer.data.provenance import synthetic_only_note
 from trainer.dist import device
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         help="read the calibrated threshold from ifas-eval's calibration.json or eval_metrics.json",
     )
     parser.add_argument("--no-explain", action="store_true", help="score only, no generated explanation")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="explanation length cap (tokens)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=size_arg(1), default=48, help="explanation length cap (tokens)")
+    parser.add_argument("--batch-size", type=size_arg(1), default=16)
     parser.add_argument(
         "--face-crop",
         action="store_true",
