@@ -50,3 +50,19 @@ def test_first_frames_samples_only_the_start_of_each_video(tmp_path: Path) -> No
     assert main([*args, "--out", str(tmp_path / "whole"), "--frames", "6"]) == 0
     live = [m["frame"] for m in _metas(tmp_path / "whole" / "train") if m["label"] == "live"]
     assert live == frame_indices(80, 6) and max(live) >= 60
+
+
+def test_first_frames_applies_to_frame_folders_too() -> None:
+    from shards.adapters.base import Item
+    from shards.build import select_image_frames
+
+    def folder(name: str, n: int) -> list[Item]:
+        return [Item(Path(f"{name}/{i:04d}.png"), f"{name}/{i:04d}.png", "live", "none", "1", "train", name)
+                for i in range(n)]
+
+    items = folder("a", 10) + folder("b", 3)
+    kept = lambda got: [it.rel for it in got]  # noqa: E731
+    assert kept(select_image_frames(items, 0, 4)) == kept(items[:4] + items[10:])
+    assert kept(select_image_frames(items, 2, 4)) == [items[i].rel for i in frame_indices(4, 2)] + [
+        items[10 + i].rel for i in frame_indices(3, 2)]
+    assert select_image_frames(items, 0, 0) == items
