@@ -6,6 +6,7 @@
     ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
     ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train \
         --captioner /models/llava
+    torchrun --nproc_per_node 8 -m shards.cli caption ...   (data-parallel: shards/caption_parallel.py)
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="discard an existing or interrupted build in --out")
     b.set_defaults(func=_cmd_build)
 
-    from shards.scf import add_caption_args, main_caption
+    from shards.caption_parallel import add_caption_args, main_caption
 
     c = sub.add_parser("caption", help="SCF: caption a shard set with a local captioner, filter, write new shards")
     add_caption_args(c)
