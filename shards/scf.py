@@ -114,7 +114,10 @@ class Captioner:
 def _samples(src: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     import webdataset as wds
 
-    for s in wds.WebDataset(shard_paths(src), shardshuffle=False, empty_check=False):
+    # Every rank reads the whole set and picks its share itself (caption_share): no split by node or worker.
+    whole = wds.WebDataset(shard_paths(src), shardshuffle=False, empty_check=False, nodesplitter=None,
+                           workersplitter=None)
+    for s in whole:
         yield s["__key__"], s["jpg"], json.loads(s["json"])
 
 
