@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="ifas-shards", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # the deepspeed launcher puts --local_rank=K before the subcommand (`caption` reads LOCAL_RANK from the env)
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate the synthetic FAS shard sets (one directory per domain)")

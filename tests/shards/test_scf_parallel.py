@@ -21,6 +21,7 @@ from shards.errors import ShardsError
 from shards.manifest import MANIFEST_NAME
 from shards.scf import Captioner, caption_shard_set, caption_share
 from shards.synth.domains import generate_domain
+from trainer.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +123,7 @@ def _lines(path: Path) -> int:
 @pytest.mark.slow
 def test_two_ranks_killed_midway_resume_to_the_one_process_output(tmp_path: Path, tmp_path_factory) -> None:
     """srun-style ranks; kill -9 rank 1 midway (rank 0 finishes its share and waits, merging nothing), stop rank 0
-    as the launcher would; rerun under torchrun: each rank captions only what it lacks, and rank 0's merge is
+    as the launcher would; rerun under deepspeed: each rank captions only what it lacks, and rank 0's merge is
     byte-identical to a one-process ``ifas-shards caption``."""
     src = generate_domain(tmp_path / "src", "domain_a", 160, image_size=32, samples_per_shard=50)
     cap = save_tiny_captioner(tmp_path_factory.mktemp("captioner128"), hidden=128, layers=4)
@@ -152,9 +153,10 @@ def test_two_ranks_killed_midway_resume_to_the_one_process_output(tmp_path: Path
     with open(rank1_cache, "ab") as f:  # as if the kill had landed inside a write
         f.write(b'{"key": "domain_a-0001')
 
-    rerun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "shards.cli", *opts, "--out", str(out)], env=_env(), timeout=300,
-                           capture_output=True, text=True)
+    # the rerun under the deepspeed launcher (2 CPU ranks; it appends --local_rank=K); torchrun: shards.bench_caption
+    rerun = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                            str(free_port()), "--module", "shards.cli", *opts, "--out", str(out)], env=_env(),
+                           timeout=300, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     after = rank1_cache.read_bytes()
     kept = before[: before.rfind(b"\n") + 1]
