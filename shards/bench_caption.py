@@ -96,7 +96,21 @@ def run_ranks(world: int, src: Path, out: Path, captioner: Path, batch_size: int
     wall = time.perf_counter() - t0
     done = [json.loads(p.read_text()) for p in sorted((out / RANKS_DIR).glob(f"*-of-{world}.done"))]
     images, seconds = sum(d["captioned"] for d in done), max(d["seconds"] for d in done)
-    return {"ranks": world, "images": images, "caption_s": seconds, "images_per_s": images / seconds, "wall_s": wall}
+    return {"ranks": world, "images": images, "caption_s": seconds, "images_per_s": images / seconds, "wall_s": wall,
+            "cpu_s": sum(d["cpu_seconds"] for d in done), "load_after": os.getloadavg()[0]}
+
+
+def cpu_matmul_peak(n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of one thread on a large fp32 matmul, in CPU seconds (as the cost model is measured)."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.process_time()
+    for _ in range(reps):
+        a @ b
+    return 2.0 * n**3 * reps / (time.process_time() - t0)
 
 
 def captioner_flops(model, prompt_tokens: int, new_tokens: int) -> tuple[float, float]:
@@ -127,7 +141,10 @@ def _prompt_tokens(processor, image_size: int) -> int:
 
 
 def cost_model(captioner: Path, batch_size: int, tokens: tuple[int, int], repeats: int = 3) -> dict:
-    """Seconds per image = prefill + tokens x per-token, measured at the tiny size (one thread), and FLOPs."""
+    """The tiny captioner's cost, measured in this process in CPU seconds (one thread; other work on a shared
+    machine does not inflate it): generate() at two forced output lengths
+    gives prefill and per-step seconds; at batch 1 and ``batch_size`` the per-step seconds split into a fixed part
+    per decode step (dispatch: it does not shrink with the batch) and a part per image. FLOPs counted alongside."""
     import torch
     from PIL import Image
 
@@ -137,30 +154,35 @@ def cost_model(captioner: Path, batch_size: int, tokens: tuple[int, int], repeat
     cap = Captioner(captioner, "cpu")
     size = cap.model.config.vision_config.image_size
     images = [Image.new("RGB", (size, size), (40 * i % 255, 90, 160)) for i in range(batch_size)]
-    inputs = cap.processor(images=images, text=[cap.prompt] * batch_size, return_tensors="pt", padding=True)
 
-    def seconds(n: int) -> float:
+    def seconds(batch: int, n: int) -> float:
+        inputs = cap.processor(images=images[:batch], text=[cap.prompt] * batch, return_tensors="pt", padding=True)
         best = float("inf")
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             with torch.no_grad():
                 cap.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                    pad_token_id=cap.tokenizer.pad_token_id)
-            best = min(best, time.perf_counter() - t0)
-        return best / batch_size
+            best = min(best, time.process_time() - t0)
+        return best
 
-    seconds(2)  # warm-up
-    short, long = seconds(tokens[0]), seconds(tokens[1])
-    per_token = (long - short) / (tokens[1] - tokens[0])
-    prefill = short - tokens[0] * per_token
-    prompt = inputs["input_ids"].shape[1]
+    seconds(batch_size, 2)  # warm-up
+    step, prefill = {}, {}
+    for b in (1, batch_size):
+        short, long = seconds(b, tokens[0]), seconds(b, tokens[1])
+        step[b] = (long - short) / (tokens[1] - tokens[0])
+        prefill[b] = short - tokens[0] * step[b]
+    per_image = (step[batch_size] - step[1]) / (batch_size - 1)
+    prompt = cap.processor(images=images[:1], text=[cap.prompt], return_tensors="pt")["input_ids"].shape[1]
     f_prefill, f_token = captioner_flops(cap.model, prompt, tokens[1])
-    return {"prefill_s": prefill, "per_token_s": per_token, "prompt_tokens": prompt,
-            "prefill_flops": f_prefill, "token_flops": f_token}
+    return {"prefill_s": prefill[batch_size] / batch_size, "per_token_s": step[batch_size] / batch_size,
+            "step_fixed_s": step[1] - per_image, "step_per_image_s": per_image, "prompt_tokens": prompt,
+            "layers": cap.model.config.text_config.num_hidden_layers, "prefill_flops": f_prefill,
+            "token_flops": f_token}
 
 
 def project(tiny: dict, new_tokens: int, batch_size: int, cpu_peak: float) -> dict:
-    """Per-image seconds of the 7B release on one GPU, and CelebA-Spoof hours on ``GPUS`` GPUs, two ways."""
+    """Seconds per image of the llava-1.5-7b release on one GPU, three ways, and CelebA-Spoof hours on GPUS GPUs."""
     import torch
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
@@ -170,18 +192,23 @@ def project(tiny: dict, new_tokens: int, batch_size: int, cpu_peak: float) -> di
     prompt = _prompt_tokens(AutoProcessor.from_pretrained(LLAVA_7B), config.vision_config.image_size)
     f_prefill, f_token = captioner_flops(big, prompt, new_tokens)
     params = sum(p.numel() for p in big.parameters())
-    # (a) the tiny captioner's measured seconds scaled by the FLOPs ratio and by GPU peak / this core's matmul
-    # peak: the 7B keeps the tiny model's (low, overhead-bound) utilisation of its device.
-    scale = cpu_peak / GPU_PEAK
+    compute = GPU_PEAK * PLANNED_MFU
+    weight_reads = 2.0 * params / GPU_HBM  # bf16 weights read once per decode step, for the whole batch
+    # (a) the tiny model's measured seconds scaled by FLOPs, and by GPU peak / this core's matmul peak: the 7B
+    # would keep the tiny model's utilisation of its device.
     scaled = (tiny["prefill_s"] * f_prefill / tiny["prefill_flops"]
-              + new_tokens * tiny["per_token_s"] * f_token / tiny["token_flops"]) * scale
-    # (b) prefill at the planned MFU; each decode step reads the bf16 weights once for the whole batch
-    roofline = f_prefill / (GPU_PEAK * PLANNED_MFU) + new_tokens * max(
-        f_token / (GPU_PEAK * PLANNED_MFU), 2.0 * params / (GPU_HBM * batch_size))
-    hours = {k: CELEBA_SPOOF_IMAGES * s / GPUS / 3600 for k, s in (("scaled", scaled), ("roofline", roofline))}
+              + new_tokens * tiny["per_token_s"] * f_token / tiny["token_flops"]) * cpu_peak / GPU_PEAK
+    # (b) roofline: prefill at the planned MFU, a decode step bound by compute or by its weight reads
+    roofline = f_prefill / compute + new_tokens * max(f_token / compute, weight_reads / batch_size)
+    # (c) (b) plus the measured fixed cost of a decode step, which eager generate() pays per layer (one
+    # launch per op) whatever the batch: scaled by the layer count, it bounds the step from below.
+    dispatch = tiny["step_fixed_s"] * config.text_config.num_hidden_layers / tiny["layers"]
+    step = max(dispatch, weight_reads) + batch_size * f_token / compute
+    dispatch_bound = f_prefill / compute + new_tokens * step / batch_size
+    ways = {"scaled": scaled, "roofline": roofline, "dispatch": dispatch_bound}
     return {"params": params, "prompt_tokens": prompt, "prefill_flops": f_prefill, "token_flops": f_token,
-            "scaled_s_per_image": scaled, "roofline_s_per_image": roofline,
-            "scaled_hours": hours["scaled"], "roofline_hours": hours["roofline"]}
+            "dispatch_step_s": dispatch, "weight_reads_s": weight_reads,
+            "s_per_image": ways, "hours": {k: CELEBA_SPOOF_IMAGES * v / GPUS / 3600 for k, v in ways.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     from shards.synth.domains import generate_domain
-    from trainer.bench.throughput import _matmul_peak
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -211,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         r["speedup"] = r["images_per_s"] / runs[0]["images_per_s"]
         r["identical_to_first"] = same_shard_sets(out[args.ranks[0]], out[r["ranks"]])
-    import torch
-
-    torch.set_num_threads(1)
-    cpu_peak = _matmul_peak(torch.device("cpu"))
+    cpu_peak = cpu_matmul_peak()
     tiny = cost_model(captioner, args.batch_size, (4, 4 + args.max_new_tokens))
     result = {"runs": runs, "tiny": tiny, "cpu_peak_flops": cpu_peak,
               "projection": project(tiny, args.projected_tokens, args.batch_size, cpu_peak)}
@@ -225,27 +248,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_result(res: dict, args: argparse.Namespace) -> str:
-    lines = ["| ranks | images | captioning s (slowest rank) | images/s | vs 1 rank | command wall s | merged set "
-             "identical |", "|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | images | captioning s (slowest rank) | images/s | vs 1 rank | CPU s, all ranks | command "
+             "wall s | load avg after | merged set identical |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         lines.append(f"| {r['ranks']} | {r['images']} | {r['caption_s']:.1f} | {r['images_per_s']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['wall_s']:.1f} | {r['identical_to_first']} |")
+                     f"{r['speedup']:.2f}x | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['load_after']:.1f} | "
+                     f"{r['identical_to_first']} |")
     t, p = res["tiny"], res["projection"]
     lines += [
         "",
         f"tiny captioner (hidden {args.hidden}, {args.layers} layers, one thread, batch {args.batch_size}): "
         f"prefill {t['prefill_s'] * 1e3:.2f} ms/image ({t['prompt_tokens']} prompt tokens, "
-        f"{t['prefill_flops'] / 1e6:.2f} MFLOP), {t['per_token_s'] * 1e3:.3f} ms per generated token and image "
-        f"({t['token_flops'] / 1e6:.3f} MFLOP); this core's fp32 matmul peak {res['cpu_peak_flops'] / 1e9:.1f} "
-        "GFLOP/s",
+        f"{t['prefill_flops'] / 1e6:.2f} MFLOP); {t['per_token_s'] * 1e3:.3f} ms per generated token and image "
+        f"({t['token_flops'] / 1e6:.3f} MFLOP); a decode step costs {t['step_fixed_s'] * 1e3:.3f} ms + "
+        f"{t['step_per_image_s'] * 1e3:.3f} ms per image; this core's fp32 matmul peak "
+        f"{res['cpu_peak_flops'] / 1e9:.1f} GFLOP/s",
         f"llava-1.5-7b ({p['params'] / 1e9:.2f} B parameters, {p['prompt_tokens']} prompt tokens, "
-        f"{args.projected_tokens} generated): {p['prefill_flops'] / 1e12:.2f} TFLOP prefill, "
-        f"{p['token_flops'] / 1e9:.2f} GFLOP per token",
-        f"  (a) tiny measurement scaled by FLOPs and peak: {p['scaled_s_per_image']:.3f} s/image/GPU -> "
-        f"CelebA-Spoof ({CELEBA_SPOOF_IMAGES} images) on {GPUS} GPUs {p['scaled_hours']:.1f} h",
-        f"  (b) prefill at {PLANNED_MFU:.0%} MFU, decode bound by weight reads (batch {args.batch_size}): "
-        f"{p['roofline_s_per_image']:.3f} s/image/GPU -> {p['roofline_hours']:.2f} h",
+        f"{args.projected_tokens} generated, batch {args.batch_size}): {p['prefill_flops'] / 1e12:.2f} TFLOP "
+        f"prefill, {p['token_flops'] / 1e9:.2f} GFLOP per token; decode step >= {p['weight_reads_s'] * 1e3:.1f} ms "
+        f"(weight reads), >= {p['dispatch_step_s'] * 1e3:.1f} ms (dispatch, scaled from the tiny model)",
+        "",
+        f"| way | s per image per GPU | CelebA-Spoof ({CELEBA_SPOOF_IMAGES} images) on {GPUS} GPUs |",
+        "|---|---|---|",
     ]
+    names = {"scaled": "(a) tiny measurement x FLOPs ratio x GPU/CPU peak",
+             "roofline": f"(b) roofline: prefill at {PLANNED_MFU:.0%} MFU, decode weight-read bound",
+             "dispatch": "(c) (b) + measured per-step dispatch cost x layers"}
+    for k, name in names.items():
+        lines.append(f"| {name} | {p['s_per_image'][k]:.3f} | {p['hours'][k]:.2f} h |")
     return "\n".join(lines)
 
 

@@ -127,13 +127,14 @@ def _caption_this_rank(args: argparse.Namespace, r: Rank, out: Path) -> None:
     device = _device(args.device, r)
     cap = Captioner(args.captioner, device, args.prompt, args.max_new_tokens)
     live = Captioner(args.live_captioner, device, args.prompt, args.max_new_tokens) if args.live_captioner else None
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     n = caption_share(args.src, out, cap, live_captioner=live, only=args.only, batch_size=args.batch_size,
                       rank=r.rank, world_size=r.world_size)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     log.warning("rank %d of %d: %d images captioned in %.1f s (%.2f images/s)", r.rank, r.world_size, n, seconds,
                 n / seconds if seconds else 0.0)
-    atomic_write_text(_marker(out, r, "done"), json.dumps({**_job(args), "captioned": n, "seconds": seconds}) + "\n")
+    done = {**_job(args), "captioned": n, "seconds": seconds, "cpu_seconds": cpu}
+    atomic_write_text(_marker(out, r, "done"), json.dumps(done) + "\n")
 
 
 def main_caption(args: argparse.Namespace) -> int:
