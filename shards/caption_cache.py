@@ -34,7 +34,7 @@ def _read_one(path: Path, cache: dict[str, str]) -> int:
     lines = data.split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline, else a line cut by a kill
     if torn:
-        log.warning("%s: skipping a torn last line (%d bytes; written when the run was killed)", path, len(torn))
+        log.warning("%s: skipping an unfinished last line (%d bytes: a kill, or a rank still writing)", path, len(torn))
     n = 0
     for i, line in enumerate(lines, 1):
         if not line.strip():

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from shards.bench_caption import same_shard_sets, save_tiny_captioner
 from shards.caption_cache import CacheAppender, cache_file, read_caches
-from shards.caption_parallel import RANKS_DIR, Rank, rank_from_env
+from shards.caption_parallel import RANKS_DIR, Rank, rank_from_env, wait_for_ranks
 from shards.cli import main as shards_main
 from shards.errors import ShardsError
 from shards.manifest import MANIFEST_NAME
@@ -60,6 +61,29 @@ def test_cache_survives_a_torn_last_line(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('"k1"', "k1"))  # damage inside the file is not a kill: refuse it
     with pytest.raises(ShardsError, match=r"captions.rank1.jsonl:2: .*delete that line"):
         read_caches(tmp_path)
+
+
+def test_rank0_waits_for_this_jobs_done_files_and_stops_on_a_failure(tmp_path: Path) -> None:
+    job = {"src": "/data/set", "only": "spoof"}
+    (tmp_path / RANKS_DIR).mkdir()
+    (tmp_path / RANKS_DIR / "rank0-of-2.done").write_text(json.dumps({**job, "captioned": 3}))
+    (tmp_path / RANKS_DIR / "rank1-of-2.done").write_text(json.dumps({**job, "only": "all"}))  # another job's
+
+    def finish_rank1() -> None:
+        time.sleep(0.5)
+        (tmp_path / RANKS_DIR / "rank1-of-2.done").write_text(json.dumps({**job, "captioned": 2}))
+
+    thread = threading.Thread(target=finish_rank1)
+    t0 = time.time()
+    thread.start()
+    wait_for_ranks(tmp_path, job, 2, poll_s=0.05)
+    assert time.time() - t0 >= 0.5  # the stale file did not count
+    thread.join()
+
+    (tmp_path / RANKS_DIR / "rank1-of-2.done").unlink()
+    (tmp_path / RANKS_DIR / "rank1-of-2.failed").write_text("OutOfMemoryError: CUDA out of memory\n")
+    with pytest.raises(ShardsError, match="rank 1 failed: OutOfMemoryError"):
+        wait_for_ranks(tmp_path, job, 2, poll_s=0.05)
 
 
 @pytest.fixture(scope="module")
