@@ -131,6 +131,7 @@ def _caption_this_rank(args: argparse.Namespace, r: Rank, out: Path) -> None:
     n = caption_share(args.src, out, cap, live_captioner=live, only=args.only, batch_size=args.batch_size,
                       rank=r.rank, world_size=r.world_size)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # at warning level: ranks other than 0 log nothing below it, and each rank's throughput is worth its line
     log.warning("rank %d of %d: %d images captioned in %.1f s (%.2f images/s)", r.rank, r.world_size, n, seconds,
                 n / seconds if seconds else 0.0)
     done = {**_job(args), "captioned": n, "seconds": seconds, "cpu_seconds": cpu}
