@@ -7,13 +7,13 @@
 2. Runs ``torchrun --nproc_per_node W -m shards.cli caption ...`` (OMP_NUM_THREADS=1 per rank) for each W in
    ``--ranks``; images/s = images / the slowest rank's captioning seconds (from the ranks' done files), plus the
    whole command's wall time; checks every merged set is byte-identical to the first one.
-3. Cost model, in this process (one thread): seconds per image of batched generation at two forced output lengths
-   give the per-image cost (prefill: vision tower, projector, prompt) and the cost per generated token. Both are
-   scaled by FLOPs (counted from the model, as trainer/model/flops.py counts them) to the llava-1.5-7b release
-   config (its real processor counts the prompt tokens) and to CelebA-Spoof's ~625k images on 8 GPUs.
+3. Cost model, in this process, in CPU seconds (one thread): generate() at two forced output lengths and two batch
+   sizes gives the cost per image (prefill: vision tower, projector, prompt), per generated token, and the fixed
+   cost of a decode step. FLOPs are counted as trainer/model/flops.py counts them (2 per weight per token, plus
+   attention) for the tiny captioner and for the llava-1.5-7b release config (whose real processor counts the
+   prompt tokens); the projection for CelebA-Spoof's ~625k images on 8 GPUs is made three ways (``project``).
 
-This is a tool on top of both packages (it builds the tokenizer and counts FLOPs with trainer's code); nothing in
-``shards`` imports it.
+Nothing in ``shards`` imports this module; the tests take ``save_tiny_captioner`` and ``same_shard_sets`` from it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from pathlib import Path
 
 log = logging.getLogger("shards.bench_caption")
 
-LLAVA_7B = Path("/work/shared/hub/llava-hf__llava-1.5-7b-hf")  # the release's config, processor and tokenizer
+# The llava-1.5-7b-hf release's config, processor and tokenizer (no weights needed): $IFAS_HUB as the release tests
+# read it (tests/trainer/model/test_hub_releases.py), or --release.
+HUB = Path(os.environ.get("IFAS_HUB", Path(__file__).resolve().parents[2] / "shared" / "hub"))
+LLAVA_7B = HUB / "llava-hf__llava-1.5-7b-hf"
 CELEBA_SPOOF_IMAGES = 625_000
 GPUS = 8
 # Datasheet figures of one H100 SXM (dense bf16 FLOP/s, HBM bytes/s) and the MFU the project plans with
@@ -37,9 +40,28 @@ GPUS = 8
 GPU_PEAK, GPU_HBM, PLANNED_MFU = 989e12, 3.35e12, 0.45
 
 
-def save_tiny_captioner(directory: Path, hidden: int = 32, layers: int = 2, image_size: int = 32) -> Path:
-    """A LLaVA captioner (CLIP tower + Qwen2 LLM, random weights, seed 0) and its processor, saved with
-    save_pretrained: what ``ifas-shards caption --captioner`` loads."""
+def tiny_tokenizer():
+    """A word-level tokenizer over the template captions' words (so random captions name spoof cues now and then),
+    with the special tokens a LLaVA processor needs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from shards.captions import CAPTIONS
+    from shards.schema import CAPTION_PROMPT
+
+    specials = ["<|pad|>", "<|endoftext|>", "<image>", "<unk>"]
+    texts = [t.format(extra="") for options in CAPTIONS.values() for t in options] + [CAPTION_PROMPT]
+    words = sorted({w for t in texts for w in t.split()})
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def save_tiny_captioner(directory: Path, hidden: int = 32, layers: int = 2, image_size: int = 32,
+                        tokenizer=None) -> Path:
+    """A LLaVA captioner (CLIP tower + Qwen2 LLM, random weights, seed 0) and its processor (``tokenizer``, else
+    ``tiny_tokenizer()``), saved with save_pretrained: what ``ifas-shards caption --captioner`` loads."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -50,9 +72,7 @@ def save_tiny_captioner(directory: Path, hidden: int = 32, layers: int = 2, imag
         Qwen2Config,
     )
 
-    from trainer.sample.tokenizer import build_demo_tokenizer
-
-    tok = build_demo_tokenizer(["a printed photo on paper", "a face on a screen", "a real person"], vocab_size=300)
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer()
     vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                               num_attention_heads=2, image_size=image_size, patch_size=8)
     text = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -97,7 +117,8 @@ def run_ranks(world: int, src: Path, out: Path, captioner: Path, batch_size: int
     done = [json.loads(p.read_text()) for p in sorted((out / RANKS_DIR).glob(f"*-of-{world}.done"))]
     images, seconds = sum(d["captioned"] for d in done), max(d["seconds"] for d in done)
     return {"ranks": world, "images": images, "caption_s": seconds, "images_per_s": images / seconds, "wall_s": wall,
-            "cpu_s": sum(d["cpu_seconds"] for d in done), "load_after": os.getloadavg()[0]}
+            "cpu_s": sum(d["cpu_seconds"] for d in done), "rank_cpu_s": max(d["cpu_seconds"] for d in done),
+            "load_after": os.getloadavg()[0]}
 
 
 def cpu_matmul_peak(n: int = 1024, reps: int = 5) -> float:
@@ -113,20 +134,28 @@ def cpu_matmul_peak(n: int = 1024, reps: int = 5) -> float:
     return 2.0 * n**3 * reps / (time.process_time() - t0)
 
 
-def captioner_flops(model, prompt_tokens: int, new_tokens: int) -> tuple[float, float]:
-    """(FLOPs of one image's prefill, FLOPs per generated token) of a LLaVA model (meta device is enough)."""
-    from trainer.model.flops import linear_params, patch_embed_params, transformer_forward_flops
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
+
+def _attention(layers: int, width: int, tokens: float) -> float:
+    return 4.0 * layers * width * tokens  # scores and values, per token attending over ``tokens``
+
+
+def captioner_flops(model, prompt_tokens: int, new_tokens: int) -> tuple[float, float]:
+    """(FLOPs of one image's prefill, FLOPs per generated token) of a LLaVA model (meta device is enough): 2 per
+    weight per token (embedding tables are lookups), plus attention; the LM head runs on the last position only."""
     vc, tc, m = model.config.vision_config, model.config.text_config, model.model
     patches = (vc.image_size // vc.patch_size) ** 2
-    vision = transformer_forward_flops(linear_params(m.vision_tower), vc.num_hidden_layers, vc.hidden_size,
-                                       patches + 1) + 2.0 * patch_embed_params(m.vision_tower) * patches
-    projector = 2.0 * linear_params(m.multi_modal_projector) * patches
-    llm, head = linear_params(m.language_model), linear_params(model.lm_head)
-    prefill = vision + projector + transformer_forward_flops(llm, tc.num_hidden_layers, tc.hidden_size,
-                                                             prompt_tokens) + 2.0 * head  # logits: last position
+    vision_weights = sum(p.numel() for n, p in m.vision_tower.named_parameters() if "position_embedding" not in n)
+    vision = (2.0 * vision_weights + _attention(vc.num_hidden_layers, vc.hidden_size, patches + 1)) * (patches + 1)
+    projector = 2.0 * _numel(m.multi_modal_projector) * patches
+    llm = _numel(m.language_model) - m.language_model.get_input_embeddings().weight.numel()
+    head = _numel(model.lm_head)
+    prefill = (vision + projector + (2.0 * llm + _attention(tc.num_hidden_layers, tc.hidden_size, prompt_tokens))
+               * prompt_tokens + 2.0 * head)
     context = prompt_tokens + new_tokens / 2  # mean length attended over while generating
-    return prefill, 2.0 * (llm + head) + 4.0 * tc.num_hidden_layers * tc.hidden_size * context
+    return prefill, 2.0 * (llm + head) + _attention(tc.num_hidden_layers, tc.hidden_size, context)
 
 
 def _prompt_tokens(processor, image_size: int) -> int:
@@ -181,15 +210,15 @@ def cost_model(captioner: Path, batch_size: int, tokens: tuple[int, int], repeat
             "token_flops": f_token}
 
 
-def project(tiny: dict, new_tokens: int, batch_size: int, cpu_peak: float) -> dict:
+def project(tiny: dict, new_tokens: int, batch_size: int, cpu_peak: float, release: Path = LLAVA_7B) -> dict:
     """Seconds per image of the llava-1.5-7b release on one GPU, three ways, and CelebA-Spoof hours on GPUS GPUs."""
     import torch
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-    config = LlavaConfig.from_pretrained(LLAVA_7B)
+    config = LlavaConfig.from_pretrained(release)
     with torch.device("meta"):
         big = LlavaForConditionalGeneration(config)
-    prompt = _prompt_tokens(AutoProcessor.from_pretrained(LLAVA_7B), config.vision_config.image_size)
+    prompt = _prompt_tokens(AutoProcessor.from_pretrained(release), config.vision_config.image_size)
     f_prefill, f_token = captioner_flops(big, prompt, new_tokens)
     params = sum(p.numel() for p in big.parameters())
     compute = GPU_PEAK * PLANNED_MFU
@@ -221,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--projected-tokens", type=int, default=64, help="caption length of the 7B projection")
     ap.add_argument("--workdir", default="/tmp/bench_caption")
+    ap.add_argument("--release", type=Path, default=LLAVA_7B,
+                    help="llava-1.5-7b-hf folder without weights: config.json, processor and tokenizer files")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (args.release / "config.json").is_file():
+        ap.error(f"{args.release / 'config.json'} not found: pass --release DIR (llava-hf/llava-1.5-7b-hf's config, "
+                 "processor and tokenizer files; no weights), or set IFAS_HUB to the folder holding it")
     import shutil
 
     from shards.synth.domains import generate_domain
@@ -236,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_ranks(w, src, out[w], captioner, args.batch_size, args.max_new_tokens) for w in args.ranks]
     for r in runs:
         r["speedup"] = r["images_per_s"] / runs[0]["images_per_s"]
+        # what the wall-clock speedup would be with a free core per rank (other jobs share this machine's cores)
+        r["cpu_speedup"] = runs[0]["rank_cpu_s"] / r["rank_cpu_s"]
         r["identical_to_first"] = same_shard_sets(out[args.ranks[0]], out[r["ranks"]])
     cpu_peak = cpu_matmul_peak()
     tiny = cost_model(captioner, args.batch_size, (4, 4 + args.max_new_tokens))
     result = {"runs": runs, "tiny": tiny, "cpu_peak_flops": cpu_peak,
-              "projection": project(tiny, args.projected_tokens, args.batch_size, cpu_peak)}
+              "projection": project(tiny, args.projected_tokens, args.batch_size, cpu_peak, args.release)}
     print(format_result(result, args))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -248,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_result(res: dict, args: argparse.Namespace) -> str:
-    lines = ["| ranks | images | captioning s (slowest rank) | images/s | vs 1 rank | CPU s, all ranks | command "
-             "wall s | load avg after | merged set identical |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | images | captioning s (slowest rank) | images/s | vs 1 rank | CPU s: slowest rank / all | "
+             "vs 1 rank, in CPU s | command wall s | load avg after | merged set identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         lines.append(f"| {r['ranks']} | {r['images']} | {r['caption_s']:.1f} | {r['images_per_s']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | {r['load_after']:.1f} | "
-                     f"{r['identical_to_first']} |")
+                     f"{r['speedup']:.2f}x | {r['rank_cpu_s']:.1f} / {r['cpu_s']:.1f} | {r['cpu_speedup']:.2f}x | "
+                     f"{r['wall_s']:.1f} | {r['load_after']:.1f} | {r['identical_to_first']} |")
     t, p = res["tiny"], res["projection"]
     lines += [
         "",

@@ -37,7 +37,11 @@ def test_keyword_filter(caption: str, attack: str, kept: bool) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_captioner(tmp_path_factory) -> Path:
-    return save_tiny_captioner(tmp_path_factory.mktemp("captioner"))
+    from trainer.sample.tokenizer import build_demo_tokenizer
+
+    # the demo tokenizer (with a chat template) also lets the slow test fine-tune this captioner with the trainer
+    tok = build_demo_tokenizer(["a printed photo on paper", "a face on a screen", "a real person"], vocab_size=300)
+    return save_tiny_captioner(tmp_path_factory.mktemp("captioner"), tokenizer=tok)
 
 
 def test_caption_shard_set_end_to_end(tmp_path: Path, tiny_captioner: Path) -> None:
