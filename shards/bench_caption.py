@@ -1,12 +1,13 @@
 """Benchmark of data-parallel SCF captioning (``ifas-shards caption``) and its cost model for CelebA-Spoof.
 
-    python -m shards.bench_caption [--images 1024] [--ranks 1 2] [--max-new-tokens 32] [--workdir /tmp/bench_caption]
+    python -m shards.bench_caption [--images 1024] [--ranks 1 2] [--repeats 3] [--workdir /tmp/bench_caption]
 
 1. Saves a tiny LLaVA captioner with real transformers classes (``save_tiny_captioner``; the tests use it too) and
    a synthetic shard set of ``--images`` samples.
 2. Runs ``torchrun --nproc_per_node W -m shards.cli caption ...`` (OMP_NUM_THREADS=1 per rank) for each W in
-   ``--ranks``; images/s = images / the slowest rank's captioning seconds (from the ranks' done files), plus the
-   whole command's wall time; checks every merged set is byte-identical to the first one.
+   ``--ranks``, ``--repeats`` times interleaved (the fastest counts); images/s = images / the slowest rank's
+   captioning seconds (from the ranks' done files), plus CPU seconds and the whole command's wall time; checks every
+   merged set is byte-identical to the first one.
 3. Cost model, in this process, in CPU seconds (one thread): generate() at two forced output lengths and two batch
    sizes gives the cost per image (prefill: vision tower, projector, prompt), per generated token, and the fixed
    cost of a decode step. FLOPs are counted as trainer/model/flops.py counts them (2 per weight per token, plus
@@ -169,7 +170,7 @@ def _prompt_tokens(processor, image_size: int) -> int:
                      return_tensors="pt")["input_ids"].shape[1]
 
 
-def cost_model(captioner: Path, batch_size: int, tokens: tuple[int, int], repeats: int = 3) -> dict:
+def cost_model(captioner: Path, batch_size: int, tokens: tuple[int, int], repeats: int = 5) -> dict:
     """The tiny captioner's cost, measured in this process in CPU seconds (one thread; other work on a shared
     machine does not inflate it): generate() at two forced output lengths
     gives prefill and per-step seconds; at batch 1 and ``batch_size`` the per-step seconds split into a fixed part
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shards.bench_caption", description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per world size, interleaved; the fastest counts")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=128, help="tiny captioner width")
@@ -266,31 +268,38 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     captioner = save_tiny_captioner(work / "captioner", hidden=args.hidden, layers=args.layers)
     src = generate_domain(work / "src", "domain_a", args.images, image_size=64, samples_per_shard=32)
-    out = {w: work / f"ranks{w}" / "scf" for w in args.ranks}  # one name: the manifest records it
-    runs = [run_ranks(w, src, out[w], captioner, args.batch_size, args.max_new_tokens) for w in args.ranks]
+    # Interleaved repeats, the fastest of each world size kept: other jobs share this machine's cores.
+    out = {(w, i): work / f"ranks{w}-{i}" / "scf" for i in range(args.repeats) for w in args.ranks}
+    every = [run_ranks(w, src, out[w, i], captioner, args.batch_size, args.max_new_tokens)
+             for i in range(args.repeats) for w in args.ranks]
+    first = out[args.ranks[0], 0]  # every merged set (same name "scf": the manifest records it) must equal it
+    identical = all(same_shard_sets(first, d) for d in out.values())
+    runs = [max((r for r in every if r["ranks"] == w), key=lambda r: r["images_per_s"]) for w in args.ranks]
     for r in runs:
         r["speedup"] = r["images_per_s"] / runs[0]["images_per_s"]
-        # what the wall-clock speedup would be with a free core per rank (other jobs share this machine's cores)
+        r["all_images_per_s"] = [x["images_per_s"] for x in every if x["ranks"] == r["ranks"]]
+        # what the wall-clock speedup would be with a free core per rank
         r["cpu_speedup"] = runs[0]["rank_cpu_s"] / r["rank_cpu_s"]
-        r["identical_to_first"] = same_shard_sets(out[args.ranks[0]], out[r["ranks"]])
     cpu_peak = cpu_matmul_peak()
     tiny = cost_model(captioner, args.batch_size, (4, 4 + args.max_new_tokens))
-    result = {"runs": runs, "tiny": tiny, "cpu_peak_flops": cpu_peak,
+    result = {"runs": runs, "identical": identical, "tiny": tiny, "cpu_peak_flops": cpu_peak,
               "projection": project(tiny, args.projected_tokens, args.batch_size, cpu_peak, args.release)}
     print(format_result(result, args))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if all(r["identical_to_first"] for r in runs) else 1
+    return 0 if identical else 1
 
 
 def format_result(res: dict, args: argparse.Namespace) -> str:
-    lines = ["| ranks | images | captioning s (slowest rank) | images/s | vs 1 rank | CPU s: slowest rank / all | "
-             "vs 1 rank, in CPU s | command wall s | load avg after | merged set identical |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | images | captioning s (slowest rank) | images/s (best; all runs) | vs 1 rank | "
+             "CPU s: slowest rank / all | vs 1 rank, in CPU s | command wall s | load avg after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
-        lines.append(f"| {r['ranks']} | {r['images']} | {r['caption_s']:.1f} | {r['images_per_s']:.2f} | "
+        every = ", ".join(f"{x:.1f}" for x in r["all_images_per_s"])
+        lines.append(f"| {r['ranks']} | {r['images']} | {r['caption_s']:.1f} | {r['images_per_s']:.1f} ({every}) | "
                      f"{r['speedup']:.2f}x | {r['rank_cpu_s']:.1f} / {r['cpu_s']:.1f} | {r['cpu_speedup']:.2f}x | "
-                     f"{r['wall_s']:.1f} | {r['load_after']:.1f} | {r['identical_to_first']} |")
+                     f"{r['wall_s']:.1f} | {r['load_after']:.1f} |")
+    lines.append(f"\nevery merged shard set byte-identical (manifests but for created_by): {res['identical']}")
     t, p = res["tiny"], res["projection"]
     lines += [
         "",
