@@ -120,13 +120,20 @@ def read_caches_of(out: Path, rank: int, world_size: int) -> dict[str, str]:
     return {json.loads(x)["key"]: json.loads(x)["caption"] for x in lines}
 
 
-def test_merge_refuses_missing_captions(tmp_path: Path, source: Path, captioner: Path, capsys) -> None:
+def test_merge_refuses_missing_captions_and_a_rerun_with_more_ranks_fills_them(
+    tmp_path: Path, source: Path, captioner: Path, capsys
+) -> None:
     out = tmp_path / "scf"
-    caption_share(source, out, Captioner(captioner, device="cpu", max_new_tokens=2), rank=0, world_size=2)
+    cap = Captioner(captioner, device="cpu", max_new_tokens=2)
+    caption_share(source, out, cap, rank=0, world_size=2)  # rank 1 of 2 never ran
     assert shards_main(["caption", str(source), "--out", str(out), "--merge"]) == 2
     err = capsys.readouterr().err
     assert "20 sample(s)" in err and "run the captioning again" in err
     assert not (out / MANIFEST_NAME).exists()
+    # resumed with 3 ranks: they read every cache file and caption only the 20 missing
+    assert sum(caption_share(source, out, cap, rank=r, world_size=3) for r in range(3)) == 20
+    assert shards_main(["caption", str(source), "--out", str(out), "--merge"]) == 0
+    assert json.loads((out / MANIFEST_NAME).read_text())["num_samples"] == 40
 
 
 def test_bad_source_fails_before_any_model_loads(tmp_path: Path, capsys) -> None:
