@@ -6,6 +6,7 @@
     ifas-shards build oulu_npu /data/Oulu_NPU --out data/shards/oulu_npu [--frames 10] [--face auto]
     ifas-shards caption data/shards/oulu_npu/train --out data/shards_cap/oulu_npu/train \
         --captioner /models/llava
+    torchrun --nproc_per_node 8 -m shards.cli caption ...   (data-parallel: shards/caption_parallel.py)
 """
 
 from __future__ import annotations
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="ifas-shards", description=__doc__.split("\n")[0])
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # the deepspeed launcher puts --local_rank=K before the subcommand (`caption` reads LOCAL_RANK from the env)
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate the synthetic FAS shard sets (one directory per domain)")
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="discard an existing or interrupted build in --out")
     b.set_defaults(func=_cmd_build)
 
-    from shards.scf import add_caption_args, main_caption
+    from shards.caption_parallel import add_caption_args, main_caption
 
     c = sub.add_parser("caption", help="SCF: caption a shard set with a local captioner, filter, write new shards")
     add_caption_args(c)

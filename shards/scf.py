@@ -11,15 +11,15 @@
     ifas-shards caption data/shards/oulu_npu/train --out data/scf/final/oulu_npu --captioner /models/C_S \
         --live-captioner /models/C_G --source spoof_aware
 
-Captions are cached in ``<out>/captions.jsonl`` after every batch, so an interrupted run only
-captions what is missing; the new shard set is written at the end (originals are never touched),
-with ``caption_source`` set and the kept/dropped report (per dataset and attack) in its manifest.
-The keyword dictionary is ``shards/data/keywords.json`` (editable; ``--keywords`` for another).
+Captions are cached in ``<out>/captions.jsonl`` (``captions.rank<r>.jsonl`` per rank of a data-parallel run,
+shards/caption_parallel.py) after every batch, so an interrupted run only captions what is missing; the new shard
+set is written at the end (originals are never touched), with ``caption_source`` set and the kept/dropped report
+(per dataset and attack) in its manifest. The keyword dictionary is ``shards/data/keywords.json`` (editable;
+``--keywords`` for another).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -29,6 +29,13 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from shards.caption_cache import (
+    CACHE_GLOB,
+    CACHE_NAME,  # noqa: F401 (re-exported: the one-process cache file)
+    CacheAppender,
+    cache_file,
+    read_caches,
+)
 from shards.errors import ShardsError
 from shards.keywords import find_cues, load_keywords
 from shards.manifest import shard_paths
@@ -36,9 +43,6 @@ from shards.schema import CAPTION_PROMPT
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
-
-CACHE_NAME = "captions.jsonl"
-
 
 def keeps(caption: str, attack: str, keywords: dict) -> bool:
     """SCF step 4: a spoof caption is kept only if it names a keyword of its own attack type.
@@ -110,8 +114,114 @@ class Captioner:
 def _samples(src: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     import webdataset as wds
 
-    for s in wds.WebDataset(shard_paths(src), shardshuffle=False, empty_check=False):
+    # Every rank reads the whole set and picks its share itself (caption_share): no split by node or worker.
+    whole = wds.WebDataset(shard_paths(src), shardshuffle=False, empty_check=False, nodesplitter=None,
+                           workersplitter=None)
+    for s in whole:
         yield s["__key__"], s["jpg"], json.loads(s["json"])
+
+
+def _wanted(only: str) -> tuple[str, ...]:
+    return {"all": ("live", "spoof"), "spoof": ("spoof",), "live": ("live",)}[only]
+
+
+def caption_share(
+    src: str | Path,
+    out: str | Path,
+    captioner: Captioner,
+    *,
+    live_captioner: Captioner | None = None,
+    only: str = "all",
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
+    """SCF steps 3/6 for one rank: caption this rank's share of ``src`` into its cache file in ``out``; returns
+    how many captions it wrote. The k-th sample ``only`` selects (in manifest order) belongs to rank
+    k % world_size, so every rank gets the same number of images within one, whatever the label order; every
+    rank streams the whole set (tar reading is cheap next to generation: BENCHMARKS.md, "SCF captioning").
+    Keys any cache file already holds are skipped, so a rerun after a kill captions only what is missing."""
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = read_caches(out)
+    wanted = _wanted(only)
+    # Memory holds one batch per captioner, whatever the set's size.
+    pending: dict[bool, list[tuple[str, bytes]]] = {False: [], True: []}  # live? -> (key, jpg)
+    written = 0
+    with CacheAppender(cache_file(out, rank, world_size)) as appender:
+
+        def caption_pending(is_live: bool) -> None:
+            nonlocal written
+            batch, pending[is_live] = pending[is_live], []
+            model = (live_captioner or captioner) if is_live else captioner
+            images = [Image.open(io.BytesIO(j)).convert("RGB") for _, j in batch]
+            appender.append(zip((k for k, _ in batch), model.caption(images)))
+            written += len(batch)
+
+        index = -1
+        for k, jpg, meta in _samples(src):
+            if meta["label"] not in wanted:
+                continue
+            index += 1
+            if index % world_size != rank or k in cache:
+                continue
+            is_live = meta["label"] == "live"
+            pending[is_live].append((k, jpg))
+            if len(pending[is_live]) == batch_size:
+                caption_pending(is_live)
+        for is_live in (False, True):
+            if pending[is_live]:
+                caption_pending(is_live)
+    log.info("rank %d of %d: %d captions written to %s", rank, world_size, written, cache_file(out, rank, world_size))
+    return written
+
+
+def write_scf_set(
+    src: str | Path,
+    out: str | Path,
+    *,
+    only: str = "all",
+    source: str = "general",
+    live_source: str = "general",
+    keywords: dict | None = None,
+    max_samples: int = 1000,
+) -> dict[str, Any]:
+    """The merge: write the captioned shard set ``out`` from ``src`` and every cache file in ``out``, in
+    ``src``'s order (so the output does not depend on how many ranks captioned it); spoof captions without
+    their attack's keywords are dropped when ``keywords`` is given. Returns the manifest (``scf``: the report).
+    A sample without a caption stops the merge before a manifest is written."""
+    src, out = Path(src), Path(out)
+    cache = read_caches(out)
+    wanted = _wanted(only)
+    report: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    missing: list[str] = []
+    with ShardWriter(out, max_samples=max_samples, overwrite=True) as w:
+        for k, jpg, meta in _samples(src):
+            if meta["label"] not in wanted:
+                continue
+            caption = cache.get(k)
+            if caption is None:
+                missing.append(k)
+                continue
+            ok = meta["label"] == "live" or keywords is None or keeps(caption, meta["attack"], keywords)
+            report[meta["dataset"]][meta["attack"]]["kept" if ok else "dropped"] += 1
+            if ok:
+                src_name = live_source if meta["label"] == "live" else source
+                w.write(k, jpg, {**meta, "caption": caption, "caption_source": src_name})
+        if missing:
+            raise ShardsError(
+                f"{out}: {len(missing)} sample(s) of {src} have no caption in {out}/{CACHE_GLOB} (first: {missing[0]});"
+                " run the captioning again (every rank, without --merge): it captions only what is missing"
+            )
+        w.extra = {
+            "scf": {
+                "source_set": str(src),
+                "filtered": keywords is not None,
+                "only": only,
+                "report": {d: {a: dict(c) for a, c in sorted(v.items())} for d, v in sorted(report.items())},
+            }
+        }
+    return w.manifest  # type: ignore[return-value]
 
 
 def caption_shard_set(
@@ -127,63 +237,23 @@ def caption_shard_set(
     batch_size: int = 8,
     max_samples: int = 1000,
 ) -> dict[str, Any]:
-    """Caption ``src`` into a new shard set ``out``; returns its manifest (``scf`` holds the report)."""
-    src, out = Path(src), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_path = out / CACHE_NAME
-    cache: dict[str, str] = {}
-    if cache_path.is_file():
-        for line in cache_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                cache[rec["key"]] = rec["caption"]
-        log.info("%s: %d cached captions", cache_path, len(cache))
-    wanted = {"all": ("live", "spoof"), "spoof": ("spoof",), "live": ("live",)}[only]
-    keywords = load_keywords(keywords_path) if filter_spoof else {}  # a bad path fails before any captioning
-    # Pass 1 captions what the cache lacks; pass 2 writes. The source set is streamed both times, so
-    # memory holds one batch per captioner, whatever the set's size.
-    pending: dict[bool, list[tuple[str, bytes]]] = {False: [], True: []}  # live? -> (key, jpg)
-    with open(cache_path, "a", encoding="utf-8") as f:
+    """Caption ``src`` into a new shard set ``out`` in one process; returns its manifest (``scf``: the report)."""
+    keywords = load_keywords(keywords_path) if filter_spoof else None  # a bad path fails before any captioning
+    caption_share(src, out, captioner, live_captioner=live_captioner, only=only, batch_size=batch_size)
+    return write_scf_set(
+        src,
+        out,
+        only=only,
+        source=source,
+        live_source=live_source(source, live_captioner is not None),
+        keywords=keywords,
+        max_samples=max_samples,
+    )
 
-        def caption_pending(is_live: bool) -> None:
-            batch, pending[is_live] = pending[is_live], []
-            model = (live_captioner or captioner) if is_live else captioner
-            images = [Image.open(io.BytesIO(j)).convert("RGB") for _, j in batch]
-            for (k, _), text in zip(batch, model.caption(images)):
-                cache[k] = text
-                f.write(json.dumps({"key": k, "caption": text}) + "\n")
-            f.flush()
 
-        for k, jpg, meta in _samples(src):
-            if meta["label"] in wanted and k not in cache:
-                is_live = meta["label"] == "live"
-                pending[is_live].append((k, jpg))
-                if len(pending[is_live]) == batch_size:
-                    caption_pending(is_live)
-        for is_live in (False, True):
-            if pending[is_live]:
-                caption_pending(is_live)
-    report: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
-    with ShardWriter(out, max_samples=max_samples, overwrite=True) as w:
-        for k, jpg, meta in _samples(src):
-            if meta["label"] not in wanted:
-                continue
-            caption = cache[k]
-            ok = meta["label"] == "live" or not filter_spoof or keeps(caption, meta["attack"], keywords)
-            report[meta["dataset"]][meta["attack"]]["kept" if ok else "dropped"] += 1
-            if not ok:
-                continue
-            src_name = "general" if (meta["label"] == "live" and live_captioner is not None) else source
-            w.write(k, jpg, {**meta, "caption": caption, "caption_source": src_name})
-        w.extra = {
-            "scf": {
-                "source_set": str(src),
-                "filtered": filter_spoof,
-                "only": only,
-                "report": {d: {a: dict(c) for a, c in sorted(v.items())} for d, v in sorted(report.items())},
-            }
-        }
-    return w.manifest  # type: ignore[return-value]
+def live_source(source: str, live_captioner: bool) -> str:
+    """caption_source of live images: SCF step 6 captions them with the general captioner."""
+    return "general" if live_captioner else source
 
 
 def format_scf_report(manifest: dict[str, Any]) -> str:
@@ -192,48 +262,3 @@ def format_scf_report(manifest: dict[str, Any]) -> str:
         for a, c in attacks.items():
             lines.append(f"  {d:20s} {a:8s} kept={c.get('kept', 0)} dropped={c.get('dropped', 0)}")
     return "\n".join(lines)
-
-
-def add_caption_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="shard set to caption (left untouched)")
-    p.add_argument("--out", required=True, help="new shard set with the captions")
-    p.add_argument(
-        "--captioner", help="local image-text-to-text checkpoint dir (spoof images; all if no --live-captioner)"
-    )
-    p.add_argument("--live-captioner", help="checkpoint dir for live images (SCF step 6: the general captioner)")
-    p.add_argument("--only", choices=["all", "spoof", "live"], default="all", help="caption and keep only these labels")
-    p.add_argument(
-        "--source",
-        choices=["general", "spoof_aware"],
-        default="general",
-        help="caption_source of --captioner's captions",
-    )
-    p.add_argument("--filter", action="store_true", help="drop spoof captions without their attack type's keywords")
-    p.add_argument("--keywords", help="keyword dictionary JSON (default shards/data/keywords.json)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt", default=CAPTION_PROMPT)
-
-
-def main_caption(args: argparse.Namespace) -> int:
-    if not args.captioner:
-        print("no --captioner given: the shards keep their template captions (caption_source=template)")
-        return 0
-    cap = Captioner(args.captioner, args.device, args.prompt, args.max_new_tokens)
-    live = (
-        Captioner(args.live_captioner, args.device, args.prompt, args.max_new_tokens) if args.live_captioner else None
-    )
-    manifest = caption_shard_set(
-        args.src,
-        args.out,
-        cap,
-        live_captioner=live,
-        only=args.only,
-        source=args.source,
-        filter_spoof=args.filter,
-        keywords_path=args.keywords,
-        batch_size=args.batch_size,
-    )
-    print(format_scf_report(manifest))
-    return 0

@@ -10,6 +10,7 @@ import pytest
 import webdataset as wds
 
 from shards.adapters import get_adapter
+from shards.bench_caption import save_tiny_captioner
 from shards.build import BuildOptions, build_dataset
 from shards.fixtures import write_image
 from shards.manifest import read_manifest, shard_paths
@@ -36,47 +37,11 @@ def test_keyword_filter(caption: str, attack: str, kept: bool) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_captioner(tmp_path_factory) -> Path:
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        Qwen2Config,
-    )
-
     from trainer.sample.tokenizer import build_demo_tokenizer
 
+    # the demo tokenizer (with a chat template) also lets the slow test fine-tune this captioner with the trainer
     tok = build_demo_tokenizer(["a printed photo on paper", "a face on a screen", "a real person"], vocab_size=300)
-    d = tmp_path_factory.mktemp("captioner")
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    text = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(
-        LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    )
-    model.save_pretrained(d)
-    proc = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token="<image>",
-    )
-    proc.save_pretrained(d)
-    return d
+    return save_tiny_captioner(tmp_path_factory.mktemp("captioner"), tokenizer=tok)
 
 
 def test_caption_shard_set_end_to_end(tmp_path: Path, tiny_captioner: Path) -> None:
