@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shards.adapters import ADAPTERS
     from shards.faces import FACE_MODES
 
-    layouts = "\n".join(f"  {name}: {adapter.layout}" for name, adapter in ADAPTERS.items())
+    layouts = "\n".join(f"  {name}: {adapter.layout}" + (f"\n    face locations: {adapter.face_locations}"
+                                                         if adapter.face_locations else "")
+                         for name, adapter in ADAPTERS.items())
     b = sub.add_parser(
         "build",
         help="turn one dataset folder into shard sets <out>/<split>/ (see docs/datasets.md)",
