@@ -20,7 +20,6 @@ set is written at the end (originals are never touched), with ``caption_source``
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter, defaultdict
@@ -37,9 +36,10 @@ from shards.caption_cache import (
     read_caches,
 )
 from shards.errors import ShardsError
+from shards.io import open_image
 from shards.keywords import find_cues, load_keywords
 from shards.manifest import shard_paths
-from shards.schema import CAPTION_PROMPT
+from shards.schema import CAPTION_PROMPT, image_member
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,15 @@ class Captioner:
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def _samples(src: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+def _samples(src: Path) -> Iterator[tuple[str, tuple[str, bytes], dict[str, Any]]]:
+    """(key, (image extension, image bytes), metadata) of every sample of ``src``, in order."""
     import webdataset as wds
 
     # Every rank reads the whole set and picks its share itself (caption_share): no split by node or worker.
     whole = wds.WebDataset(shard_paths(src), shardshuffle=False, empty_check=False, nodesplitter=None,
                            workersplitter=None)
     for s in whole:
-        yield s["__key__"], s["jpg"], json.loads(s["json"])
+        yield s["__key__"], image_member(s, s["__key__"]), json.loads(s["json"])
 
 
 def _wanted(only: str) -> tuple[str, ...]:
@@ -146,7 +147,7 @@ def caption_share(
     cache = read_caches(out)
     wanted = _wanted(only)
     # Memory holds one batch per captioner, whatever the set's size.
-    pending: dict[bool, list[tuple[str, bytes]]] = {False: [], True: []}  # live? -> (key, jpg)
+    pending: dict[bool, list[tuple[str, bytes]]] = {False: [], True: []}  # live? -> (key, image bytes)
     written = 0
     with CacheAppender(cache_file(out, rank, world_size)) as appender:
 
@@ -154,19 +155,19 @@ def caption_share(
             nonlocal written
             batch, pending[is_live] = pending[is_live], []
             model = (live_captioner or captioner) if is_live else captioner
-            images = [Image.open(io.BytesIO(j)).convert("RGB") for _, j in batch]
+            images = [open_image(data) for _, data in batch]
             appender.append(zip((k for k, _ in batch), model.caption(images)))
             written += len(batch)
 
         index = -1
-        for k, jpg, meta in _samples(src):
+        for k, (_, data), meta in _samples(src):
             if meta["label"] not in wanted:
                 continue
             index += 1
             if index % world_size != rank or k in cache:
                 continue
             is_live = meta["label"] == "live"
-            pending[is_live].append((k, jpg))
+            pending[is_live].append((k, data))
             if len(pending[is_live]) == batch_size:
                 caption_pending(is_live)
         for is_live in (False, True):
@@ -196,7 +197,7 @@ def write_scf_set(
     report: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     missing: list[str] = []
     with ShardWriter(out, max_samples=max_samples, overwrite=True) as w:
-        for k, jpg, meta in _samples(src):
+        for k, (ext, data), meta in _samples(src):
             if meta["label"] not in wanted:
                 continue
             caption = cache.get(k)
@@ -207,7 +208,7 @@ def write_scf_set(
             report[meta["dataset"]][meta["attack"]]["kept" if ok else "dropped"] += 1
             if ok:
                 src_name = live_source if meta["label"] == "live" else source
-                w.write(k, jpg, {**meta, "caption": caption, "caption_source": src_name})
+                w.write(k, data, {**meta, "caption": caption, "caption_source": src_name}, ext=ext)
         if missing:
             raise ShardsError(
                 f"{out}: {len(missing)} sample(s) of {src} have no caption in {out}/{CACHE_GLOB} (first: {missing[0]});"

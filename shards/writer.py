@@ -22,7 +22,7 @@ import webdataset as wds
 
 from shards.io import atomic_write_text, sha256_file
 from shards.manifest import COUNT_FIELDS, MANIFEST_NAME
-from shards.schema import validate_meta
+from shards.schema import IMAGE_MEMBERS, validate_meta
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +132,20 @@ class ShardWriter:
         if self.on_shard is not None:
             self.on_shard(dict(entry))
 
-    def write(self, key: str, jpg: bytes, meta: dict[str, Any]) -> None:
-        """Add one sample; starts a new shard first if this one would exceed a limit."""
+    def write(self, key: str, image: bytes, meta: dict[str, Any], ext: str = "jpg") -> None:
+        """Add one sample (its image as the member ``<key>.<ext>``, one of shards.schema.IMAGE_MEMBERS); starts a
+        new shard first if this one would exceed a limit."""
         if self._closed:
             raise RuntimeError("ShardWriter is closed")
         if not _KEY_RE.match(key):
             raise ValueError(f"key {key!r} must match {_KEY_RE.pattern} (webdataset splits names at '.')")
         if key in self._keys:
             raise ValueError(f"duplicate key {key!r}")
+        if ext not in IMAGE_MEMBERS:
+            raise ValueError(f"image member .{ext} of {key!r} is not one of {IMAGE_MEMBERS} (shards/schema.py)")
         validate_meta(meta, key)
         meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-        sample_bytes = _tar_member_bytes(len(jpg)) + _tar_member_bytes(len(meta_bytes))
+        sample_bytes = _tar_member_bytes(len(image)) + _tar_member_bytes(len(meta_bytes))
         if self._tar is not None and (
             self._shard_samples >= self.max_samples
             or _tar_file_bytes(self._shard_bytes + sample_bytes) > self.max_bytes
@@ -151,7 +154,7 @@ class ShardWriter:
         if self._tar is None:
             self._open_shard()
         assert self._tar is not None
-        self._tar.write({"__key__": key, "jpg": bytes(jpg), "json": meta_bytes})
+        self._tar.write({"__key__": key, ext: bytes(image), "json": meta_bytes})
         self._keys.add(key)
         self._shard_samples += 1
         self._shard_bytes += sample_bytes

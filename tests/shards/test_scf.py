@@ -165,3 +165,27 @@ def test_scf_steps_3_to_6_with_this_trainer(tmp_path: Path, tiny_captioner: Path
     assert {k for k, x in out.items() if x["caption_source"] == "spoof_aware"} == set(spoof)
     assert all(out[k]["caption"] == TAUGHT for k in spoof)
     assert {x["caption_source"] for x in out.values() if x["label"] == "live"} == {"general"}
+
+
+def test_a_png_member_is_captioned_and_kept_as_png(tmp_path: Path, tiny_captioner: Path) -> None:
+    """A hand-made set may hold .png images (shards/schema.py); SCF reads them like the loader and writes them back
+    under their own extension, not relabelled as .jpg."""
+    import io
+
+    from PIL import Image
+
+    from shards.writer import ShardWriter
+
+    meta = {"label": "spoof", "attack": "print", "dataset": "hand", "subject": "s0", "video": "v0", "caption": "",
+            "caption_source": "none"}
+    images = {}
+    with ShardWriter(tmp_path / "src") as w:
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.new("I;16", (24, 24), 40000 + i).save(buf, format="PNG")  # 16-bit grey
+            images[f"k{i}"] = buf.getvalue()
+            w.write(f"k{i}", images[f"k{i}"], {**meta, "video": f"v{i}"}, ext="png")
+    m = caption_shard_set(tmp_path / "src", tmp_path / "out", Captioner(tiny_captioner, device="cpu", max_new_tokens=3))
+    assert m["num_samples"] == 2
+    written = list(wds.WebDataset(shard_paths(tmp_path / "out"), shardshuffle=False, empty_check=False))
+    assert {s["__key__"]: s["png"] for s in written} == images and not any("jpg" in s for s in written)
