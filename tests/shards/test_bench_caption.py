@@ -1,4 +1,4 @@
-"""The FLOP count behind the captioning cost model (shards/bench_caption.py) against torch's own FLOP counter on the
+"""The FLOP count behind the captioning cost model (shards/bench/caption.py) against torch's own FLOP counter on the
 tiny captioner's real prefill and decode step (eager attention, so the counter sees the attention matmuls)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from shards.bench_caption import captioner_flops, save_tiny_captioner
+from shards.bench.caption import captioner_flops, save_tiny_captioner
 from shards.scf import captioner_prompt
 from shards.schema import CAPTION_PROMPT
 

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from shards.adapters import get_adapter
-from shards.bench_caption import save_tiny_captioner
+from shards.bench.caption import save_tiny_captioner
 from shards.build import BuildOptions, build_dataset
 from shards.fixtures import write_image
 from shards.manifest import read_manifest, shard_paths

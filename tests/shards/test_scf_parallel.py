@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.bench_caption import same_shard_sets, save_tiny_captioner
+from shards.bench.caption import same_shard_sets, save_tiny_captioner
 from shards.caption_cache import CacheAppender, cache_file, read_caches
 from shards.caption_parallel import RANKS_DIR, Rank, rank_from_env, wait_for_ranks
 from shards.cli import main as shards_main
@@ -184,7 +184,7 @@ def test_two_ranks_killed_midway_resume_to_the_one_process_output(tmp_path: Path
     with open(rank1_cache, "ab") as f:  # as if the kill had landed inside a write
         f.write(b'{"key": "domain_a-0001')
 
-    # the rerun under the deepspeed launcher (2 CPU ranks; it appends --local_rank=K); torchrun: shards.bench_caption
+    # the rerun under the deepspeed launcher (2 CPU ranks; it appends --local_rank=K); torchrun: shards.bench.caption
     rerun = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                             str(free_port()), "--module", "shards.cli", *opts, "--out", str(out)], env=_env(),
                            timeout=300, capture_output=True, text=True)

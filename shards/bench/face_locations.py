@@ -1,4 +1,4 @@
-"""``python -m shards.bench``: frames/s of a dataset build with the release's face locations against the
+"""``python -m shards.bench.face_locations``: frames/s of a dataset build with the release's face locations against the
 bundled detector, on the same videos in the same process (BENCHMARKS.md, "Shard building").
 
 The tree is an OULU-NPU-style fixture (``--videos`` videos of ``--frames-per-video`` frames at
@@ -48,7 +48,7 @@ def measure(root: Path, out: Path, face: str, frames: int, repeats: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shards.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m shards.bench.face_locations", description=__doc__.split("\n")[0])
     ap.add_argument("--videos", type=int, default=8)
     ap.add_argument("--frames-per-video", type=int, default=30)
     ap.add_argument("--frames", type=int, default=10, help="frames sampled per video (the build's --frames)")

@@ -1,6 +1,6 @@
 """Benchmark of data-parallel SCF captioning (``ifas-shards caption``) and its cost model for CelebA-Spoof.
 
-    python -m shards.bench_caption [--images 1024] [--ranks 1 2] [--repeats 3] [--workdir /tmp/bench_caption]
+    python -m shards.bench.caption [--images 1024] [--ranks 1 2] [--repeats 3] [--workdir /tmp/bench_caption]
 
 1. Saves a tiny LLaVA captioner with real transformers classes (``save_tiny_captioner``; the tests use it too) and
    a synthetic shard set of ``--images`` samples.
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("shards.bench_caption")
+log = logging.getLogger("shards.bench.caption")
 
 # The llava-1.5-7b-hf release's config, processor and tokenizer (no weights needed): $IFAS_HUB as the release tests
 # read it (tests/trainer/model/test_hub_releases.py), or --release.
@@ -242,7 +242,7 @@ def project(tiny: dict, new_tokens: int, batch_size: int, cpu_peak: float, relea
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shards.bench_caption", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m shards.bench.caption", description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3, help="runs per world size, interleaved; the fastest counts")
