@@ -48,7 +48,8 @@ class ModelConfig:
     gac: bool = True
     gac_prefix_queries: int = 4
     gac_heads: int = 4
-    # auto: flash_attention_2 on CUDA when flash-attn is installed (the [gpu] extra), else sdpa.
+    # auto: flash_attention_2 on CUDA when flash-attn is installed (the [gpu] extra) and the weights are bf16/fp16,
+    # else sdpa. Recorded in the export: evaluation and prediction use the same (docs/architecture.md, "Attention").
     attn_implementation: str = "auto"
     # Modules whose layers recompute activations in backward (saves memory): any of vision, llm.
     gradient_checkpointing: list[str] = field(default_factory=list)
@@ -253,6 +254,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.kernel_backend must be auto, triton or torch, got {cfg.model.kernel_backend!r}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
+    if cfg.model.attn_implementation.startswith("flash_attention") and cfg.train.precision == "fp32":
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} runs only in bf16 or fp16, but "
+                          "train.precision=fp32: set train.precision=bf16, or model.attn_implementation=sdpa (or auto, "
+                          "which picks flash-attn only where it can run)")
     if cfg.data.answer_style not in ("caption", "judgment"):
         raise ConfigError(f"data.answer_style must be caption or judgment, got {cfg.data.answer_style!r}")
     if cfg.data.caption_source not in ("shards", "template"):

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from kernels import weighted_ce_reference
-from trainer.model.arch import ArchConfig, ModelLoadError, default_dtype, sub_config
+from trainer.model.arch import ArchConfig, ModelLoadError, default_dtype, recorded_attn_implementation, sub_config
 from trainer.model.families import family_named
 from trainer.model.families.base import VisualFeatures
 from trainer.model.gac import GloballyAwareConnector
@@ -59,6 +59,7 @@ class IFASModel(nn.Module):
         without random init."""
         super().__init__()
         self.arch = arch
+        self.attn_implementation = attn_implementation  # recorded in the config: eval and predict use it too
         self.family = family_named(arch.family)  # what differs between checkpoint families (model/families/)
         made_in = group_context or (lambda group: contextlib.nullcontext())
         # the dtype in force here, not a checkpoint config's (from_config would build in config.dtype)
@@ -212,6 +213,7 @@ class IFASModel(nn.Module):
             "vision_config": self.vision.config.to_dict(),
             "text_config": self.llm.config.to_dict(),
             "arch": dataclasses.asdict(self.arch),
+            "attn_implementation": self.attn_implementation,
             **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),  # getattr(torch, ..)
         }
 
@@ -241,9 +243,14 @@ class IFASModel(nn.Module):
         return d
 
     @classmethod
-    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa",
+    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str | None = None,
                          group_context: Callable[[str], contextlib.AbstractContextManager] | None = None
                          ) -> "IFASModel":
+        """``attn_implementation``: default the config's (the training run's; sdpa where it cannot run here, or
+        for configs written before it was recorded)."""
+        if attn_implementation is None:
+            recorded = cfg.get("attn_implementation", "sdpa")
+            attn_implementation = recorded_attn_implementation(recorded, torch.get_default_dtype())
         return cls(
             sub_config(cfg["vision_config"]),
             sub_config(cfg["text_config"]),
@@ -254,9 +261,10 @@ class IFASModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
+        cls, directory: str | Path, attn_implementation: str | None = None, dtype: torch.dtype | None = None
     ) -> tuple["IFASModel", PreTrainedTokenizerBase]:
-        """The model of an export directory, in ``dtype`` (default: the dtype its weights were saved in)."""
+        """The model of an export directory, in ``dtype`` (default: the dtype its weights were saved in), with
+        the attention kernel it was trained with (default, see from_config_dict)."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise ModelLoadError(
