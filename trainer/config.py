@@ -8,6 +8,7 @@ run before any rank starts work.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class DataConfig:
     max_length: int = 128  # tokens per sample, image tokens included; captions are truncated. 0: the prompt
     answer_tokens: int = 96  # with max_length 0: (its image tokens included, from the checkpoint) + this many
     shuffle_buffer: int = 512
-    num_workers: int = 1
+    num_workers: int = -1  # loader worker processes per rank; -1: from the CPUs per rank (loader_workers_per_rank)
     answer_style: str = "caption"  # caption: "Yes. <caption>"; judgment: "Yes" only
     # shards: each sample's own caption (SCF or template, whatever the shards hold); template: the
     # attack type's template sentence instead (the template-vs-SCF captions ablation).
@@ -201,6 +202,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = merge_trees(_old_names(data), _old_names(parse_overrides(overrides or [])))
     cfg = build_dataclass(RunConfig, data)
     validate(cfg)
+    if cfg.data.num_workers == -1:
+        cfg.data.num_workers = loader_workers_per_rank()
     return cfg
 
 
@@ -217,6 +220,17 @@ def _old_names(source: dict[str, Any]) -> dict[str, Any]:
         model["path"] = old
         source = {**source, "model": model}
     return source
+
+
+def loader_workers_per_rank() -> int:
+    """Loader workers for one rank: the node's CPUs shared by its ranks (the launcher's LOCAL_SIZE, torchrun's
+    LOCAL_WORLD_SIZE or SLURM's tasks per node), less one for the training process; 1 to 8 (decoding and
+    resizing faces is PIL work, one process per core)."""
+    env = os.environ
+    ranks = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1")
+                .split("(")[0] or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(ranks, 1) - 1))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -254,6 +268,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.kernel_backend must be auto, triton or torch, got {cfg.model.kernel_backend!r}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
+    if cfg.data.num_workers < -1:
+        raise ConfigError(f"data.num_workers must be >= 0 (0: read in the training process) or -1 (from the CPUs "
+                          f"per rank), got {cfg.data.num_workers}")
     if cfg.model.attn_implementation.startswith("flash_attention") and cfg.train.precision == "fp32":
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} runs only in bf16 or fp16, but "
                           "train.precision=fp32: set train.precision=bf16, or model.attn_implementation=sdpa (or auto, "

@@ -77,4 +77,5 @@ class SampleMaker:
             enc = self.builder.encode(is_live(meta), caption)
         else:
             enc = self.builder.encode_prompt()
-        return sample_tensors(enc, self.transform(image), meta, raw["__key__"])
+        # uint8 to the model, which normalises on the device (trainer/sample/pixels.py)
+        return sample_tensors(enc, self.transform.pixels(image), meta, raw["__key__"])

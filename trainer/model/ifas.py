@@ -32,6 +32,7 @@ from trainer.model.loss import LossParts, batch_token_weights
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError, load_weights, verify_weights, write_weights
 from trainer.run_dir import CONFIG_NAME
 from trainer.sample import IGNORE_INDEX, UNSUPERVISED
+from trainer.sample.pixels import normalise_pixels
 from trainer.sample.positions import image_token_positions
 from trainer.sample.positions import supervised_rows as flat_supervised_rows
 from trainer.sample.tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -127,6 +128,8 @@ class IFASModel(nn.Module):
         family's visual features). ``image_positions`` [B, K]: the image tokens' positions, as the collate gives
         them (trainer/data/batching.py); without them they are found here, which reads the device."""
         embeds = self.llm.get_input_embeddings()(input_ids)
+        if pixel_values.dtype == torch.uint8:  # the loader's: normalised here, on the device
+            pixel_values = normalise_pixels(pixel_values, self.arch.image_mean, self.arch.image_std)
         visual_tokens, visual = self.image_tokens(pixel_values.to(embeds.dtype))
         image_mask = input_ids == self.arch.image_token_id
         if image_positions is None:
@@ -156,6 +159,7 @@ class IFASModel(nn.Module):
     ) -> IFASOutput:
         """Loss over the answer tokens (when labels are given) and liveness scores.
 
+        pixel_values [B, 3, S, S]: uint8 (the loader's; normalised here) or already normalised floats.
         labels/label_groups [B, S] are aligned with input_ids (position t is predicted from t-1).
         score_positions [B]: index of the last prompt token, whose logits predict the judgment.
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).

@@ -1,4 +1,5 @@
-"""No host-device sync in the training micro-step (forward, loss, backward) in the project's own code.
+"""No host-device sync in the training micro-step (forward, loss, backward) in the project's own code, the
+normalisation of the loader's uint8 pixels included.
 
 A ``TorchDispatchMode`` sees every aten op of one micro-step of the tiny model and of one checkpoint family per
 adapter path (CLIP-style LLaVA, InternVL, Qwen-VL's M-RoPE), unfused and fused loss. The ops that make the host
@@ -75,8 +76,8 @@ def _batch(model, tok, n: int = 2) -> dict:
         enc = builder.encode(i % 2 == 0, "screen moire and glare" * (1 + i))
         samples.append({"input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
                         "score_position": enc.score_position, "image_positions": enc.image_positions,
-                        "pixel_values": torch.randn(3, model.arch.image_size, model.arch.image_size,
-                                                      generator=g),
+                        "pixel_values": torch.randint(0, 256, (3, model.arch.image_size, model.arch.image_size),
+                                                      generator=g, dtype=torch.uint8),  # as the loader's
                         "live": i % 2, "key": f"k{i}", "meta": {}})
     return collate(samples, tok.pad_token_id)
 
@@ -139,3 +140,26 @@ def test_the_collates_positions_are_what_the_model_would_find(tiny):
     loss_given, grad_given = step(given)
     loss_found, grad_found = step(found)
     assert torch.equal(loss_given, loss_found) and torch.equal(grad_given, grad_found)
+
+
+def test_uint8_pixels_normalised_in_the_model_are_the_transforms_floats(tiny):
+    """The loader carries uint8 (a quarter of fp32's bytes); the model's normalisation gives exactly the floats
+    the transform gives (and takes those too)."""
+    from PIL import Image
+
+    from trainer.data import ImageTransform
+
+    model, tok = tiny
+    model.eval()
+    transform = ImageTransform.for_model(model.arch)
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 256, (40, 50, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(2)]
+    batch = _batch(model, tok)
+    uint8 = torch.stack([transform.pixels(im) for im in images])
+    assert uint8.dtype == torch.uint8 and uint8.nbytes * 4 == torch.stack([transform(im) for im in images]).nbytes
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "score_positions", "image_positions")}
+        from_uint8 = model(**inputs, pixel_values=uint8).scores
+        from_floats = model(**inputs, pixel_values=torch.stack([transform(im) for im in images])).scores
+    assert torch.equal(from_uint8, from_floats)
