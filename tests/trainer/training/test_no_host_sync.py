@@ -1,11 +1,12 @@
 """No host-device sync in the training micro-step (forward, loss, backward) in the project's own code, the
 normalisation of the loader's uint8 pixels included.
 
-A ``TorchDispatchMode`` sees every aten op of one micro-step of the tiny model and of one checkpoint family per
-adapter path (CLIP-style LLaVA, InternVL, Qwen-VL's M-RoPE), unfused and fused loss. The ops that make the host
-wait for the device (a scalar read, ``nonzero``, a boolean-mask gather, a tensor built from Python data, which is
-a host-to-device copy on a GPU) are attributed to the innermost project or transformers frame on the Python stack
-at the time; the project's count must be 0 (docs/architecture.md, "No host syncs in the step")."""
+A ``TorchDispatchMode`` sees every aten op of one micro-step of the tiny model (unfused and fused loss) and of
+one checkpoint family per adapter path (CLIP-style LLaVA, LLaVA-OneVision's anyres, InternVL, Qwen-VL's M-RoPE;
+fused loss). The ops that make the host wait for the device (a scalar read, ``nonzero``, a boolean-mask gather, a
+tensor built from Python data, which is a host-to-device copy on a GPU) are attributed to the innermost project
+or transformers frame on the Python stack at the time; the project's count must be 0 (docs/architecture.md, "No
+host syncs in the step")."""
 from __future__ import annotations
 
 import traceback
@@ -107,7 +108,7 @@ def test_tiny_model_micro_step_has_no_host_sync(tiny, fused):
     assert_only_known_transformers_syncs(counter)
 
 
-@pytest.mark.parametrize("name", ["llava", "internvl", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["llava", "llava_onevision", "internvl", "qwen2_vl"])
 def test_family_micro_step_has_no_host_sync_in_project_code(name, demo_tokenizer, tmp_path):
     case = FAMILY_CASES[name]
     case.save(tmp_path, demo_tokenizer)
