@@ -164,3 +164,10 @@ def test_uint8_pixels_normalised_in_the_model_are_the_transforms_floats(tiny):
         from_uint8 = model(**inputs, pixel_values=uint8).scores
         from_floats = model(**inputs, pixel_values=torch.stack([transform(im) for im in images])).scores
     assert torch.equal(from_uint8, from_floats)
+    # the TensorBoard examples show either as the same picture
+    from trainer.eval.explain import to_uint8_image
+
+    shown = to_uint8_image(uint8[0], model.arch.image_mean, model.arch.image_std)
+    assert (shown == uint8[0].permute(1, 2, 0).numpy()).all()
+    undone = to_uint8_image(transform(images[0]), model.arch.image_mean, model.arch.image_std)
+    assert abs(undone.astype(int) - shown.astype(int)).max() <= 1
