@@ -2,9 +2,9 @@
 
     out[b, l] = LayerNorm_l(pool(hidden_states[l, b]))      pool = token 0 ("cls") or mean over N ("mean")
 
-Three implementations with one contract: the Triton kernels (all layers in one launch, CUDA), a
-vectorised torch version (CPU), and the eager per-layer reference the other two are tested
-against. Statistics are computed in fp32; the output has the hidden states' dtype.
+Three implementations with one contract: the Triton kernels (CUDA), a torch version (CPU), and the eager
+per-layer reference the other two are tested against. The fast two pool each layer from its own tensor and
+never stack the layers' ``[B, N, D]`` states. Statistics are computed in fp32; the output has the hidden states' dtype.
 """
 from __future__ import annotations
 
@@ -19,24 +19,46 @@ from ._dispatch import resolve_backend
 MODES = ("cls", "mean")
 
 
-def _as_layer_tensor(hidden_states: torch.Tensor | Sequence[torch.Tensor], mode: str) -> torch.Tensor:
-    """``[L, B, N, D]``; a sequence of ``[B, N, D]`` (e.g. HF ``hidden_states``) is stacked, and
-    in cls mode only the class tokens are, so no copy of all tokens is made."""
-    if isinstance(hidden_states, torch.Tensor):
-        return hidden_states
-    layers = [h[:, :1] for h in hidden_states] if mode == "cls" else list(hidden_states)
-    return einops.rearrange(layers, "l b n d -> l b n d")  # the layers stacked in front
+def _layers(hidden_states: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tapped layers as L ``[B, N, D]`` tensors: a sequence as given (HF ``hidden_states``, never stacked), an
+    ``[L, B, N, D]`` tensor as views of it."""
+    return list(hidden_states.unbind(0)) if isinstance(hidden_states, torch.Tensor) else list(hidden_states)
 
 
-def _check(hidden_states: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str) -> None:
-    if hidden_states.dim() != 4:
-        raise ValueError(f"hidden_states must be [L, B, N, D], got {tuple(hidden_states.shape)}")
-    n_layers, _, n_tokens, dim = hidden_states.shape
+def _check(layers: list[torch.Tensor], ln_weight: torch.Tensor, ln_bias: torch.Tensor) -> None:
+    if not layers or any(h.dim() != 3 or h.shape != layers[0].shape for h in layers):
+        raise ValueError(f"hidden_states must be L tensors [B, N, D] of one shape (or one [L, B, N, D]), got "
+                         f"{[tuple(h.shape) for h in layers]}")
+    _, n_tokens, dim = layers[0].shape
     if n_tokens < 1:
         raise ValueError("hidden_states has no tokens")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t.shape != (n_layers, dim):
-            raise ValueError(f"{name} must be [{n_layers}, {dim}], got {tuple(t.shape)}")
+        if t.shape != (len(layers), dim):
+            raise ValueError(f"{name} must be [{len(layers)}, {dim}], got {tuple(t.shape)}")
+
+
+def _expanded_grad(g: torch.Tensor, like: torch.Tensor, mean: bool) -> torch.Tensor:
+    """d(pool)/d(layer) applied to ``g`` [B, D] fp32: mean spreads g / N over the tokens as a broadcast view (no
+    [B, N, D] buffer; autograd adds it where the layer's own gradient is summed), cls puts g on token 0."""
+    if mean:
+        return (g / like.shape[1]).to(like.dtype).unsqueeze(1).expand(like.shape)
+    out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    out[:, 0] = g
+    return out
+
+
+class _TokenMean(torch.autograd.Function):
+    """``h.mean(dim=1)`` in fp32 whose gradient is a broadcast view (torch's divides after expanding: a full
+    [B, N, D] tensor per layer)."""
+
+    @staticmethod
+    def forward(ctx, h):  # type: ignore[override]
+        ctx.like = torch.empty((), dtype=h.dtype, device=h.device).expand(h.shape)  # shape and dtype, no data
+        return h.mean(dim=1, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return _expanded_grad(g, ctx.like, mean=True)
 
 
 def multi_layer_pool_layernorm_reference(
@@ -56,27 +78,28 @@ def multi_layer_pool_layernorm_reference(
 
 
 def _pool_ln_torch(
-    hidden_states: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str, eps: float
+    layers: list[torch.Tensor], ln_weight: torch.Tensor, ln_bias: torch.Tensor, mode: str, eps: float
 ) -> torch.Tensor:
-    """All layers at once with batched torch ops (autograd gives the backward)."""
-    if mode == "cls":
-        x = hidden_states[:, :, 0].float()
-    else:
-        x = hidden_states.mean(dim=2, dtype=torch.float32)
+    """Each layer pooled as it comes (fp32 [B, D]), then one batched LayerNorm over [L, B, D] (autograd gives
+    the backward)."""
+    x = torch.stack([h[:, 0].float() if mode == "cls" else _TokenMean.apply(h) for h in layers])
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, unbiased=False, keepdim=True)
     y = (x - mean) * torch.rsqrt(var + eps) * ln_weight.float()[:, None] + ln_bias.float()[:, None]
-    return einops.rearrange(y, "l b d -> b l d").contiguous().to(hidden_states.dtype)
+    return einops.rearrange(y, "l b d -> b l d").contiguous().to(layers[0].dtype)
 
 
 class _PoolLayerNormTriton(torch.autograd.Function):
+    """One forward launch per layer (each reads its own tensor), one backward launch for all; the layers'
+    gradients are built from the pooled gradient ``dx`` [L, B, D] (_expanded_grad)."""
+
     @staticmethod
-    def forward(ctx, hidden_states, ln_weight, ln_bias, mean: bool, eps: float):  # type: ignore[override]
+    def forward(ctx, ln_weight, ln_bias, mean: bool, eps: float, *layers):  # type: ignore[override]
         from . import gac_pool_triton
 
-        out, xhat, rstd = gac_pool_triton.pool_ln_forward(hidden_states, ln_weight, ln_bias, mean, eps)
+        out, xhat, rstd = gac_pool_triton.pool_ln_forward(layers, ln_weight, ln_bias, mean, eps)
         ctx.save_for_backward(xhat, rstd, ln_weight)
-        ctx.hs_meta = (hidden_states.shape, hidden_states.dtype)
+        ctx.like = [torch.empty((), dtype=h.dtype, device=h.device).expand(h.shape) for h in layers]
         ctx.mean = mean
         ctx.param_dtypes = (ln_weight.dtype, ln_bias.dtype)
         return out
@@ -86,8 +109,9 @@ class _PoolLayerNormTriton(torch.autograd.Function):
         from . import gac_pool_triton
 
         xhat, rstd, ln_weight = ctx.saved_tensors
-        dhs, dw, db = gac_pool_triton.pool_ln_backward(dout, xhat, rstd, ln_weight, *ctx.hs_meta, ctx.mean)
-        return dhs, dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None, None
+        dx, dw, db = gac_pool_triton.pool_ln_backward(dout, xhat, rstd, ln_weight)
+        dlayers = [_expanded_grad(dx[i], like, ctx.mean) for i, like in enumerate(ctx.like)]
+        return dw.to(ctx.param_dtypes[0]), db.to(ctx.param_dtypes[1]), None, None, *dlayers
 
 
 def multi_layer_pool_layernorm(
@@ -99,16 +123,18 @@ def multi_layer_pool_layernorm(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Pool every tapped layer and LayerNorm it with its own affine: ``[L, B, N, D]`` -> ``[B, L, D]``.
+    """Pool every tapped layer and LayerNorm it with its own affine: L x ``[B, N, D]`` -> ``[B, L, D]``.
 
-    hidden_states: ``[L, B, N, D]`` (or a sequence of L ``[B, N, D]``); ln_weight, ln_bias
+    hidden_states: a sequence of L ``[B, N, D]`` (or one ``[L, B, N, D]``); ln_weight, ln_bias
     ``[L, D]``. mode "cls" takes token 0, "mean" averages all N tokens (pass only the patch
-    tokens for encoders without a class token). Differentiable w.r.t. all three tensors.
+    tokens for encoders without a class token). Differentiable w.r.t. all of them. Each layer is pooled from
+    its own tensor: no ``[L, B, N, D]`` stack is made, forward or backward (mean's gradient is a broadcast
+    view), so the memory added is of the order of the output's.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    hs = _as_layer_tensor(hidden_states, mode)
-    _check(hs, ln_weight, ln_bias, mode)
-    if resolve_backend(backend, hs.device) == "triton":
-        return _PoolLayerNormTriton.apply(hs, ln_weight, ln_bias, mode == "mean", float(eps))
-    return _pool_ln_torch(hs, ln_weight, ln_bias, mode, eps)
+    layers = _layers(hidden_states)
+    _check(layers, ln_weight, ln_bias)
+    if resolve_backend(backend, layers[0].device) == "triton":
+        return _PoolLayerNormTriton.apply(ln_weight, ln_bias, mode == "mean", float(eps), *layers)
+    return _pool_ln_torch(layers, ln_weight, ln_bias, mode, eps)

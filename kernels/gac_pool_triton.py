@@ -1,9 +1,10 @@
 """Triton kernels of the GAC multi-layer pooling + per-layer LayerNorm, forward and backward.
 
-One program per (layer, sample): pool the layer's tokens (class token, or the mean over all N
-tokens with an fp32 accumulator), LayerNorm over D with the layer's own affine, write
-``out[b, l, :]``. All tapped layers go in one launch. The backward recomputes nothing from the
-hidden states: the forward keeps ``xhat`` (normalised pooled vector, fp32) and ``rstd``.
+One program per sample: pool the layer's tokens (class token, or the mean over all N tokens with an fp32
+accumulator), LayerNorm over D with the layer's own affine, write ``out[b, l, :]``. One launch per layer, each
+reading that layer's own tensor (the layers are never stacked). The backward, one launch for all layers,
+recomputes nothing from the hidden states: the forward keeps ``xhat`` (normalised pooled vector, fp32) and
+``rstd``; it writes the pooled vectors' gradient ``dx`` [L, B, D], which the caller spreads over the tokens.
 
 Importing this module defines the ``@triton.jit`` functions, so TRITON_INTERPRET=1 (CPU
 interpreter) must be set before the first import; tests reload it after setting the variable.
@@ -21,7 +22,7 @@ MAX_TILE = 8192
 @triton.jit
 def _pool_ln_fwd_kernel(
     hs_ptr,
-    s_l,
+    layer,
     s_b,
     s_n,
     s_d,
@@ -39,9 +40,8 @@ def _pool_ln_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    layer = tl.program_id(0)
-    sample = tl.program_id(1)
-    base = hs_ptr + layer.to(tl.int64) * s_l + sample.to(tl.int64) * s_b
+    sample = tl.program_id(0)
+    base = hs_ptr + sample.to(tl.int64) * s_b
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     if MEAN:
@@ -75,15 +75,12 @@ def _pool_ln_bwd_kernel(
     xhat_ptr,
     rstd_ptr,
     w_ptr,
-    dhs_ptr,
+    dx_ptr,
     dw_ptr,
     db_ptr,
     B,
     L,
-    N,
     D,
-    MEAN: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     layer = tl.program_id(0)
@@ -102,18 +99,7 @@ def _pool_ln_bwd_kernel(
     dxhat = dy * w
     c1 = tl.sum(xhat * dxhat, axis=0) / D
     c2 = tl.sum(dxhat, axis=0) / D
-    dx = tl.where(dmask, (dxhat - xhat * c1 - c2) * rstd, 0.0)
-    base = dhs_ptr + row * N * D  # dhs is a fresh contiguous [L, B, N, D]
-    if MEAN:
-        tokens = tl.arange(0, BLOCK_N)
-        g = (dx / N).to(dhs_ptr.dtype.element_ty)
-        tile = tl.zeros((BLOCK_N, BLOCK_D), dtype=dhs_ptr.dtype.element_ty) + g[None, :]
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + tokens
-            ptrs = base + n[:, None].to(tl.int64) * D + cols[None, :]
-            tl.store(ptrs, tile, mask=(n[:, None] < N) & dmask[None, :])
-    else:
-        tl.store(base + cols, dx.to(dhs_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dx_ptr + row * D + cols, (dxhat - xhat * c1 - c2) * rstd, mask=dmask)
 
 
 def _blocks(n_tokens: int, dim: int, mean: bool) -> tuple[int, int, int]:
@@ -124,73 +110,40 @@ def _blocks(n_tokens: int, dim: int, mean: bool) -> tuple[int, int, int]:
 
 
 def pool_ln_forward(
-    hidden_states: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, mean: bool, eps: float
+    layers: list[torch.Tensor] | tuple[torch.Tensor, ...], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    mean: bool, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[L, B, N, D]`` -> (out ``[B, L, D]`` in the input dtype, xhat ``[L, B, D]`` fp32, rstd ``[L, B]``)."""
-    n_layers, batch, n_tokens, dim = hidden_states.shape
-    dev = hidden_states.device
-    out = torch.empty(batch, n_layers, dim, dtype=hidden_states.dtype, device=dev)
+    """L x ``[B, N, D]`` -> (out ``[B, L, D]`` in the input dtype, xhat ``[L, B, D]`` fp32, rstd ``[L, B]``)."""
+    batch, n_tokens, dim = layers[0].shape
+    n_layers, dev = len(layers), layers[0].device
+    out = torch.empty(batch, n_layers, dim, dtype=layers[0].dtype, device=dev)
     xhat = torch.empty(n_layers, batch, dim, dtype=torch.float32, device=dev)
     rstd = torch.empty(n_layers, batch, dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out, xhat, rstd
     block_n, block_d, num_warps = _blocks(n_tokens, dim, mean)
-    _pool_ln_fwd_kernel[(n_layers, batch)](
-        hidden_states,
-        *hidden_states.stride(),
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        out,
-        xhat,
-        rstd,
-        batch,
-        n_layers,
-        n_tokens,
-        dim,
-        eps,
-        MEAN=mean,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
+    w, b = ln_weight.contiguous(), ln_bias.contiguous()
+    for layer, h in enumerate(layers):
+        _pool_ln_fwd_kernel[(batch,)](
+            h, layer, *h.stride(), w, b, out, xhat, rstd, batch, n_layers, n_tokens, dim, eps,
+            MEAN=mean, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return out, xhat, rstd
 
 
 def pool_ln_backward(
-    dout: torch.Tensor,
-    xhat: torch.Tensor,
-    rstd: torch.Tensor,
-    ln_weight: torch.Tensor,
-    hs_shape: torch.Size,
-    hs_dtype: torch.dtype,
-    mean: bool,
+    dout: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, ln_weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. hidden states ``[L, B, N, D]``, ln_weight and ln_bias ``[L, D]`` (fp32)."""
-    n_layers, batch, n_tokens, dim = hs_shape
-    dev = dout.device
-    # cls: only token 0 gets a gradient, the rest must be zero; mean: the kernel writes every token.
-    alloc = torch.empty if mean else torch.zeros
-    dhs = alloc(hs_shape, dtype=hs_dtype, device=dev)
-    dw = torch.empty(n_layers, batch, dim, dtype=torch.float32, device=dev)
-    db = torch.empty_like(dw)
+    """Gradients w.r.t. the pooled vectors ``[L, B, D]`` (fp32), ln_weight and ln_bias ``[L, D]`` (fp32)."""
+    n_layers, batch, dim = xhat.shape
+    dx = torch.empty_like(xhat)
+    dw = torch.empty_like(xhat)
+    db = torch.empty_like(xhat)
     if xhat.numel() == 0:
-        return dhs, dw.sum(1), db.sum(1)  # nothing to pool: every gradient is empty
-    block_n, block_d, num_warps = _blocks(n_tokens, dim, mean)
+        return dx, dw.sum(1), db.sum(1)  # nothing to pool: every gradient is empty
+    block_d = triton.next_power_of_2(dim)
     _pool_ln_bwd_kernel[(n_layers, batch)](
-        dout.contiguous(),
-        xhat,
-        rstd,
-        ln_weight.contiguous(),
-        dhs,
-        dw,
-        db,
-        batch,
-        n_layers,
-        n_tokens,
-        dim,
-        MEAN=mean,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
+        dout.contiguous(), xhat, rstd, ln_weight.contiguous(), dx, dw, db, batch, n_layers, dim,
+        BLOCK_D=block_d, num_warps=max(1, min(8, block_d // 256)),
     )
-    return dhs, dw.sum(1), db.sum(1)
+    return dx, dw.sum(1), db.sum(1)

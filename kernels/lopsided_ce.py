@@ -142,24 +142,28 @@ class _FusedLinearLopsidedCE(torch.autograd.Function):
         backend: str,
         chunk_size: int | None,
         compute_grad: bool,
+        rows: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
         vocab = weight.shape[0]
         ctx.bias_dtype = None if bias is None else bias.dtype
         if bias is not None:
             bias = bias.to(hidden.dtype)  # addmm wants one dtype; the gradient goes back in bias's own
-        selected = (
-            (targets != ignore_index)
-            & ((groups == JUDGMENT) | (groups == INTERPRETATION))
-            & (token_weights != 0)
-        )
-        idx = selected.nonzero().squeeze(1)  # a host sync: the chunk loop needs the count (and so does the range check)
+        if rows is None:
+            selected = (
+                (targets != ignore_index)
+                & ((groups == JUDGMENT) | (groups == INTERPRETATION))
+                & (token_weights != 0)
+            )
+            idx = selected.nonzero().squeeze(1)  # a host sync: the chunk loop needs the count (so does the check)
+        else:
+            idx = rows  # the caller's (computed on the host): nothing here reads the device
         if idx.numel() == targets.numel():
             idx = None  # all rows supervised: no gather, no scatter
             y, w, g = targets, token_weights.float(), groups
         else:
             y, w, g = targets[idx], token_weights[idx].float(), groups[idx]
-        if y.numel() and bool(((y < 0) | (y >= vocab)).any()):
+        if rows is None and y.numel() and bool(((y < 0) | (y >= vocab)).any()):
             raise ValueError(f"targets must be in [0, {vocab}) or ignore_index={ignore_index}")
         chunk = chunk_size or default_chunk_size(backend, vocab, hidden.dtype)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
@@ -215,7 +219,7 @@ class _FusedLinearLopsidedCE(torch.autograd.Function):
         ctx.grads = None
         if db is not None:
             db = db.to(ctx.bias_dtype)
-        return dh, dw, db, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None
 
 
 def fused_linear_lopsided_ce(
@@ -229,6 +233,7 @@ def fused_linear_lopsided_ce(
     *,
     backend: str = "auto",
     chunk_size: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> LossParts:
     """Weighted CE of the LM head's logits without materialising them; differentiable.
 
@@ -237,7 +242,9 @@ def fused_linear_lopsided_ce(
     (e.g. trainer.model.loss.lopsided_token_weights), groups [T] (0 unsupervised, 1 judgment,
     2 interpretation). Returns ``LossParts(total, judgment, interpretation)``, 0-dim fp32.
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch". chunk_size: rows of
-    logits per chunk (default from a memory budget per backend).
+    logits per chunk (default from a memory budget per backend). rows: long ``[R]``, the rows to compute
+    (ascending; each a supervised one, its target in the vocabulary), known to the caller so that the op
+    reads nothing back from the device; by default they are found here (a host sync) and the targets checked.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
@@ -256,7 +263,7 @@ def fused_linear_lopsided_ce(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     total, judgment, interpretation = _FusedLinearLopsidedCE.apply(
-        hidden, weight, bias, targets, token_weights, groups, ignore_index, backend, chunk_size, compute_grad
+        hidden, weight, bias, targets, token_weights, groups, ignore_index, backend, chunk_size, compute_grad, rows
     )
     return LossParts(total, judgment, interpretation)
 
@@ -285,6 +292,6 @@ def weighted_ce_reference(
     trainer computes from its own logits when the fused loss is off (trainer/model/loss.py)."""
     ce = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
     weighted = ce * token_weights
-    judgment = weighted[groups == JUDGMENT].sum()
-    interpretation = weighted[groups == INTERPRETATION].sum()
+    judgment = torch.where(groups == JUDGMENT, weighted, 0.0).sum()  # where, not a mask gather: no host sync
+    interpretation = torch.where(groups == INTERPRETATION, weighted, 0.0).sum()
     return LossParts(judgment + interpretation, judgment, interpretation)

@@ -47,9 +47,9 @@ class FusedLMHeadLoss(nn.Module):
 
     hidden [..., H] and targets/token_weights/groups [...] are flattened; positions must already
     be shifted (hidden_t predicts targets_t). See :func:`kernels.fused_linear_lopsided_ce`.
-    ``probe = (rows [P, H], columns [C])`` also reads the logits of ``columns`` at ``rows`` from the same
+    ``probe = (rows [P, H], columns)`` (C vocabulary ids) also reads the logits of ``columns`` at ``rows`` from the same
     gathered head (the I-FAS judgment logits: the head is gathered once for both). They carry no
-    gradient: they are read out (scores), not trained.
+    gradient: they are read out (scores), not trained. ``rows``: see :func:`kernels.fused_linear_lopsided_ce`.
     """
 
     def __init__(
@@ -71,7 +71,7 @@ class FusedLMHeadLoss(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor, groups: torch.Tensor,
-        probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+        probe: tuple[torch.Tensor, tuple[int, ...]] | None = None, rows: torch.Tensor | None = None,
     ) -> HeadLossOutput:
         head = self.lm_head
         weight = head.weight
@@ -82,11 +82,11 @@ class FusedLMHeadLoss(nn.Module):
             )
         probe_logits = None
         if probe is not None:
-            rows, columns = probe
-            with torch.no_grad():
-                probe_logits = rows.detach() @ weight[columns].t()
+            probe_rows, columns = probe
+            with torch.no_grad():  # columns by Python index: no index tensor to copy to the device
+                probe_logits = probe_rows.detach() @ torch.stack([weight[c] for c in columns]).t()
                 if head.bias is not None:
-                    probe_logits = probe_logits + head.bias[columns]
+                    probe_logits = probe_logits + torch.stack([head.bias[c] for c in columns])
                 probe_logits = probe_logits.float()
         loss = fused_linear_lopsided_ce(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -98,6 +98,7 @@ class FusedLMHeadLoss(nn.Module):
             self.ignore_index,
             backend=self.backend,
             chunk_size=self.chunk_size,
+            rows=rows,
         )
         return HeadLossOutput(loss, probe_logits)
 

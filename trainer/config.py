@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,8 @@ class ModelConfig:
     gac: bool = True
     gac_prefix_queries: int = 4
     gac_heads: int = 4
-    # auto: flash_attention_2 on CUDA when flash-attn is installed (the [gpu] extra), else sdpa.
+    # auto: flash_attention_2 on CUDA when flash-attn is installed (the [gpu] extra) and the weights are bf16/fp16,
+    # else sdpa. Recorded in the export: evaluation and prediction use the same (docs/architecture.md, "Attention").
     attn_implementation: str = "auto"
     # Modules whose layers recompute activations in backward (saves memory): any of vision, llm.
     gradient_checkpointing: list[str] = field(default_factory=list)
@@ -93,7 +95,7 @@ class DataConfig:
     max_length: int = 128  # tokens per sample, image tokens included; captions are truncated. 0: the prompt
     answer_tokens: int = 96  # with max_length 0: (its image tokens included, from the checkpoint) + this many
     shuffle_buffer: int = 512
-    num_workers: int = 1
+    num_workers: int = -1  # loader worker processes per rank; -1: from the CPUs per rank (loader_workers_per_rank)
     answer_style: str = "caption"  # caption: "Yes. <caption>"; judgment: "Yes" only
     # shards: each sample's own caption (SCF or template, whatever the shards hold); template: the
     # attack type's template sentence instead (the template-vs-SCF captions ablation).
@@ -201,6 +203,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = merge_trees(_old_names(data), _old_names(parse_overrides(overrides or [])))
     cfg = build_dataclass(RunConfig, data)
     validate(cfg)
+    if cfg.data.num_workers == -1:
+        cfg.data.num_workers = loader_workers_per_rank()
     return cfg
 
 
@@ -223,7 +227,8 @@ def _old_names(source: dict[str, Any]) -> dict[str, Any]:
 # --check, not at the final evaluation after hours of training (None: the key is unset).
 MIN_SIZES: dict[str, float] = {
     "model.image_size": 1, "model.projector_merge": 1, "model.gac_prefix_queries": 1, "model.gac_heads": 1,
-    "data.shuffle_buffer": 0, "data.num_workers": 0, "data.augment.jpeg_quality_min": 1,
+    "data.shuffle_buffer": 0, "data.num_workers": -1,  # -1: sized from the CPUs per rank
+    "data.augment.jpeg_quality_min": 1,
     "optim.warmup_steps": 0, "optim.grad_clip": 0,
     "train.max_steps": 1, "train.stop_at_step": 0, "train.micro_batch_size": 1, "train.grad_accum": 1,
     "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0, "train.max_bad_steps": 1,
@@ -252,6 +257,17 @@ def _check_sizes(cfg: RunConfig) -> None:
             value = getattr(value, part)
         if value is not None and value < least:
             raise ConfigError(f"{key} must be >= {least:g}, got {value}")
+
+
+def loader_workers_per_rank() -> int:
+    """Loader workers for one rank: the node's CPUs shared by its ranks (the launcher's LOCAL_SIZE, torchrun's
+    LOCAL_WORLD_SIZE or SLURM's tasks per node), less one for the training process; 1 to 8 (decoding and
+    resizing faces is PIL work, one process per core)."""
+    env = os.environ
+    ranks = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1")
+                .split("(")[0] or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(ranks, 1) - 1))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -288,6 +304,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.kernel_backend must be auto, triton or torch, got {cfg.model.kernel_backend!r}")
     if cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {cfg.train.precision!r}")
+    if cfg.model.attn_implementation.startswith("flash_attention") and cfg.train.precision == "fp32":
+        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation} runs only in bf16 or fp16, but "
+                          "train.precision=fp32: set train.precision=bf16, or model.attn_implementation=sdpa (or auto, "
+                          "which picks flash-attn only where it can run)")
     if cfg.data.answer_style not in ("caption", "judgment"):
         raise ConfigError(f"data.answer_style must be caption or judgment, got {cfg.data.answer_style!r}")
     if cfg.data.caption_source not in ("shards", "template"):

@@ -52,11 +52,17 @@ def markdown(report: dict) -> str:
         "(as the model output is) through backward, fp32 upcast, `F.cross_entropy(reduction='none')` * weights. "
         "Fused = `kernels.fused_linear_lopsided_ce` "
         '(torch chunked path on CPU, Triton on CUDA). "Unfused, logits not kept" is the leanest unfused '
-        "variant (the logits die with the loss), shown for memory (one call). Ratios are against the first "
-        "row. Correctness = relative L2 error of the three losses and both gradients vs unfused.",
+        "variant (the logits die with the loss), shown for memory (one call). torch chunked = "
+        "`F.linear_cross_entropy(..., reduction='none', options=LinearCrossEntropyOptions())` on the supervised "
+        "rows, weighted as the L-LM loss (torch >= 2.13). Liger = its fused linear CE where it imports "
+        "(CUDA). Ratios are against the first row; the targets compare the fused loss with the best baseline. "
+        "Correctness = relative L2 error of the three losses and both gradients vs unfused.",
         "- GAC: eager = one layer at a time, `F.layer_norm` per layer (what a GAC does without the op); "
-        "fused = `kernels.multi_layer_pool_layernorm` (all layers at once: batched torch ops on CPU, one "
-        "Triton launch per direction on CUDA).",
+        "fused = `kernels.multi_layer_pool_layernorm` (torch ops on CPU, Triton on CUDA). Both take the layers "
+        "as L separate `[B, N, D]` tensors, as transformers returns them. Peak extra is in units of the pooled "
+        "output `[B, L, D]`; fwd+bwd returns the gradients (`torch.autograd.grad`), so it counts what the "
+        "op allocates for them (a broadcast view costs nothing; cls's gradients are zeros but token 0, "
+        "L `[B, N, D]` tensors on every path).",
         "",
         "### Fused lopsided linear cross entropy",
         "",
@@ -74,6 +80,9 @@ def markdown(report: dict) -> str:
             ("unfused, logits not kept", r["unfused_lean"], ""),
             ("fused", r["fused"], f"{err:.1e} ({'ok' if r['correct'] else 'FAIL'})"),
         ]
+        if isinstance(r.get("torch_chunked"), dict):
+            tc = r["torch_chunked"]
+            paths.append(("torch F.linear_cross_entropy, chunked", tc, f"{tc['rel_err']:.1e} (loss)"))
         if isinstance(r.get("liger"), dict):
             paths.append(("liger (unweighted mean CE)", r["liger"], "n/a"))
         for path, m, e in paths:
@@ -84,8 +93,9 @@ def markdown(report: dict) -> str:
                 f"{m['peak_bytes'] / max(uf['peak_bytes'], 1):.3f} | "
                 f"{work / max(uf['peak_bytes'] - r['grad_bytes'], 1):.3f} | {e} |"
             )
-        if isinstance(r.get("liger"), str):
-            lines.append(f"| {r['name']} | {shape} | {sup} | liger | {r['liger']} | | | | | | |")
+        for name in ("torch_chunked", "liger"):
+            if isinstance(r.get(name), str):
+                lines.append(f"| {r['name']} | {shape} | {sup} | {name} | {r[name]} | | | | | | |")
     for case in CE_CASES:
         if case.name not in {r["name"] for r in report["ce"]}:
             shape = f"{case.tokens} x {case.hidden} x {case.vocab}, {case.dtype}"
@@ -102,8 +112,9 @@ def markdown(report: dict) -> str:
         "### GAC multi-layer pooling + LayerNorm",
         "",
         "| case | L x B x N x D, dtype | mode | eager fwd (ms) | fused fwd (ms) | eager fwd+bwd (ms) | "
-        "fused fwd+bwd (ms) | speed-up fwd+bwd | fused GB/s fwd / fwd+bwd | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "fused fwd+bwd (ms) | speed-up fwd+bwd | fused GB/s fwd / fwd+bwd | fwd peak extra, eager / fused "
+        "(x output) | fwd+bwd peak extra, eager / fused (x output) | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["gac"]:
         shape = f"{r['layers']} x {r['batch']} x {r['tokens']} x {r['dim']}, {r['dtype']}"
@@ -113,12 +124,14 @@ def markdown(report: dict) -> str:
             f"| {r['name']} | {shape} | {r['mode']} | {fmt_ms(r['eager']['fwd']['time_s'])} | "
             f"{fmt_ms(r['fused']['fwd']['time_s'])} | "
             f"{fmt_ms(r['eager']['fwd_bwd']['time_s'])} | {fmt_ms(r['fused']['fwd_bwd']['time_s'])} | "
-            f"{r['speedup_fwd_bwd']:.2f}x | {bw} | {err:.1e} ({'ok' if r['correct'] else 'FAIL'}) |"
+            f"{r['speedup_fwd_bwd']:.2f}x | {bw} | {r['eager']['fwd_peak_x_out']:.1f} / "
+            f"{r['fused']['fwd_peak_x_out']:.1f} | {r['eager']['fwd_bwd_peak_x_out']:.1f} / "
+            f"{r['fused']['fwd_bwd_peak_x_out']:.1f} | {err:.1e} ({'ok' if r['correct'] else 'FAIL'}) |"
         )
     if report["environment"]["device"] != "cuda":
         for case in gac_cases("cuda"):
             shape = f"{case.layers} x {case.batch} x {case.tokens} x {case.dim}, {case.dtype}"
-            lines.append(f"| {case.name} (GPU, Triton) | {shape} | {case.mode} | {NO_GPU} | | | | | | |")
+            lines.append(f"| {case.name} (GPU, Triton) | {shape} | {case.mode} | {NO_GPU} | | | | | | | | |")
     lines += ["", f"Fused results match their references: **{'yes' if report['ok'] else 'NO'}**."]
     return "\n".join(lines)
 
@@ -133,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one call per measurement, no warm-up beyond compilation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--repeats", type=int, default=None, help="max calls per measurement")
+    parser.add_argument("--only", choices=("ce", "gac"), default=None, help="run one benchmark (no markdown)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -153,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ce_results = []
     for case in CE_CASES:
-        if case.gpu_only and device != "cuda":
+        if (case.gpu_only and device != "cuda") or args.only == "gac":
             continue
         logger.info("fused CE %s on %s", case.name, device)
         ce_results.append(bench_ce(case, device, meter, repeats, time_cap, warmup))
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ce"] = ce_results
     report["targets"] = check_targets(ce_results, device)
     gac_results = []
-    for gcase in gac_cases(device):
+    for gcase in gac_cases(device) if args.only != "ce" else []:
         logger.info("GAC pooling %s on %s", gcase.name, device)
         gac_results.append(bench_gac(gcase, device, meter, repeats, time_cap, max(warmup, 1)))
     report["gac"] = gac_results
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2, default=str))
     body = markdown(report)
     print(body)
-    if not args.no_markdown:
+    if not (args.no_markdown or args.only):
         update_section(args.markdown, "kernels", "Kernels", body)
         logger.info("updated %s", args.markdown)
     logger.info("wrote %s", args.out)

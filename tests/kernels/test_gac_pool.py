@@ -100,6 +100,47 @@ def test_sequence_of_layers(backend: str, mode: str) -> None:
     torch.testing.assert_close(torch.stack([h.grad for h in layers]), want_hs, **FP32_TOL)
 
 
+@pytest.mark.parametrize("mode", ["cls", "mean"])
+def test_no_layer_stack_forward_or_backward(backend: str, mode: str) -> None:
+    """Each layer is pooled from its own tensor: no op makes a tensor larger than one layer's in forward; in
+    backward, mean's gradient reaches each layer as a broadcast view (stride 0 over the tokens)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hs, weight, bias, dout = make_inputs((4, 2, 9, 16))
+    leaves = [t.detach().clone().requires_grad_(True) for t in hs.unbind(0)]
+    layers = [h * 1.0 for h in leaves]  # non-leaves, as an encoder's outputs are
+    seen = []
+    for h in layers:
+        h.register_hook(lambda g: seen.append(g))
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # not a view
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    with Largest():
+        out = kernels.multi_layer_pool_layernorm(layers, weight, bias, mode, backend=backend)
+    assert Largest.numel < hs[0].numel()  # smaller than one layer, let alone L of them
+    (out * dout).sum().backward()
+    assert len(seen) == len(layers)
+    if mode == "mean":
+        assert all(g.stride(1) == 0 for g in seen)
+    want = multi_layer_pool_layernorm_grads(hs, weight, bias, dout, mode)
+    torch.testing.assert_close(torch.stack([h.grad for h in leaves]), want, **FP32_TOL)
+
+
+def multi_layer_pool_layernorm_grads(hs, weight, bias, dout, mode):
+    """The eager reference's gradient w.r.t. the layers."""
+    _, grads = forward_backward(kernels.multi_layer_pool_layernorm_reference, hs, weight, bias, dout, mode)
+    return grads[0]
+
+
 def test_eps_is_used(backend: str) -> None:
     hs, weight, bias, _ = make_inputs((2, 2, 3, 8))
     hs = hs * 1e-3  # variance ~1e-6: eps matters
@@ -126,15 +167,16 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     from triton.compiler import ASTSource
     from kernels import gac_pool_triton as k
 
-    types = {"s_l": "i64", "s_b": "i64", "s_n": "i32", "s_d": "i32", "B": "i32", "L": "i32", "N": "i32",
+    types = {"layer": "i32", "s_b": "i64", "s_n": "i32", "s_d": "i32", "B": "i32", "L": "i32", "N": "i32",
              "D": "i32", "eps": "fp32", "MEAN": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
     for dtype in ("*bf16", "*fp32"):
-        ptrs = {"hs_ptr": dtype, "out_ptr": dtype, "dout_ptr": dtype, "dhs_ptr": dtype}
+        ptrs = {"hs_ptr": dtype, "out_ptr": dtype, "dout_ptr": dtype}
         for mean in (True, False):
             block_n, block_d, warps = k._blocks(577, 1024, mean)
             for fn in (k._pool_ln_fwd_kernel, k._pool_ln_bwd_kernel):
                 sig = {n: ptrs.get(n) or types.get(n) or "*fp32" for n in fn.arg_names}
-                consts = {"MEAN": mean, "BLOCK_N": block_n, "BLOCK_D": block_d}
+                consts = {n: v for n, v in (("MEAN", mean), ("BLOCK_N", block_n), ("BLOCK_D", block_d))
+                          if n in fn.arg_names}
                 out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
                 assert "cubin" in out.asm, fn

@@ -132,6 +132,23 @@ def test_all_rows_ignored(backend: str) -> None:
     assert all(g is not None and not g.any() for g in grads.values())
 
 
+@pytest.mark.parametrize("fp16", [False, True])
+def test_given_rows_read_nothing_back_and_match(backend: str, fp16: bool) -> None:
+    """``rows=`` (the collate's supervised rows): the same losses and gradients, with no scalar read or nonzero."""
+    from tests.trainer.training.test_no_host_sync import SyncCounter
+
+    case = make_case(dtype=torch.float16 if fp16 else torch.float32)
+    rows = ((case["targets"] != IGNORE_INDEX) & (case["groups"] > 0)).nonzero().squeeze(1)
+    with SyncCounter() as counter:
+        got = run(kernels.fused_linear_lopsided_ce, case, backend=backend, chunk_size=4, rows=rows)
+    assert counter.seen == {}
+    want = run(kernels.fused_linear_lopsided_ce, case, backend=backend, chunk_size=4)
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=0, atol=0)
+
+
 def test_all_rows_supervised(backend: str) -> None:
     groups = torch.full((12,), INTERPRETATION)
     groups[0] = JUDGMENT

@@ -42,7 +42,7 @@ class HeldOut:
 def sample_tensors(enc: EncodedSample, pixels: Any, meta: dict[str, Any], key: str) -> Sample:
     return {
         "input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
-        "score_position": enc.score_position, "pixel_values": pixels,
+        "score_position": enc.score_position, "image_positions": enc.image_positions, "pixel_values": pixels,
         "live": int(is_live(meta)), "key": key, "meta": meta,
     }
 
@@ -77,4 +77,5 @@ class SampleMaker:
             enc = self.builder.encode(is_live(meta), caption)
         else:
             enc = self.builder.encode_prompt()
-        return sample_tensors(enc, self.transform(image), meta, raw["__key__"])
+        # uint8 to the model, which normalises on the device (trainer/sample/pixels.py)
+        return sample_tensors(enc, self.transform.pixels(image), meta, raw["__key__"])

@@ -133,7 +133,10 @@ class SampleKeeper:
 
 
 def to_uint8_image(pixels: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
-    """Undo the model's normalisation: [3, S, S] -> HWC uint8, for TensorBoard."""
+    """[3, S, S] -> HWC uint8, for TensorBoard: the loader's uint8 pixels as they are, normalised ones (predict's)
+    with the model's normalisation undone."""
+    if pixels.dtype == torch.uint8:
+        return pixels.cpu().permute(1, 2, 0).numpy()
     x = pixels.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 

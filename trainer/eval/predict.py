@@ -133,10 +133,12 @@ def predict_batch(model: IFASModel, tokenizer, images: list[Image.Image], thresh
     transform = ImageTransform.for_model(model.arch)
     enc = builder.encode_prompt()
     samples = [{"input_ids": enc.input_ids, "labels": enc.labels, "label_groups": enc.label_groups,
-                "score_position": enc.score_position, "pixel_values": transform(image), "live": 0,
+                "score_position": enc.score_position, "image_positions": enc.image_positions,
+                "pixel_values": transform(image), "live": 0,
                 "key": str(i), "meta": {}} for i, image in enumerate(images)]
     batch = collate(samples, tokenizer.pad_token_id)
-    inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values", "score_positions")}
+    inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values", "score_positions",
+                                             "image_positions")}
     scores = model(**inputs).scores.cpu().tolist()
     live = [s >= threshold for s in scores]
     texts = (generate_explanations(model, tokenizer, inputs["input_ids"], inputs["pixel_values"], live, "greedy",

@@ -23,6 +23,7 @@ import torch
 from trainer.data import ImageTransform, SampleMaker, ShardSetError, ShardStream, StreamLayout, make_loader
 from trainer.dist import WorldInfo, all_reduce_sum, device, gather_objects
 from trainer.eval.metrics import FASMetrics, eer_threshold, fas_metrics
+from trainer.sample.positions import supervised_rows
 from trainer.sample.prompt import PromptBuilder
 
 log = logging.getLogger("ifas.eval")
@@ -72,13 +73,17 @@ def _score_batch(model_call, batch: dict[str, Any], dev: torch.device) -> torch.
         attention_mask=batch["attention_mask"].to(dev),
         pixel_values=batch["pixel_values"].to(dev),
         score_positions=batch["score_positions"].to(dev),
+        image_positions=batch["image_positions"].to(dev),  # the collate's: no sync in the forward
     )
     return out.scores.float().cpu()
 
 
 def _rows(batch: dict[str, Any], keep: list[int]) -> dict[str, Any]:
-    """The rows ``keep`` of a collated batch (tensors and lists alike)."""
-    return {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+    """The rows ``keep`` of a collated batch (tensors and lists alike; the flat supervised rows recomputed)."""
+    out = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()
+           if k != "supervised_rows"}
+    out["supervised_rows"] = supervised_rows(out["labels"], out["label_groups"])
+    return out
 
 
 def _eval_batches(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -20,6 +22,39 @@ DEFAULT_FAMILY = "llava"  # the layout of presets and vision + LLM directories: 
 
 class ModelLoadError(ValueError):
     """A model directory or checkpoint is missing or malformed; the message names the path."""
+
+
+FLASH_DTYPES = (torch.bfloat16, torch.float16)  # flash-attn has no fp32 kernels
+
+
+def _flash_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    """The attention kernel a run trains with (docs/architecture.md, "Attention"): ``auto`` is flash_attention_2
+    on CUDA with flash-attn installed and bf16/fp16 weights, else sdpa; flash-attn asked for with other weights
+    is refused. The choice is recorded in the model's config, and evaluation and prediction use it."""
+    if requested == "auto":
+        return "flash_attention_2" if _flash_available() and dtype in FLASH_DTYPES else "sdpa"
+    if requested.startswith("flash_attention") and dtype not in FLASH_DTYPES:
+        raise ModelLoadError(
+            f"model.attn_implementation={requested} runs only in bf16 or fp16, but the weights are "
+            f"{str(dtype).removeprefix('torch.')}: set train.precision=bf16, or model.attn_implementation=sdpa "
+            "(or auto, which picks flash-attn only where it can run)")
+    return requested
+
+
+def recorded_attn_implementation(recorded: str, dtype: torch.dtype) -> str:
+    """The attention kernel to score a model with: the one it was trained with (ifas_config.json's), or sdpa with
+    a warning where that cannot run here (flash-attn without CUDA, the package, or bf16/fp16 weights)."""
+    if recorded.startswith("flash_attention") and not (_flash_available() and dtype in FLASH_DTYPES):
+        logging.getLogger(__name__).warning(
+            "the model was trained with %s, which cannot run here (it needs CUDA, flash-attn and bf16/fp16 "
+            "weights; these are %s): scoring with sdpa, whose results differ within rounding", recorded,
+            str(dtype).removeprefix("torch."))
+        return "sdpa"
+    return recorded
 
 
 @dataclass

@@ -26,6 +26,7 @@ from trainer.model.arch import (
     ModelLoadError,
     default_dtype,
     has_class_token,
+    resolve_attn_implementation,
     side,
     sub_config,
 )
@@ -321,7 +322,7 @@ def build_model(
                           has_class_token=has_cls, **arch_kw, **image_info)
     loaded = {target.split(".")[0] for part in parts for target in part.prefixes.values()}
     with default_dtype(dtype):
-        model = IFASModel(vision_config, text_config, arch, resolve_attn_implementation(cfg.attn_implementation),
+        model = IFASModel(vision_config, text_config, arch, resolve_attn_implementation(cfg.attn_implementation, dtype),
                           group_context=_group_context(loaded, zero3_config))
         if zero3_config is not None:
             _partition_fresh(model, loaded, zero3_config)
@@ -334,12 +335,3 @@ def build_model(
     for name in cfg.gradient_checkpointing:  # recompute layer activations in backward
         getattr(model, name).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
-
-
-def resolve_attn_implementation(requested: str) -> str:
-    """``auto``: flash_attention_2 on CUDA when flash-attn is installed, else sdpa (works on CPU)."""
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"

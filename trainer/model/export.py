@@ -81,8 +81,9 @@ def export_run(
     if family_format:  # with the processor the run saved (build_engine)
         write_family(config, lazy, run.processor, out, max_shard_size, weights_dtype)
     else:
-        with torch.device("meta"):
-            skeleton = IFASModel.from_config_dict(config)
+        with torch.device("meta"):  # names and shapes only: it never runs, so sdpa whatever the run's kernel
+            skeleton = IFASModel.from_config_dict(config, attn_implementation="sdpa")
+        skeleton.attn_implementation = config.get("attn_implementation", "sdpa")  # the run's, recorded
         skeleton.save_pretrained(out, load_tokenizer(run.model_config), tensors=lazy, max_shard_size=max_shard_size,
                                  dtype=weights_dtype)
     del lazy

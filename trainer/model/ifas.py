@@ -23,14 +23,18 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
-from trainer.model.arch import ArchConfig, ModelLoadError, default_dtype, sub_config
+from kernels import weighted_ce_reference
+from trainer.model.arch import ArchConfig, ModelLoadError, default_dtype, recorded_attn_implementation, sub_config
 from trainer.model.families import family_named
 from trainer.model.families.base import VisualFeatures
 from trainer.model.gac import GloballyAwareConnector
-from trainer.model.loss import LossParts, batch_token_weights, lopsided_lm_loss
+from trainer.model.loss import LossParts, batch_token_weights
 from trainer.model.weights import DEFAULT_MAX_SHARD_BYTES, WeightsError, load_weights, verify_weights, write_weights
 from trainer.run_dir import CONFIG_NAME
 from trainer.sample import IGNORE_INDEX, UNSUPERVISED
+from trainer.sample.pixels import normalise_pixels
+from trainer.sample.positions import image_token_positions
+from trainer.sample.positions import supervised_rows as flat_supervised_rows
 from trainer.sample.tokenizer import IMAGE_TOKEN, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ class IFASModel(nn.Module):
         without random init."""
         super().__init__()
         self.arch = arch
+        self.attn_implementation = attn_implementation  # recorded in the config: eval and predict use it too
         self.family = family_named(arch.family)  # what differs between checkpoint families (model/families/)
         made_in = group_context or (lambda group: contextlib.nullcontext())
         # the dtype in force here, not a checkpoint config's (from_config would build in config.dtype)
@@ -117,20 +122,26 @@ class IFASModel(nn.Module):
             tokens = torch.cat([tokens, self.gac(states[1:], visual.patches)], dim=1)  # every layer's output
         return tokens, visual
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_positions: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, VisualFeatures]:
         """(the LLM's input embeddings, the image tokens in place of the placeholders; where those are; the
-        family's visual features)"""
+        family's visual features). ``image_positions`` [B, K]: the image tokens' positions, as the collate gives
+        them (trainer/data/batching.py); without them they are found here, which reads the device."""
         embeds = self.llm.get_input_embeddings()(input_ids)
+        if pixel_values.dtype == torch.uint8:  # the loader's: normalised here, on the device
+            pixel_values = normalise_pixels(pixel_values, self.arch.image_mean, self.arch.image_std)
         visual_tokens, visual = self.image_tokens(pixel_values.to(embeds.dtype))
         image_mask = input_ids == self.arch.image_token_id
-        if int(image_mask.sum()) != visual_tokens.shape[0] * visual_tokens.shape[1]:
+        if image_positions is None:
+            image_positions = image_token_positions(input_ids, self.arch.image_token_id)
+        if image_positions.shape != visual_tokens.shape[:2]:
             raise ValueError(
-                f"the batch holds {int(image_mask.sum())} {IMAGE_TOKEN} positions but the images give "
-                f"{visual_tokens.shape[0]}x{visual_tokens.shape[1]} tokens: build prompts with this model's "
-                "num_image_tokens"
+                f"the batch holds {image_positions.shape[1]} {IMAGE_TOKEN} positions per sample but the images give "
+                f"{visual_tokens.shape[1]} tokens each: build prompts with this model's num_image_tokens"
             )
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual_tokens.to(embeds.dtype)), image_mask, visual
+        # a scatter at known positions: no data-dependent shape (masked_scatter's backward would read the mask)
+        index = image_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+        return embeds.scatter(1, index, visual_tokens.to(embeds.dtype)), image_mask, visual
 
     def forward(
         self,
@@ -143,39 +154,49 @@ class IFASModel(nn.Module):
         alpha: float = 0.7,
         n_judgment: float | None = None,
         n_interpretation: float | None = None,
+        image_positions: torch.Tensor | None = None,
+        supervised_rows: torch.Tensor | None = None,
     ) -> IFASOutput:
         """Loss over the answer tokens (when labels are given) and liveness scores.
 
+        pixel_values [B, 3, S, S]: uint8 (the loader's; normalised here) or already normalised floats.
         labels/label_groups [B, S] are aligned with input_ids (position t is predicted from t-1).
         score_positions [B]: index of the last prompt token, whose logits predict the judgment.
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
+        image_positions [B, K] and supervised_rows [R] (trainer.sample.positions): where the image tokens and
+        the supervised rows of the flattened positions are, computed by the collate so that nothing here reads
+        the device (docs/architecture.md, "No host syncs in the step"); found here where not given.
         """
-        embeds, image_mask, visual = self.embed(input_ids, pixel_values)
+        embeds, image_mask, visual = self.embed(input_ids, pixel_values, image_positions)
         extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
-        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, **extra).last_hidden_state
+        # use_cache=False: a training or scoring forward keeps no KV cache (building one reads the host)
+        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False,
+                                     **extra).last_hidden_state
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
-        judgment = torch.tensor([self.arch.yes_token_id, self.arch.no_token_id], device=hidden.device)
-        if labels is not None and self.head_loss is not None:
-            # Every position goes in (a view, no copy): the fused loss selects the supervised rows itself, and
-            # gathers the head once (under ZeRO-3) for the judgment logits and the loss.
+        judgment = (self.arch.yes_token_id, self.arch.no_token_id)
+        if labels is not None:
             targets, groups = _next_token_targets(labels, label_groups)
+            if supervised_rows is None:
+                supervised_rows = flat_supervised_rows(labels, label_groups)
             weights = batch_token_weights(groups, alpha, n_judgment, n_interpretation)
+        if labels is not None and self.head_loss is not None:
+            # Every position goes in (a view, no copy) with the rows to read; the head is gathered once (under
+            # ZeRO-3) for the judgment logits and the loss.
             loss, judgment_logits = self.head_loss(hidden.reshape(-1, hidden.shape[-1]), targets, weights, groups,
-                                                   probe=(score_hidden, judgment))
+                                                   probe=(score_hidden, judgment), rows=supervised_rows)
             return IFASOutput(loss, torch.softmax(judgment_logits, dim=-1)[:, 0], judgment_logits)
         lm_head = self.llm.get_output_embeddings()
-        judgment_logits = lm_head(score_hidden)[:, judgment].float()
+        logits = lm_head(score_hidden)
+        judgment_logits = torch.stack([logits[:, judgment[0]], logits[:, judgment[1]]], dim=-1).float()
         scores = torch.softmax(judgment_logits, dim=-1)[:, 0]
         if labels is None:
             zero = judgment_logits.sum() * 0.0
             return IFASOutput(LossParts(zero, zero, zero), scores, judgment_logits)
         # only the answer positions reach the LM head: the full [B * S, V] logits are never made
-        targets, groups = _next_token_targets(labels, label_groups)
-        supervised = targets != IGNORE_INDEX
-        h = hidden.reshape(-1, hidden.shape[-1])[supervised]
-        loss = lopsided_lm_loss(lm_head(h), targets[supervised], groups[supervised], alpha, n_judgment,
-                                n_interpretation)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, supervised_rows)
+        loss = weighted_ce_reference(lm_head(h), targets[supervised_rows], weights[supervised_rows],
+                                     groups[supervised_rows])
         return IFASOutput(loss, scores, judgment_logits)
 
     @torch.no_grad()
@@ -183,7 +204,7 @@ class IFASModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
     ) -> torch.Tensor:
         """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
-        embeds, image_mask, visual = self.embed(input_ids, pixel_values)
+        embeds, image_mask, visual = self.embed(input_ids, pixel_values, generate_kwargs.pop("image_positions", None))
         extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
         with self.family.generating(self, extra, generate_kwargs):
             return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
@@ -196,6 +217,7 @@ class IFASModel(nn.Module):
             "vision_config": self.vision.config.to_dict(),
             "text_config": self.llm.config.to_dict(),
             "arch": dataclasses.asdict(self.arch),
+            "attn_implementation": self.attn_implementation,
             **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),  # getattr(torch, ..)
         }
 
@@ -225,9 +247,14 @@ class IFASModel(nn.Module):
         return d
 
     @classmethod
-    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str = "sdpa",
+    def from_config_dict(cls, cfg: dict[str, Any], attn_implementation: str | None = None,
                          group_context: Callable[[str], contextlib.AbstractContextManager] | None = None
                          ) -> "IFASModel":
+        """``attn_implementation``: default the config's (the training run's; sdpa where it cannot run here, or
+        for configs written before it was recorded)."""
+        if attn_implementation is None:
+            recorded = cfg.get("attn_implementation", "sdpa")
+            attn_implementation = recorded_attn_implementation(recorded, torch.get_default_dtype())
         return cls(
             sub_config(cfg["vision_config"]),
             sub_config(cfg["text_config"]),
@@ -238,9 +265,10 @@ class IFASModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
+        cls, directory: str | Path, attn_implementation: str | None = None, dtype: torch.dtype | None = None
     ) -> tuple["IFASModel", PreTrainedTokenizerBase]:
-        """The model of an export directory, in ``dtype`` (default: the dtype its weights were saved in)."""
+        """The model of an export directory, in ``dtype`` (default: the dtype its weights were saved in), with
+        the attention kernel it was trained with (default, see from_config_dict)."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise ModelLoadError(

@@ -32,6 +32,7 @@ class EncodedSample:
     labels: list[int]
     label_groups: list[int]
     score_position: int  # last prompt token: its logits predict the judgment
+    image_positions: list[int]  # where the image tokens go (the same in every sample of one builder)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -89,6 +90,8 @@ class PromptBuilder:
         start, end = ([tokenizer.convert_tokens_to_ids(t)] if t else [] for t in image_span)
         # The prompt is the same for every sample: tokenise it once.
         self.prompt_ids = ids[:at] + start + [self.image_token_id] * num_image_tokens + end + ids[at + 1 :]
+        first = at + len(start)
+        self.image_positions = list(range(first, first + num_image_tokens))
         if len(self.prompt_ids) + 1 > max_length:
             raise ValueError(
                 f"data.max_length={max_length} leaves no room for the answer: the prompt alone "
@@ -115,9 +118,10 @@ class PromptBuilder:
             labels=[IGNORE_INDEX] * n_prompt + answer,
             label_groups=[UNSUPERVISED] * n_prompt + groups,
             score_position=n_prompt - 1,
+            image_positions=self.image_positions,
         )
 
     def encode_prompt(self) -> EncodedSample:
         """Prompt only (evaluation, prediction): no labels."""
         n = len(self.prompt_ids)
-        return EncodedSample(list(self.prompt_ids), [IGNORE_INDEX] * n, [UNSUPERVISED] * n, n - 1)
+        return EncodedSample(list(self.prompt_ids), [IGNORE_INDEX] * n, [UNSUPERVISED] * n, n - 1, self.image_positions)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from trainer.data import (
 from trainer.dist import (
     WorldInfo,
     all_reduce_sum,
-    collective_timeout,
     device,
     gather_objects,
     init_distributed,
@@ -51,11 +49,14 @@ from trainer.sample.prompt import PromptBuilder
 from trainer.training.checkpoint import Checkpointer
 from trainer.training.engine import build_engine
 from trainer.training.inputs import held_out_dev
+from trainer.training.stop import StopRequest
 from trainer.training.timing import PhaseTimer, phase
 
 log = logging.getLogger("ifas.train")
 
 BATCH_TENSORS = ("input_ids", "attention_mask", "pixel_values", "score_positions", "labels", "label_groups")
+# the collate's positions (trainer/sample/positions.py): carried where the batch has them, so the step needs no sync
+BATCH_POSITIONS = ("image_positions", "supervised_rows")
 
 
 class TrainingHalted(RuntimeError):
@@ -63,7 +64,7 @@ class TrainingHalted(RuntimeError):
 
 
 def model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.Tensor]:
-    return {n: batch[n].to(dev, non_blocking=True) for n in BATCH_TENSORS}
+    return {n: batch[n].to(dev, non_blocking=True) for n in BATCH_TENSORS + BATCH_POSITIONS if n in batch}
 
 
 def train_step(
@@ -144,31 +145,6 @@ def unweighted_parts(totals: dict[str, float], alpha: float | None) -> tuple[flo
     if alpha is None:  # plain: each part is sum(CE) / (n_j + n_i) per step
         return (part_j * (n_j + n_i) / n_j if n_j else 0.0), (part_i * (n_j + n_i) / n_i if n_i else 0.0)
     return (part_j / alpha if alpha > 0 else 0.0), (part_i / (1 - alpha) if alpha < 1 else 0.0)
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption) ask the run to stop after the
-    current step. Ranks agree over a gloo group on the host, so checking costs no device sync."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self.received: int | None = None
-        self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def any_rank(self) -> bool:
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        dist.all_reduce(flag, group=self.group)
-        return flag.item() > 0
 
 
 def _draws(cfg: RunConfig) -> list[tuple[str, str, float, str | None]]:
@@ -311,7 +287,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
     done = start_step
     for step in range(start_step, last_step):
-        if stop_request.any_rank():
+        if stop_request.requested(step):
             log.warning("stop requested by a signal: saving a checkpoint at step %d and exiting", done)
             save(done)
             if info.is_main:
@@ -382,6 +358,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
                 if not saved:
                     save(done)
     bar.close()
+    stop_request.close()
     if keys_log is not None:
         keys_log.close()
 

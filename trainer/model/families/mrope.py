@@ -85,7 +85,10 @@ def patchify(pixel_values: torch.Tensor, patch: int, temporal: int, merge: int) 
     # patch's channels, frames and pixels (py, px)
     flat = einops.rearrange(frames, "b t c (y my py) (x mx px) -> (b y x my mx) (c t py px)",
                             my=merge, mx=merge, py=patch, px=patch)
-    grid = torch.tensor([[1, gh, gw]] * b, device=pixel_values.device)
+    # filled on the device: a tensor built from a Python list would be a host-to-device copy in every step
+    grid = torch.ones(b, 3, dtype=torch.long, device=pixel_values.device)
+    grid[:, 1].fill_(gh)
+    grid[:, 2].fill_(gw)
     return flat, grid
 
 

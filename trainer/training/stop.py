@@ -1,0 +1,53 @@
+"""Stopping a run on a signal (preemption) at a step boundary, every rank at the same step."""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import torch
+
+from trainer.dist import collective_timeout
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption) ask the run to stop at the next check.
+    Ranks agree over a gloo group on the host, so checking costs no device sync; a check runs every ``EVERY``
+    steps and is asynchronous (its answer is read at the next check), so no step waits on it
+    (docs/architecture.md, "No host syncs in the step")."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    EVERY = 4
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.received: int | None = None
+        self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
+        self.pending: tuple[Any, torch.Tensor] | None = None  # the check in flight: (work, flag)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def requested(self, step: int) -> bool:
+        """Whether any rank had a signal when the previous check started (the same answer on every rank: every
+        rank checks at the same steps); starts the next check. False between checks."""
+        import torch.distributed as dist
+
+        if step % self.EVERY:
+            return False
+        answer = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            answer = flag.item() > 0  # a host tensor
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return answer
+
+    def close(self) -> None:
+        """Wait for the check in flight (every rank started it)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
