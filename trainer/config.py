@@ -227,14 +227,17 @@ def _old_names(source: dict[str, Any]) -> dict[str, Any]:
 # --check, not at the final evaluation after hours of training (None: the key is unset).
 MIN_SIZES: dict[str, float] = {
     "model.image_size": 1, "model.projector_merge": 1, "model.gac_prefix_queries": 1, "model.gac_heads": 1,
-    "data.shuffle_buffer": 0, "data.num_workers": -1,  # -1: sized from the CPUs per rank
-    "data.augment.jpeg_quality_min": 1,
+    "data.shuffle_buffer": 0, "data.num_workers": 0, "data.augment.jpeg_quality_min": 1,
     "optim.warmup_steps": 0, "optim.grad_clip": 0,
     "train.max_steps": 1, "train.stop_at_step": 0, "train.micro_batch_size": 1, "train.grad_accum": 1,
     "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0, "train.max_bad_steps": 1,
     "train.collective_timeout_s": 1,
     "eval.batch_size": 1, "eval.max_samples": 0, "eval.every": 0,
 }
+
+
+# Sizes below the least that stand for "choose for me".
+AUTO_SIZES: dict[str, tuple[int, str]] = {"data.num_workers": (-1, "from the CPUs per rank")}
 
 
 def size_arg(least: int) -> Callable[[str], int]:
@@ -255,8 +258,10 @@ def _check_sizes(cfg: RunConfig) -> None:
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value is not None and value < least:
-            raise ConfigError(f"{key} must be >= {least:g}, got {value}")
+        auto, meaning = AUTO_SIZES.get(key, (None, ""))
+        if value is not None and value < least and value != auto:
+            alternative = f" (or {auto}: {meaning})" if auto is not None else ""
+            raise ConfigError(f"{key} must be >= {least:g}{alternative}, got {value}")
 
 
 def loader_workers_per_rank() -> int:

@@ -27,7 +27,7 @@ def test_single_path_becomes_list():
         ("train.max_steps", "not of the form"),
         ("eval.batch_size=-1", "eval.batch_size must be >= 1, got -1"),
         ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
-        ("data.num_workers=-2", "data.num_workers must be >= 0, got -2"),
+        ("data.num_workers=-2", "data.num_workers must be >= 0 (or -1: from the CPUs per rank), got -2"),
         ("model.gac_heads=0", "model.gac_heads must be >= 1, got 0"),
         ("train.keep_last=-1", "train.keep_last must be >= 0, got -1"),
     ],
