@@ -40,6 +40,8 @@ class IFASOutput(NamedTuple):
     loss: LossParts  # zeros when no labels were given
     scores: torch.Tensor  # [B] liveness score P(Yes) among {Yes, No}
     judgment_logits: torch.Tensor  # [B, 2] logits of Yes and No at the first answer position
+    # [B, S] log-probability of each label (0 where unsupervised), when asked for (logprob_temperature)
+    token_logprobs: torch.Tensor | None = None
 
 
 class IFASModel(nn.Module):
@@ -143,12 +145,15 @@ class IFASModel(nn.Module):
         alpha: float = 0.7,
         n_judgment: float | None = None,
         n_interpretation: float | None = None,
+        logprob_temperature: float | None = None,
     ) -> IFASOutput:
         """Loss over the answer tokens (when labels are given) and liveness scores.
 
         labels/label_groups [B, S] are aligned with input_ids (position t is predicted from t-1).
         score_positions [B]: index of the last prompt token, whose logits predict the judgment.
         n_judgment/n_interpretation: token counts of the global batch (see trainer.model.loss).
+        logprob_temperature: instead of the loss, the labels' log-probabilities under softmax(logits / T)
+        (the GRPO stage's policy and reference terms, trainer/training/grpo/objective.py).
         """
         embeds, image_mask, visual = self.embed(input_ids, pixel_values)
         extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
@@ -156,6 +161,8 @@ class IFASModel(nn.Module):
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
         judgment = torch.tensor([self.arch.yes_token_id, self.arch.no_token_id], device=hidden.device)
+        if labels is not None and logprob_temperature is not None:
+            return IFASOutput(None, None, None, self._label_logprobs(hidden, labels, logprob_temperature))
         if labels is not None and self.head_loss is not None:
             # Every position goes in (a view, no copy): the fused loss selects the supervised rows itself, and
             # gathers the head once (under ZeRO-3) for the judgment logits and the loss.
@@ -177,6 +184,18 @@ class IFASModel(nn.Module):
         loss = lopsided_lm_loss(lm_head(h), targets[supervised], groups[supervised], alpha, n_judgment,
                                 n_interpretation)
         return IFASOutput(loss, scores, judgment_logits)
+
+    def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[B, S] log p(labels[:, t] | ...) under softmax(logits / temperature), 0 where unsupervised; only
+        the supervised positions reach the LM head."""
+        pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+        targets = torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)  # position t predicts label t + 1
+        supervised = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[supervised]).float()
+        picked = torch.log_softmax(logits / temperature, dim=-1).gather(1, targets[supervised, None]).squeeze(1)
+        flat = torch.zeros(targets.shape[0], dtype=picked.dtype, device=picked.device).masked_scatter(supervised,
+                                                                                                      picked)
+        return torch.cat([flat.new_zeros(labels.shape[0], 1), flat.view(labels.shape)[:, :-1]], dim=1)
 
     @torch.no_grad()
     def generate(
