@@ -201,7 +201,11 @@ class IFASModel(nn.Module):
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
     ) -> torch.Tensor:
-        """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
+        """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens. The image
+        placeholder token is never generated (a sampled one would take an image token's place when the answer
+        is fed back, e.g. in the GRPO update)."""
+        generate_kwargs["suppress_tokens"] = sorted({*generate_kwargs.get("suppress_tokens", []),
+                                                     self.arch.image_token_id})
         embeds, image_mask, visual = self.embed(input_ids, pixel_values)
         extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
         with self.family.generating(self, extra, generate_kwargs):

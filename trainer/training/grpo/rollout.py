@@ -72,7 +72,7 @@ def label_logprobs(engine, inputs: Mapping[str, torch.Tensor], temperature: floa
 def sample_rollout(engine, ref_engine, batch: dict[str, Any], prompt_ids: list[int], tokenizer, keywords,
                    cfg: GRPOConfig, seed: int, synced: bool, dev: torch.device) -> Rollout:
     """G answers per image of ``batch`` (a training micro-batch: its images, labels and attack types)."""
-    model = engine.module
+    model = getattr(engine, "module", engine)  # a DeepSpeed engine, or a plain model (tests)
     g = cfg.group_size
     pixels = batch["pixel_values"].to(dev).repeat_interleave(g, dim=0)
     prompt = torch.tensor(prompt_ids, device=dev).expand(pixels.shape[0], -1).contiguous()
