@@ -11,7 +11,7 @@ from shards.keywords import load_keywords
 from trainer.config import GRPOConfig, ModelConfig
 from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
 from trainer.sample.prompt import PromptBuilder
-from trainer.training.grpo.objective import ADVANTAGE_EPS, grpo_loss, group_advantages
+from trainer.training.grpo.objective import ADVANTAGE_EPS, group_advantages, grpo_loss
 from trainer.training.grpo.rewards import PARTS, Answer, reward_parts, score_answers
 from trainer.training.grpo.rollout import answer_tensors, sample_rollout
 
