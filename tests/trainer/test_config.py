@@ -55,3 +55,24 @@ def test_an_override_under_either_name_replaces_the_files_model_path(tmp_path):
     assert load_config(tmp_path / "run.yaml", ["model.llava_path=/m/cli"]).model.path == "/m/cli"
     (tmp_path / "old.yaml").write_text("model:\n  llava_path: /m/from_file\n")
     assert load_config(tmp_path / "old.yaml", ["model.path=/m/cli"]).model.path == "/m/cli"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.stage=rl"], "train.stage must be sft or grpo"),
+    (["train.stage=grpo"], "model.init_from"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.group_size=1"], "grpo.group_size must be >= 2"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.alpha=1.5"], "grpo.alpha must be in [0, 1]"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.reward_wrong_cue=1"], "is a penalty"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "data.answer_style=judgment"], "answer_style=caption"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.min_words=9", "grpo.max_words=3"], "min_words"),
+])
+def test_grpo_stage_config_is_checked(overrides, needle):
+    with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
+        load_config(None, overrides)
+
+
+def test_the_demo_grpo_config_loads():
+    from tests.helpers import ROOT
+
+    cfg = load_config(ROOT / "launch/configs/demo_grpo.yaml")
+    assert cfg.train.stage == "grpo" and cfg.model.init_from == "runs/demo" and cfg.eval.explain_samples >= 200

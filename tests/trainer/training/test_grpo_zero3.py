@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DEEPSPEED, ROOT, launch_env
+from tests.helpers import DEEPSPEED, ROOT, launch_env, tensorboard_events
 from tests.trainer.training.test_fault_tolerance import finish, latest, start, wait_for
 from trainer.dist import free_port
 
@@ -74,7 +74,8 @@ def test_kill_9_during_grpo_then_restart_gives_the_same_rollouts_losses_and_weig
     def command(out: Path) -> list[str]:
         return [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.sh",
                 *grpo_args(small_shards, tiny_model_dir, out, "train.max_steps=6", "train.save_every=2",
-                           "train.log_sample_keys=true")]
+                           "train.log_sample_keys=true", f"data.eval_shards=[{small_shards['domain_d']}]",
+                           "eval.at_end=true", "eval.explain_samples=6", "eval.max_samples=24")]
 
     code, log = finish(start(command(tmp_path / "unbroken")))
     assert code == 0, log[-3000:]
@@ -96,6 +97,14 @@ def test_kill_9_during_grpo_then_restart_gives_the_same_rollouts_losses_and_weig
     for step in (5, 6):
         for key in ("loss", "kl", "reward", "reward_cue", "rollout_judgment_acc"):
             assert history[step][key] == reference[step][key], (step, key)
+    # the final evaluation explained its held-out samples on both ranks in lockstep (ZeRO-3 generate)
+    explained = json.loads((out / "train_result.json").read_text())["explanations"]["greedy"]
+    assert explained["samples"] == 6 and 0.0 <= explained["contradiction_rate"] <= 1.0
+    events = tensorboard_events(out / "tb")
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reward_cue", "train/kl", "train/adv_std", "train/answer_length", "train/rollout_judgment_acc",
+            "explain/held-out/greedy/cue_hit_rate"} <= tags
+    assert [e.step for e in events.Scalars("train/kl")][-2:] == [5, 6]
     mine, theirs = _weights(out), _weights(tmp_path / "unbroken")
     assert mine.keys() == theirs.keys()
     for name, w in theirs.items():
