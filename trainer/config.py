@@ -192,6 +192,10 @@ class GRPOConfig:
     # rollouts generate with the whole policy gathered on every rank (one all-gather per call; needs the full model
     # in memory), or partitioned (gathered layer by layer for every token: trainer/training/generation.py)
     gather_for_generation: bool = True
+    # the judgment token's advantage from the judgment reward alone and the explanation tokens' from the other
+    # parts (each normalised within the group): an answer's cue or format reward then never pushes its judgment
+    # token, nor its judgment reward its explanation. false: one advantage of the total reward for every token
+    split_advantages: bool = True
     updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts (>1: the ratio clip acts)
     # judgment weight of the lopsided split of the policy loss (as L-LM does for SFT); null: every answer token alike
     alpha: float | None = None

@@ -95,7 +95,10 @@ def test_grpo_loss_and_gradients_equal_a_direct_per_token_computation(tiny):
     model, tok = tiny
     temperature, clip_eps, kl_coef, alpha = 0.8, 0.2, 0.1, 0.7
     inputs, g = _fake_rollout(model, tok, n=4, answer_len=7, seed=1)
-    advantages = group_advantages(torch.tensor([1.0, 0.0, 2.0, 3.5]), 2).float()
+    answer_adv = group_advantages(torch.tensor([1.0, 0.0, 2.0, 3.5]), 2).float()
+    judgment_adv = group_advantages(torch.tensor([0.0, 1.0, 1.0, 1.0]), 2).float()
+    # split advantages: the judgment token credited with its own, the explanation with the answer's
+    advantages = torch.where(inputs["label_groups"] == JUDGMENT, judgment_adv[:, None], answer_adv[:, None])
     with torch.no_grad():
         base = model(**inputs, logprob_temperature=temperature).token_logprobs
     old = base + 0.3 * torch.randn(base.shape, generator=g)  # ratios away from 1: some clip
@@ -123,7 +126,7 @@ def test_grpo_loss_and_gradients_equal_a_direct_per_token_computation(tiny):
                 continue
             lp = torch.log_softmax(logits[b, t - 1] / temperature, dim=-1)[inputs["labels"][b, t]]
             ratio = torch.exp(lp - old[b, t])
-            a = advantages[b]
+            a = judgment_adv[b] if group == JUDGMENT else answer_adv[b]
             pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
             kl = torch.exp(ref[b, t] - lp) - (ref[b, t] - lp) - 1
             weight = alpha / n_j if group == JUDGMENT else (1 - alpha) / n_i
@@ -189,4 +192,15 @@ def test_rollouts_are_seeded_and_scored_by_their_own_text(tiny, small_shards):
         expected = reward_parts(answer, live[i], attacks[i], model.arch.yes_token_id, model.arch.no_token_id,
                                 KEYWORDS, cfg.min_words, cfg.max_words)
         assert first.parts[i].tolist() == [expected[p] for p in PARTS]
-    assert torch.allclose(first.advantages, group_advantages(first.rewards, 3))
+    weighted = first.parts * torch.tensor([cfg.reward_judgment, cfg.reward_cue, cfg.reward_no_contradiction,
+                                           cfg.reward_format, cfg.reward_wrong_cue], dtype=torch.float64)
+    assert torch.allclose(first.rewards, weighted.sum(dim=1))
+    assert torch.allclose(first.judgment_advantages, group_advantages(weighted[:, 0], 3))
+    assert torch.allclose(first.advantages, group_advantages(weighted[:, 1:].sum(dim=1), 3))
+    tokens = first.token_advantages()
+    at_judgment = first.inputs["label_groups"] == JUDGMENT
+    assert torch.equal(tokens[at_judgment], first.judgment_advantages)  # one judgment token per answer
+    whole = sample_rollout(model, None, batch, builder.prompt_ids, tok, KEYWORDS,
+                           GRPOConfig(group_size=3, max_new_tokens=6, kl_coef=0.0, split_advantages=False), 5, False,
+                           dev)
+    assert whole.judgment_advantages is None and torch.allclose(whole.advantages, group_advantages(whole.rewards, 3))

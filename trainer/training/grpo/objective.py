@@ -2,7 +2,10 @@
 
 For answer i of a group of G answers to one image, with reward r_i:
 
-    A_i = (r_i - mean_G(r)) / (std_G(r) + eps)                      group-normalised advantage
+    A_i = (r_i - mean_G(r)) / (std_G(r) + eps)                      group-normalised advantage (with
+                                                                    grpo.split_advantages, the judgment token's
+                                                                    from the judgment reward, the explanation's
+                                                                    from the other parts)
     rho_t = exp(logp_t - logp_old_t)                                policy ratio (logp_old: the rollout's policy)
     pg_t = -min(rho_t * A_i, clip(rho_t, 1 - clip_eps, 1 + clip_eps) * A_i)
     kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1               k3 estimator of KL(policy || reference)
@@ -43,11 +46,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               groups: torch.Tensor, alpha: float | None, n_judgment: float | torch.Tensor,
               n_interpretation: float | torch.Tensor, clip_eps: float, kl_coef: float) -> GRPOLoss:
     """logp/old_logp/ref_logp [B, S]: each label's log-probability under the policy (with gradient), the rollout
-    policy and the reference; advantages [B]; groups [B, S]: JUDGMENT / INTERPRETATION / UNSUPERVISED per label;
+    policy and the reference; advantages [B] (one per answer) or [B, S] (one per label); groups [B, S]: JUDGMENT / INTERPRETATION / UNSUPERVISED per label;
     n_judgment/n_interpretation: the global batch's token counts."""
     weights = lopsided_token_weights(groups, alpha, n_judgment, n_interpretation)
     active = weights > 0
-    adv = advantages.to(logp.dtype)[:, None]
+    adv = advantages.to(logp.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv
     ratio = torch.exp(logp - old_logp)
     clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     pg = -torch.minimum(ratio * adv, clipped_ratio * adv)

@@ -55,6 +55,14 @@ def weights_of(cfg: GRPOConfig) -> torch.Tensor:
                          cfg.reward_wrong_cue], dtype=torch.float64)
 
 
+def split_rewards(parts: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the judgment part's weighted reward [N], the other parts' [N]): what the judgment token and the
+    explanation tokens are credited with under grpo.split_advantages."""
+    weighted = parts * weights_of(cfg)
+    judgment = PARTS.index("judgment")
+    return weighted[:, judgment], weighted.sum(dim=1) - weighted[:, judgment]
+
+
 def score_answers(answers: list[Answer], live: list[bool], attacks: list[str], yes_id: int, no_id: int,
                   keywords: Mapping[str, tuple[tuple[str, ...], ...]], cfg: GRPOConfig
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from trainer.eval.explain import clean_explanation
 from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
 from trainer.training.generation import model_for_generation
 from trainer.training.grpo.objective import group_advantages
-from trainer.training.grpo.rewards import Answer, score_answers
+from trainer.training.grpo.rewards import Answer, score_answers, split_rewards
 
 
 def rollout_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -35,11 +35,21 @@ class Rollout:
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, pixel_values, score_positions, labels, label_groups
     ref_logp: torch.Tensor | None  # [N, S] the reference's log-probs of the labels (None: kl_coef 0)
     old_logp: torch.Tensor | None  # [N, S] the rollout policy's (None: one update per rollout, it is the policy's)
-    advantages: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N] of the total reward, or with grpo.split_advantages the explanation's
     rewards: torch.Tensor  # [N] total
     parts: torch.Tensor  # [N, len(PARTS)] 0/1 per reward part
     lengths: torch.Tensor  # [N] answer tokens (judgment + explanation + end of text)
     texts: list[str]
+    judgment_advantages: torch.Tensor | None = None  # [N] with grpo.split_advantages: the judgment token's
+
+    def token_advantages(self) -> torch.Tensor:
+        """[N, S] the advantage each label is credited with."""
+        if self.judgment_advantages is None:
+            return self.advantages[:, None].expand_as(self.inputs["labels"])
+        groups = self.inputs["label_groups"]
+        dev = groups.device
+        return torch.where(groups == JUDGMENT, self.judgment_advantages.to(dev)[:, None],
+                           self.advantages.to(dev)[:, None])
 
 
 def answer_tensors(prompt: torch.Tensor, new: torch.Tensor, eos_id: int, pad_id: int
@@ -97,4 +107,8 @@ def sample_rollout(engine, ref_engine, batch: dict[str, Any], prompt_ids: list[i
     attacks = [str(m.get("attack", "none")) for m in batch["meta"] for _ in range(g)]
     parts, rewards = score_answers(answers, live, attacks, model.arch.yes_token_id, model.arch.no_token_id,
                                    keywords, cfg)
-    return Rollout(inputs, ref_logp, old_logp, group_advantages(rewards, g), rewards, parts, lengths, texts)
+    if not cfg.split_advantages:
+        return Rollout(inputs, ref_logp, old_logp, group_advantages(rewards, g), rewards, parts, lengths, texts)
+    judgment, explanation = split_rewards(parts, cfg)
+    return Rollout(inputs, ref_logp, old_logp, group_advantages(explanation, g), rewards, parts, lengths, texts,
+                   group_advantages(judgment, g))

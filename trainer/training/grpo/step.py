@@ -33,8 +33,8 @@ def grpo_step(engine, rollouts: list[Rollout], cfg: GRPOConfig, world: int) -> t
             logp = engine(**r.inputs, logprob_temperature=cfg.temperature).token_logprobs
             old = r.old_logp if r.old_logp is not None else logp.detach()  # on-policy: the ratio is 1
             ref = r.ref_logp if r.ref_logp is not None else logp.detach()  # kl_coef 0: no reference
-            loss = grpo_loss(logp, old, ref, r.advantages.to(dev), r.inputs["label_groups"], cfg.alpha, n_judgment,
-                             n_interp, cfg.clip_eps, cfg.kl_coef)
+            loss = grpo_loss(logp, old, ref, r.token_advantages().to(dev), r.inputs["label_groups"], cfg.alpha,
+                             n_judgment, n_interp, cfg.clip_eps, cfg.kl_coef)
             engine.backward(loss.total * scale)
             engine.step()
             sums += torch.stack([loss.total.detach(), loss.policy, loss.kl, loss.clipped]).double()
