@@ -46,8 +46,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
               groups: torch.Tensor, alpha: float | None, n_judgment: float | torch.Tensor,
               n_interpretation: float | torch.Tensor, clip_eps: float, kl_coef: float) -> GRPOLoss:
     """logp/old_logp/ref_logp [B, S]: each label's log-probability under the policy (with gradient), the rollout
-    policy and the reference; advantages [B] (one per answer) or [B, S] (one per label); groups [B, S]: JUDGMENT / INTERPRETATION / UNSUPERVISED per label;
-    n_judgment/n_interpretation: the global batch's token counts."""
+    policy and the reference; advantages [B] (one per answer) or [B, S] (one per label); groups [B, S]:
+    JUDGMENT / INTERPRETATION / UNSUPERVISED per label; n_judgment/n_interpretation: the global batch's token
+    counts."""
     weights = lopsided_token_weights(groups, alpha, n_judgment, n_interpretation)
     active = weights > 0
     adv = advantages.to(logp.dtype)
