@@ -190,7 +190,7 @@ class GRPOConfig:
     clip_eps: float = 0.2  # policy-ratio clip range
     kl_coef: float = 0.04  # weight of the KL (k3 estimator) to the reference
     # rollouts generate with the whole policy gathered on every rank (one all-gather per call; needs the full model
-    # in memory), or partitioned (gathered layer by layer for every token: trainer/training/generation.py)
+    # in memory), or partitioned (gathered layer by layer for every token: trainer/model/generation.py)
     gather_for_generation: bool = True
     # the judgment token's advantage from the judgment reward alone and the explanation tokens' from the other
     # parts (each normalised within the group): an answer's cue or format reward then never pushes its judgment

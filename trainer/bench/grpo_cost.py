@@ -7,7 +7,7 @@ and decode steps per generate call (a call runs until its longest answer ends). 
 measured counts into a roofline of the 7B model (CLIP-L/336 + Qwen2-7B, counted by trainer/model/flops.py on
 the meta device) on 8 GPUs: compute phases at the MFU target of BENCHMARKS.md "Scaling on paper", each decode
 step bounded below by reading the gathered bf16 weights from HBM, the policy gathered once per generate call
-over NVLink (trainer/training/generation.py), ZeRO-3's parameter traffic for the update and the reference.
+over NVLink (trainer/model/generation.py), ZeRO-3's parameter traffic for the update and the reference.
 The figures go to BENCHMARKS.md "GRPO stage" (``--write``).
 """
 from __future__ import annotations

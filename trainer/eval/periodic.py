@@ -20,7 +20,7 @@ from trainer.eval.scoring import ScoredSet, collect_scores, dev_threshold, gathe
 from trainer.logs import MetricsWriter, Tags
 from trainer.run_dir import RunDir, tag_for
 from trainer.sample.prompt import PromptBuilder
-from trainer.training.generation import model_for_generation
+from trainer.model.generation import model_for_generation
 
 log = logging.getLogger("ifas.eval")
 
