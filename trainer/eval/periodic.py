@@ -18,9 +18,9 @@ from trainer.eval.metrics import FASMetrics, jsonable
 from trainer.eval.report import report, report_explanations
 from trainer.eval.scoring import ScoredSet, collect_scores, dev_threshold, gather_scored
 from trainer.logs import MetricsWriter, Tags
+from trainer.model.generation import model_for_generation
 from trainer.run_dir import RunDir, tag_for
 from trainer.sample.prompt import PromptBuilder
-from trainer.model.generation import model_for_generation
 
 log = logging.getLogger("ifas.eval")
 

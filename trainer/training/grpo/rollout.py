@@ -17,8 +17,8 @@ import torch
 
 from trainer.config import GRPOConfig
 from trainer.eval.explain import clean_explanation
-from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
 from trainer.model.generation import model_for_generation
+from trainer.sample import IGNORE_INDEX, INTERPRETATION, JUDGMENT, UNSUPERVISED
 from trainer.training.grpo.objective import group_advantages
 from trainer.training.grpo.rewards import Answer, score_answers, split_rewards
 
