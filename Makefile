@@ -15,7 +15,7 @@ TV_VENV ?= .venv-tv
 TV_BIN := $(TV_VENV)/bin
 TV_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-torchvision demo-data train lint test test-torchvision bench gpu-wheels clean
+.PHONY: install install-torchvision demo-data train grpo lint test test-torchvision bench gpu-wheels clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ demo-data: $(DEMO_DATA)/domain_d/manifest.json
 train: install demo-data
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 deepspeed --num_gpus $(NUM_RANKS) launch/train.sh --config launch/configs/demo.yaml $(ARGS)
 
+# The second stage: GRPO from the SFT demo run (runs/demo, made by `make train` first if it is not there)
+runs/demo/train_result.json:
+	$(MAKE) train
+
+grpo: install demo-data runs/demo/train_result.json
+	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 deepspeed --num_gpus $(NUM_RANKS) launch/train.sh --config launch/configs/demo_grpo.yaml $(ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 
@@ -66,4 +73,4 @@ gpu-wheels: install
 	$(BIN)/python launch/gpu_wheels.py download .whl
 
 clean:
-	rm -rf runs/demo $(DEMO_DATA)
+	rm -rf runs/demo runs/demo_grpo $(DEMO_DATA)

@@ -160,6 +160,9 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0  # a rank that died or hangs fails the others after this
     max_bad_steps: int = 10  # non-finite loss/gradient steps in a row before the run saves and stops
     log_sample_keys: bool = False  # append each step's sample keys to output_dir/sample_keys/rank<r>.jsonl
+    # sft: supervised fine-tuning (the L-LM loss); grpo: the reinforcement stage after it (the grpo: section,
+    # trainer/training/grpo/), started from an SFT run or export (model.init_from)
+    stage: str = "sft"
 
 
 @dataclass
@@ -172,6 +175,44 @@ class EvalConfig:
     # applied to the held-out sets: the "threshold fixed on held-out training data" HTER. Empty = none.
     dev_shards: list[str] = field(default_factory=list)
     dev_split: str = "val"  # the samples' `split` metadata value to use ("" = every sample of dev_shards)
+    # Held-out samples whose greedy explanation the periodic and final evaluations score with the SCF keyword
+    # metrics (trainer/eval/explain.py: cue hit, wrong cue, contradiction); 0 = none
+    explain_samples: int = 0
+    explain_max_new_tokens: int = 48
+
+
+@dataclass
+class GRPOConfig:
+    """The GRPO stage (train.stage=grpo, docs/architecture.md "GRPO stage"): per image, ``group_size`` sampled
+    answers; a verifiable reward per answer (each part weighted); group-normalised advantages; a clipped
+    policy-ratio objective plus ``kl_coef`` x KL to the frozen reference (the run's starting weights)."""
+
+    group_size: int = 8  # answers sampled per image (G)
+    max_new_tokens: int = 40  # answer length cap (judgment + explanation + end of text)
+    temperature: float = 1.0  # sampling temperature of the rollouts (the log-probs use the same)
+    clip_eps: float = 0.2  # policy-ratio clip range
+    kl_coef: float = 0.04  # weight of the KL (k3 estimator) to the reference
+    # rollouts generate with the whole policy gathered on every rank (one all-gather per call; needs the full model
+    # in memory), or partitioned (gathered layer by layer for every token: trainer/model/generation.py)
+    gather_for_generation: bool = True
+    # the judgment token's advantage from the judgment reward alone and the explanation tokens' from the other
+    # parts (each normalised within the group): an answer's cue or format reward then never pushes its judgment
+    # token, nor its judgment reward its explanation. false: one advantage of the total reward for every token
+    split_advantages: bool = True
+    updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts (>1: the ratio clip acts)
+    # judgment weight of the lopsided split of the policy loss (as L-LM does for SFT); null: every answer token alike
+    alpha: float | None = None
+    # reward parts: judgment correct, cue of the sample's own attack type (live cues for a live face),
+    # no contradiction between judgment and explanation, well formed (starts with the judgment token, ends within
+    # max_new_tokens, min_words..max_words explanation words); wrong_cue (<= 0): a spoof naming only another
+    # attack type's cues
+    reward_judgment: float = 1.0
+    reward_cue: float = 1.0
+    reward_no_contradiction: float = 0.5
+    reward_format: float = 0.5
+    reward_wrong_cue: float = 0.0
+    min_words: int = 4
+    max_words: int = 40
 
 
 @dataclass
@@ -182,6 +223,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,7 +274,7 @@ MIN_SIZES: dict[str, float] = {
     "train.max_steps": 1, "train.stop_at_step": 0, "train.micro_batch_size": 1, "train.grad_accum": 1,
     "train.log_every": 1, "train.save_every": 1, "train.keep_last": 0, "train.max_bad_steps": 1,
     "train.collective_timeout_s": 1,
-    "eval.batch_size": 1, "eval.max_samples": 0, "eval.every": 0,
+    "eval.batch_size": 1, "eval.max_samples": 0, "eval.every": 0, "eval.explain_samples": 0,
 }
 
 
@@ -285,6 +327,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"loss.alpha must be in [0, 1], got {cfg.loss.alpha}")
     if cfg.loss.mode not in ("lopsided", "plain"):
         raise ConfigError(f"loss.mode must be lopsided or plain, got {cfg.loss.mode!r}")
+    if cfg.train.stage not in ("sft", "grpo"):
+        raise ConfigError(f"train.stage must be sft or grpo, got {cfg.train.stage!r}")
+    if cfg.train.stage == "grpo":
+        _validate_grpo(cfg)
     a = cfg.data.augment
     for key in ("flip", "resample", "blur", "jpeg"):
         if not 0.0 <= getattr(a, key) <= 1.0:
@@ -347,3 +393,28 @@ def _validate_captioning(cfg: RunConfig) -> None:
         raise ConfigError(
             "data.task=caption has no liveness evaluation; drop data.eval_shards, eval.dev_shards and eval.every"
         )
+
+
+def _validate_grpo(cfg: RunConfig) -> None:
+    """train.stage=grpo: a model that already answers (an SFT run or export) and a sound grpo: section."""
+    g = cfg.grpo
+    if not cfg.model.init_from:
+        raise ConfigError("train.stage=grpo starts from a supervised model: set model.init_from to an SFT run "
+                          "directory (e.g. runs/demo) or its export (ifas-export)")
+    if cfg.data.task != "fas" or cfg.data.answer_style != "caption":
+        raise ConfigError("train.stage=grpo rewards judgments and explanations: it needs data.task=fas and "
+                          "data.answer_style=caption")
+    if g.group_size < 2:
+        raise ConfigError(f"grpo.group_size must be >= 2 (advantages are normalised within a group), got "
+                          f"{g.group_size}")
+    if g.max_new_tokens < 2 or g.temperature <= 0 or not 0 < g.clip_eps < 1 or g.kl_coef < 0:
+        raise ConfigError(f"grpo: max_new_tokens >= 2, temperature > 0, clip_eps in (0, 1) and kl_coef >= 0 are "
+                          f"needed; got {g.max_new_tokens}, {g.temperature}, {g.clip_eps}, {g.kl_coef}")
+    if g.updates_per_rollout < 1:
+        raise ConfigError(f"grpo.updates_per_rollout must be >= 1, got {g.updates_per_rollout}")
+    if g.alpha is not None and not 0.0 <= g.alpha <= 1.0:
+        raise ConfigError(f"grpo.alpha must be in [0, 1] or null, got {g.alpha}")
+    if not 0 <= g.min_words <= g.max_words:
+        raise ConfigError(f"grpo.min_words <= grpo.max_words is needed, got {g.min_words} and {g.max_words}")
+    if g.reward_wrong_cue > 0:
+        raise ConfigError(f"grpo.reward_wrong_cue is a penalty: give a value <= 0, got {g.reward_wrong_cue}")

@@ -90,3 +90,24 @@ def test_the_commands_refuse_a_size_below_its_least_before_loading_anything(comm
         main(["--model", str(tmp_path / "no-model"), "--batch-size", "-1", str(tmp_path)])
     assert exc.value.code == 2
     assert "--batch-size: '-1' is not an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.stage=rl"], "train.stage must be sft or grpo"),
+    (["train.stage=grpo"], "model.init_from"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.group_size=1"], "grpo.group_size must be >= 2"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.alpha=1.5"], "grpo.alpha must be in [0, 1]"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.reward_wrong_cue=1"], "is a penalty"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "data.answer_style=judgment"], "answer_style=caption"),
+    (["train.stage=grpo", "model.init_from=runs/demo", "grpo.min_words=9", "grpo.max_words=3"], "min_words"),
+])
+def test_grpo_stage_config_is_checked(overrides, needle):
+    with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
+        load_config(None, overrides)
+
+
+def test_the_demo_grpo_config_loads():
+    from tests.helpers import ROOT
+
+    cfg = load_config(ROOT / "launch/configs/demo_grpo.yaml")
+    assert cfg.train.stage == "grpo" and cfg.model.init_from == "runs/demo" and cfg.eval.explain_samples >= 200

@@ -54,6 +54,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     requires_caption_source: str | None = None  # run only when the training shards hold such captions
     requires_augment: bool = False  # run only when the protocol trains with data.augment on
+    after: str | None = None  # a second stage (GRPO): starts from this variant's run of the same seed
 
 
 @dataclass
@@ -81,6 +82,7 @@ def load_grid(path: str | Path) -> list[Variant]:
                 overrides=tuple(v.get("overrides") or ()),
                 requires_caption_source=v.get("requires_caption_source"),
                 requires_augment=bool(v.get("requires_augment", False)),
+                after=v.get("after"),
             )
             for v in data["variants"]
         ]
@@ -95,6 +97,10 @@ def load_grid(path: str | Path) -> list[Variant]:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise AblationError(f"ablation grid {p}: variant names repeat ({names})")
+    for i, v in enumerate(variants):
+        if v.after is not None and v.after not in names[:i]:
+            raise AblationError(f"ablation grid {p}: {v.name} starts after {v.after!r}, which must be a variant "
+                                "listed before it")
     return variants
 
 
@@ -193,6 +199,7 @@ def run_grid(
                 list(extra)
                 + [f"train.seed={seed}", "eval.at_end=true"]
                 + ([f"train.max_steps={steps}"] if steps else [])
+                + ([f"model.init_from={out / variant.after / f'seed{seed}'}"] if variant.after else [])
             )
             reason = skip_reason(variant, sources, protocol, base)
             run_dir = out / variant.name / f"seed{seed}"

@@ -11,13 +11,16 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 from trainer.data import ShardSetError
-from trainer.dist import finish_process, shutdown_distributed
+from trainer.dist import finish_process, shutdown_distributed, world_info_from_env
 from trainer.logs import setup_logging
 from trainer.model.arch import ModelLoadError
+from trainer.model.export import model_dir
 from trainer.sample.tokenizer import TokenizerError
+from trainer.training.grpo.loop import train_grpo
 from trainer.training.inputs import check_inputs, check_model_files, check_sequence_budget, prepare_tokenizer
 from trainer.training.loop import TrainingHalted, train
 
@@ -39,6 +42,9 @@ def _main(argv: list[str] | None) -> int:
     setup_logging(int(os.environ.get("RANK", 0)), force=True)
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.train.stage == "grpo":  # an SFT run directory: its latest checkpoint consolidated once, rank 0 first
+            cfg.model.init_from = str(model_dir(cfg.model.init_from, None, Path(cfg.train.output_dir) / "init",
+                                                world_info_from_env()))
         train_urls, eval_urls = check_inputs(cfg)
         tokenizer = prepare_tokenizer(cfg, train_urls)
         check_model_files(cfg, tokenizer)
@@ -47,7 +53,7 @@ def _main(argv: list[str] | None) -> int:
             log.info("config and inputs are valid")
             return 0
         try:
-            train(cfg, train_urls, eval_urls, tokenizer)
+            (train_grpo if cfg.train.stage == "grpo" else train)(cfg, train_urls, eval_urls, tokenizer)
         finally:
             shutdown_distributed()
     except USER_ERRORS as exc:

@@ -42,6 +42,28 @@ class Explained:
     text: str
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What the keyword dictionary finds in one explanation (the per-sample terms of ``explanation_metrics``;
+    the GRPO rewards score answers with the same terms, trainer/training/grpo/rewards.py)."""
+
+    own_cue: bool  # a cue of the true attack type (live cues for a live face)
+    wrong_cue: bool  # a spoof naming only other attack types' cues
+    contradiction: bool  # "Yes" followed by a spoof cue, or "No" by live cues and no spoof cue
+    words: int
+
+
+def judge_explanation(text: str, judgment: str, attack: str, keywords: Mapping[str, tuple[tuple[str, ...], ...]]
+                      ) -> Judged:
+    """``text`` explaining ``judgment`` ("Yes"/"No") of a sample whose true attack type is ``attack``
+    ("none" for live)."""
+    cues = find_cues(text, keywords)
+    spoof_cues = {g for g in keywords if g != LIVE and cues.get(g)}
+    own = bool(cues.get(LIVE)) if attack == "none" else attack in spoof_cues
+    contradiction = bool(spoof_cues) if judgment == "Yes" else (not spoof_cues and bool(cues.get(LIVE)))
+    return Judged(own, attack != "none" and bool(spoof_cues) and not own, contradiction, len(text.split()))
+
+
 def explanation_metrics(records: Iterable[Explained], keywords: Mapping[str, tuple[tuple[str, ...], ...]]
                         ) -> dict[str, Any]:
     """Rates over ``records`` (NaN where no sample qualifies; JSON writers turn NaN into null).
@@ -50,20 +72,18 @@ def explanation_metrics(records: Iterable[Explained], keywords: Mapping[str, tup
     wrong_cue: spoofs naming only other attack types' cues; live_cue_hit: lives naming a live cue;
     contradiction: "Yes" followed by a spoof cue, or "No" followed by live cues and no spoof cue.
     """
-    attacks = [g for g in keywords if g != LIVE]
     records = list(records)
     hits: dict[str, list[bool]] = defaultdict(list)
     wrong, live_hits, contradictions, lengths = [], [], [], []
     for r in records:
-        cues = find_cues(r.text, keywords)
-        spoof_cues = {g for g in attacks if cues.get(g)}
-        lengths.append(len(r.text.split()))
+        judged = judge_explanation(r.text, r.judgment, r.attack, keywords)
+        lengths.append(judged.words)
         if r.attack == "none":
-            live_hits.append(bool(cues.get(LIVE)))
+            live_hits.append(judged.own_cue)
         else:
-            hits[r.attack].append(r.attack in spoof_cues)
-            wrong.append(bool(spoof_cues) and r.attack not in spoof_cues)
-        contradictions.append(bool(spoof_cues) if r.judgment == "Yes" else (not spoof_cues and bool(cues.get(LIVE))))
+            hits[r.attack].append(judged.own_cue)
+            wrong.append(judged.wrong_cue)
+        contradictions.append(judged.contradiction)
     rate = lambda xs: float(np.mean(xs)) if xs else math.nan  # noqa: E731
     all_hits = [h for v in hits.values() for h in v]
     return {
@@ -84,16 +104,17 @@ def clean_explanation(text: str) -> str:
 @torch.no_grad()
 def generate_explanations(model, tokenizer, input_ids: torch.Tensor, pixel_values: torch.Tensor, live: list[bool],
                           mode: str = "greedy", max_new_tokens: int = 48, temperature: float = 0.7,
-                          top_p: float = 0.9, seed: int = 0) -> list[str]:
+                          top_p: float = 0.9, seed: int = 0, synced: bool = False) -> list[str]:
     """Explanations for prompts ``input_ids`` [B, S] (one prompt, so no padding), each continuing
-    after the judgment ``live[i]`` ("Yes"/"No"); greedy or sampled decoding."""
+    after the judgment ``live[i]`` ("Yes"/"No"); greedy or sampled decoding. ``synced``: a ZeRO-3 model
+    partitioned over ranks (every rank steps until all have finished)."""
     if mode not in ("greedy", "sampled"):
         raise ValueError(f"explanation mode must be greedy or sampled, got {mode!r}")
     dev = input_ids.device
     judgment = torch.tensor([model.arch.yes_token_id if x else model.arch.no_token_id for x in live], device=dev)
     ids = torch.cat([input_ids, judgment[:, None]], dim=1)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+                                  pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
     if mode == "sampled":
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -120,6 +141,13 @@ class SampleKeeper:
                 self.kept[attack].append({"key": batch["keys"][i], "attack": attack,
                                           "pixel_values": batch["pixel_values"][i].clone(),
                                           "input_ids": batch["input_ids"][i].clone()})
+
+    def any_one(self) -> list[dict[str, Any]]:
+        """One kept sample (a rank that kept none makes lockstep calls on it); raises if nothing was kept."""
+        first = next((v[0] for v in self.kept.values() if v), None)
+        if first is None:
+            raise ValueError("no sample kept to explain: the evaluation set gave this rank no sample")
+        return [first]
 
     def select(self, n: int) -> list[dict[str, Any]]:
         """Up to ``n`` kept samples, round-robin over attack types (sorted), so each type is represented."""
@@ -161,24 +189,31 @@ def records_as_dicts(records: Iterable[Explained]) -> list[dict[str, Any]]:
 
 
 def explain_set(model, tokenizer, keeper: "SampleKeeper", scored: ScoredSet, threshold: float, modes: list[str],
-                max_new_tokens: int, batch_size: int, info: WorldInfo, seed: int = 0):
+                max_new_tokens: int, batch_size: int, info: WorldInfo, seed: int = 0, synced: bool = False):
     """Explain this rank's kept samples (judgment = score >= threshold) in each decoding mode;
-    every rank's records and images gathered."""
+    every rank's records and images gathered. ``synced``: ``model`` is partitioned over the ranks (ZeRO-3):
+    every rank then makes as many generate calls as the rank with the most samples (repeating its last batch,
+    whose extra answers are dropped) and steps them in lockstep, or the collectives would hang."""
     dev = device()
     score_of = scored.by_key()
     chosen = keeper.select(keeper.per_type)  # this rank's share of the samples to explain
+    starts = list(range(0, len(chosen), batch_size))
+    calls = max(gather_objects(len(starts), info)) if synced else len(starts)
     records, images = [], {}
-    for start in range(0, len(chosen), batch_size):
-        group = chosen[start:start + batch_size]
+    for call in range(calls):
+        start = starts[min(call, len(starts) - 1)] if starts else 0
+        group = chosen[start:start + batch_size] or keeper.any_one()
         ids = torch.stack([g["input_ids"] for g in group]).to(dev)
         pixels = torch.stack([g["pixel_values"] for g in group]).to(dev)
-        live = [score_of[g["key"]] >= threshold for g in group]
+        live = [score_of.get(g["key"], 1.0) >= threshold for g in group]
         for mode in modes:
             texts = generate_explanations(model, tokenizer, ids, pixels, live, mode, max_new_tokens,
-                                          seed=seed + info.rank * 1000 + start)
-            records += [Explained(g["key"], g["attack"], score_of[g["key"]], "Yes" if lv else "No", mode, t)
-                        for g, lv, t in zip(group, live, texts)]
-        for g in group:
-            images[g["key"]] = to_uint8_image(g["pixel_values"], model.arch.image_mean, model.arch.image_std)
+                                          seed=seed + info.rank * 1000 + start, synced=synced)
+            if call < len(starts):
+                records += [Explained(g["key"], g["attack"], score_of[g["key"]], "Yes" if lv else "No", mode, t)
+                            for g, lv, t in zip(group, live, texts)]
+        if call < len(starts):
+            for g in group:
+                images[g["key"]] = to_uint8_image(g["pixel_values"], model.arch.image_mean, model.arch.image_std)
     gathered = gather_objects((records, images), info)
     return [r for rs, _ in gathered for r in rs], {k: v for _, im in gathered for k, v in im.items()}

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shards.keywords import load_keywords
 from trainer.config import RunConfig
 from trainer.data import ImageTransform, resolve_shards
 from trainer.data.provenance import synthetic_only_note
 from trainer.dist import WorldInfo, gather_objects
-from trainer.eval.metrics import FASMetrics
-from trainer.eval.report import report
+from trainer.eval.explain import SampleKeeper, explain_set, explanation_metrics
+from trainer.eval.metrics import FASMetrics, jsonable
+from trainer.eval.report import report, report_explanations
 from trainer.eval.scoring import ScoredSet, collect_scores, dev_threshold, gather_scored
 from trainer.logs import MetricsWriter, Tags
+from trainer.model.generation import model_for_generation
 from trainer.run_dir import RunDir, tag_for
 from trainer.sample.prompt import PromptBuilder
 
@@ -50,7 +54,8 @@ class PeriodicEvaluator:
 
     def __init__(self, cfg: RunConfig, sets: dict[str, list[str]] | list[str], builder: PromptBuilder,
                  transform: ImageTransform, info: WorldInfo, pad_id: int, writer: MetricsWriter | None = None,
-                 out_dir: str | Path = ".") -> None:
+                 out_dir: str | Path = ".", tokenizer=None) -> None:
+        """``tokenizer``: with eval.explain_samples > 0, the one to decode the explanations with."""
         self.cfg, self.builder, self.transform, self.info, self.pad_id = cfg.eval, builder, transform, info, pad_id
         self.sets = {"held-out": list(sets)} if isinstance(sets, list) else dict(sets)
         self.dev_urls = resolve_shards(cfg.eval.dev_shards, "eval.dev_shards") if cfg.eval.dev_shards else []
@@ -60,6 +65,9 @@ class PeriodicEvaluator:
         self.best: dict[str, Any] | None = None
         self.last_was_best = False
         self._restored = False
+        self.tokenizer = tokenizer
+        self.keywords = load_keywords() if cfg.eval.explain_samples > 0 else {}
+        self.explained: dict[str, dict[str, Any]] = {}  # the last run's explanation metrics per set
 
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
@@ -73,13 +81,19 @@ class PeriodicEvaluator:
         try:
             calibration = (dev_threshold(engine, self.dev_urls, c.dev_split, self.builder, self.transform, self.info,
                                          c.batch_size, self.pad_id, c.max_samples) if self.dev_urls else None)
+            keepers = {name: SampleKeeper(max(1, math.ceil(c.explain_samples / self.info.world_size)))
+                       for name in self.sets}
             scored = {name: gather_scored(collect_scores(engine, urls, self.builder, self.transform, self.info,
-                                                         c.batch_size, self.pad_id, c.max_samples), self.info)
+                                                         c.batch_size, self.pad_id, c.max_samples,
+                                                         on_batch=keepers[name].offer if self.keywords else None),
+                                          self.info)
                       for name, urls in self.sets.items()}
+            threshold = calibration["threshold"] if calibration else None
+            results = {name: s.metrics(threshold) for name, s in scored.items()}
+            if self.keywords:
+                self._explain(engine, keepers, scored, results, threshold)
         finally:
             engine.train()
-        threshold = calibration["threshold"] if calibration else None
-        results = {name: s.metrics(threshold) for name, s in scored.items()}
         if not self._restored:  # a resumed run keeps the best of the steps before the resume
             self.best = gather_objects(self._saved_best() if self.info.is_main else None, self.info)[0]
             self._restored = True
@@ -93,6 +107,21 @@ class PeriodicEvaluator:
         if self.info.is_main:
             self._write(step, results, calibration, scored if final else None)
         return results
+
+    def _explain(self, engine, keepers: dict[str, SampleKeeper], scored: dict[str, ScoredSet],
+                 results: dict[str, FASMetrics], threshold: float | None) -> None:
+        """Greedy explanations of eval.explain_samples held-out samples per set, after the judgment the fixed
+        threshold decides (the set's EER threshold without a dev set), scored with the keyword metrics."""
+        self.explained = {}
+        for name, keeper in keepers.items():
+            decide = threshold if threshold is not None else results[name].eer_threshold
+            with model_for_generation(engine) as model:
+                records, _ = explain_set(model, self.tokenizer, keeper, scored[name], decide, ["greedy"],
+                                         self.cfg.explain_max_new_tokens, self.cfg.batch_size, self.info,
+                                         synced=self.info.world_size > 1)
+            self.explained[name] = {"threshold": decide,
+                                    "metrics": {"greedy": explanation_metrics(records, self.keywords)},
+                                    "examples": [r.__dict__ for r in records]}
 
     def _saved_best(self) -> dict[str, Any] | None:
         """best.json of the steps before a resume, if it was chosen by this run's criterion."""
@@ -110,7 +139,9 @@ class PeriodicEvaluator:
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir.eval_history, "a") as f:
             f.write(json.dumps({"step": step, "threshold_fixed": calibration["threshold"] if calibration else None,
-                                "sets": {k: m.as_dict() for k, m in results.items()}}) + "\n")
+                                "sets": {k: m.as_dict() for k, m in results.items()},
+                                "explanations": {k: jsonable(e["metrics"]["greedy"])
+                                                 for k, e in self.explained.items()}}) + "\n")
         self.run_dir.best.write_text(json.dumps(self.best, indent=2))
         if scored is not None:
             report(results, self.run_dir.root, self.writer, step, scored=scored, calibration=calibration,
@@ -118,6 +149,12 @@ class PeriodicEvaluator:
         else:
             self.writer.eval_metrics(results, step)
         self.writer.scalars({Tags.eval_best(self.criterion): self.best["value"]}, step)
+        self.writer.scalars({Tags.explanation(name, "greedy", key): e["metrics"]["greedy"][key]
+                             for name, e in self.explained.items()
+                             for key in ("cue_hit_rate", "wrong_cue_rate", "live_cue_rate", "contradiction_rate",
+                                         "mean_words")}, step)
+        if scored is not None and self.explained:
+            report_explanations(self.explained, self.run_dir.root)
         log.info("eval at step %d: %s (best %s %.4f at step %d)", step,
                  ", ".join(f"{k} HTER {m.hter:.4f} AUC {m.auc:.4f}" for k, m in results.items()),
                  self.criterion, self.best["value"], self.best["step"])

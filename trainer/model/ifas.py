@@ -44,6 +44,8 @@ class IFASOutput(NamedTuple):
     loss: LossParts  # zeros when no labels were given
     scores: torch.Tensor  # [B] liveness score P(Yes) among {Yes, No}
     judgment_logits: torch.Tensor  # [B, 2] logits of Yes and No at the first answer position
+    # [B, S] log-probability of each label (0 where unsupervised), when asked for (logprob_temperature)
+    token_logprobs: torch.Tensor | None = None
 
 
 class IFASModel(nn.Module):
@@ -156,6 +158,7 @@ class IFASModel(nn.Module):
         n_interpretation: float | None = None,
         image_positions: torch.Tensor | None = None,
         supervised_rows: torch.Tensor | None = None,
+        logprob_temperature: float | None = None,
     ) -> IFASOutput:
         """Loss over the answer tokens (when labels are given) and liveness scores.
 
@@ -166,6 +169,8 @@ class IFASModel(nn.Module):
         image_positions [B, K] and supervised_rows [R] (trainer.sample.positions): where the image tokens and
         the supervised rows of the flattened positions are, computed by the collate so that nothing here reads
         the device (docs/architecture.md, "No host syncs in the step"); found here where not given.
+        logprob_temperature: instead of the loss, the labels' log-probabilities under softmax(logits / T)
+        (the GRPO stage's policy and reference terms, trainer/training/grpo/objective.py).
         """
         embeds, image_mask, visual = self.embed(input_ids, pixel_values, image_positions)
         extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
@@ -175,6 +180,8 @@ class IFASModel(nn.Module):
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         score_hidden = hidden[batch, score_positions]
         judgment = (self.arch.yes_token_id, self.arch.no_token_id)
+        if labels is not None and logprob_temperature is not None:
+            return IFASOutput(None, None, None, self._label_logprobs(hidden, labels, logprob_temperature))
         if labels is not None:
             targets, groups = _next_token_targets(labels, label_groups)
             if supervised_rows is None:
@@ -199,11 +206,27 @@ class IFASModel(nn.Module):
                                      groups[supervised_rows])
         return IFASOutput(loss, scores, judgment_logits)
 
+    def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[B, S] log p(labels[:, t] | ...) under softmax(logits / temperature), 0 where unsupervised; only
+        the supervised positions reach the LM head."""
+        pad = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
+        targets = torch.cat([labels[:, 1:], pad], dim=1).reshape(-1)  # position t predicts label t + 1
+        supervised = targets != IGNORE_INDEX
+        logits = self.llm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[supervised]).float()
+        picked = torch.log_softmax(logits / temperature, dim=-1).gather(1, targets[supervised, None]).squeeze(1)
+        flat = torch.zeros(targets.shape[0], dtype=picked.dtype, device=picked.device).masked_scatter(supervised,
+                                                                                                      picked)
+        return torch.cat([flat.new_zeros(labels.shape[0], 1), flat.view(labels.shape)[:, :-1]], dim=1)
+
     @torch.no_grad()
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, **generate_kwargs: Any
     ) -> torch.Tensor:
-        """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens."""
+        """Generate answer tokens (judgment + explanation) for prompts; returns only new tokens. The image
+        placeholder token is never generated (a sampled one would take an image token's place when the answer
+        is fed back, e.g. in the GRPO update)."""
+        generate_kwargs["suppress_tokens"] = sorted({*generate_kwargs.get("suppress_tokens", []),
+                                                     self.arch.image_token_id})
         embeds, image_mask, visual = self.embed(input_ids, pixel_values, generate_kwargs.pop("image_positions", None))
         extra = self.family.llm_inputs(self, input_ids, attention_mask, image_mask, visual)
         with self.family.generating(self, extra, generate_kwargs):

@@ -268,7 +268,8 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     writer = MetricsWriter(run.tensorboard if info.is_main else None)
     evaluator = (
         PeriodicEvaluator(
-            cfg, {"held-out": eval_urls}, builder, transform, info, tokenizer.pad_token_id, writer, run.root
+            cfg, {"held-out": eval_urls}, builder, transform, info, tokenizer.pad_token_id, writer, run.root,
+            tokenizer=tokenizer,
         )
         if eval_urls
         else None

@@ -28,7 +28,9 @@ def protocol(small_shards, tmp_path):
 
 def test_default_grid_turns_off_each_part():
     variants = {v.name: v for v in load_grid(DEFAULT_GRID)}
-    assert list(variants) == ["full", "no_gac", "plain_lm", "judgment_only", "template_captions", "no_augment"]
+    assert list(variants) == ["full", "no_gac", "plain_lm", "judgment_only", "template_captions", "no_augment",
+                              "grpo"]
+    assert variants["grpo"].after == "full" and "train.stage=grpo" in variants["grpo"].overrides
     assert variants["full"].overrides == () and variants["full"].gac and variants["full"].llm
     assert variants["no_gac"].overrides == ("model.gac=false",) and not variants["no_gac"].gac
     assert variants["plain_lm"].overrides == ("loss.mode=plain",) and not variants["plain_lm"].llm
@@ -51,10 +53,14 @@ def test_dry_run_prints_one_command_per_runnable_variant(protocol, tmp_path, cap
     caplog.set_level("INFO")
     assert main(["--protocol", str(protocol), "--steps", "3", "--out", str(tmp_path / "abl"), "--dry-run"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 4  # template_captions cannot run: the synthetic shards hold template captions only
+    assert len(commands) == 5  # template_captions cannot run: the synthetic shards hold template captions only
     for cmd, extra in zip(commands, ["", "model.gac=false", "loss.mode=plain", "data.answer_style=judgment"]):
         assert "--num_gpus" in cmd and "launch/train.sh --config" in cmd and "train.max_steps=3" in cmd
         assert cmd.endswith(extra)
+    # the GRPO stage starts from the same seed's full run, with its own steps
+    grpo = commands[4]
+    assert f"model.init_from={tmp_path / 'abl' / 'full' / 'seed0'}" in grpo and "train.stage=grpo" in grpo
+    assert grpo.index("train.max_steps=3") < grpo.index("train.max_steps=400")  # the later override wins
     assert "template_captions: skipped (not comparable here" in caplog.text
     assert "no_augment: skipped (not comparable here: the protocol trains without augmentation" in caplog.text
 
