@@ -29,8 +29,8 @@ TRAINER_MAY_USE_FROM_SHARDS = {
     "shards.faces",
     "shards.scf",
 }
-FOUNDATION = {"trainer", "trainer.config", "trainer.dist", "trainer.logs", "trainer.process", "trainer.run_dir",
-              "trainer.typed_yaml"}
+FOUNDATION = {"trainer", "trainer.config", "trainer.config_checks", "trainer.dist", "trainer.logs", "trainer.process",
+              "trainer.run_dir", "trainer.typed_yaml"}
 # Each layer may import only those before it (and its own); packages in one layer are siblings that do not import
 # each other. The commands are cli/ and the benchmarks.
 TRAINER_LAYERS = (("sample",), ("model", "data"), ("eval",), ("training",), ("cli", "bench"))
