@@ -12,7 +12,7 @@ Bad samples (unreadable shard, corrupt tar, missing member, bad json, undecodabl
 counted once each, never fatal. docs/architecture.md, "Resume", says how a stream resumes exactly.
 """
 from trainer.data.augment import Augment
-from trainer.data.batching import BatchLoader, collate, make_loader
+from trainer.data.batching import BatchLoader, batch_rows, collate, make_loader
 from trainer.data.decode import SKIP_REASONS, BadSample, decode_sample
 from trainer.data.samples import HeldOut, SampleMaker
 from trainer.data.shard_sets import ShardSetError, resolve_shards
@@ -21,5 +21,5 @@ from trainer.data.stream import ShardStream, Source, StreamLayout
 from trainer.data.transform import ImageTransform
 
 __all__ = ["SKIP_REASONS", "Augment", "BadSample", "BatchLoader", "HeldOut", "ImageTransform", "SampleMaker",
-           "ShardSetError", "ShardStream", "Source", "StreamLayout", "StreamState", "collate", "decode_sample",
-           "make_loader", "resolve_shards"]
+           "ShardSetError", "ShardStream", "Source", "StreamLayout", "StreamState", "batch_rows", "collate",
+           "decode_sample", "make_loader", "resolve_shards"]

@@ -44,6 +44,16 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+def batch_rows(batch: dict[str, Any], keep: list[int] | slice) -> dict[str, Any]:
+    """The samples ``keep`` of a collated batch (tensors and lists alike), its flat supervised rows recomputed
+    (they index the whole batch's positions, so they cannot be sliced like the per-sample fields)."""
+    picked = range(len(batch["keys"]))[keep] if isinstance(keep, slice) else keep
+    out = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in picked]) for k, v in batch.items()
+           if k not in ("supervised_rows", "stream_pos")}
+    out["supervised_rows"] = supervised_rows(out["labels"], out["label_groups"])
+    return out
+
+
 # Worker -> training process: every tensor crosses as its own shared-memory handle, and receiving
 # one costs a socket handshake (~0.4 ms, measured). The integer tensors travel as one.
 _TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "label_groups")  # [B, S] each

@@ -20,10 +20,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from trainer.data import ImageTransform, SampleMaker, ShardSetError, ShardStream, StreamLayout, make_loader
+from trainer.data import (
+    ImageTransform,
+    SampleMaker,
+    ShardSetError,
+    ShardStream,
+    StreamLayout,
+    batch_rows,
+    make_loader,
+)
 from trainer.dist import WorldInfo, all_reduce_sum, device, gather_objects
 from trainer.eval.metrics import FASMetrics, eer_threshold, fas_metrics
-from trainer.sample.positions import supervised_rows
 from trainer.sample.prompt import PromptBuilder
 
 log = logging.getLogger("ifas.eval")
@@ -78,14 +85,6 @@ def _score_batch(model_call, batch: dict[str, Any], dev: torch.device) -> torch.
     return out.scores.float().cpu()
 
 
-def _rows(batch: dict[str, Any], keep: list[int]) -> dict[str, Any]:
-    """The rows ``keep`` of a collated batch (tensors and lists alike; the flat supervised rows recomputed)."""
-    out = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()
-           if k != "supervised_rows"}
-    out["supervised_rows"] = supervised_rows(out["labels"], out["label_groups"])
-    return out
-
-
 def _eval_batches(
     urls: list[str],
     builder: PromptBuilder,
@@ -132,10 +131,10 @@ def collect_scores(
         if batch is None:
             _score_batch(model_call, dummy, dev)  # keep the collectives in step with the other ranks
             continue
-        dummy = dummy or _rows(batch, [0])
+        dummy = dummy or batch_rows(batch, [0])
         seen += len(batch["keys"]) * info.world_size
         if select is not None:
-            batch = _rows(batch, [i for i, m in enumerate(batch["meta"]) if select(m)])
+            batch = batch_rows(batch, [i for i, m in enumerate(batch["meta"]) if select(m)])
             if not batch["keys"]:
                 _score_batch(model_call, dummy, dev)
                 continue

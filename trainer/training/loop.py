@@ -288,7 +288,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
     done = start_step
     for step in range(start_step, last_step):
-        if stop_request.requested(step):
+        if stop_request.requested():
             log.warning("stop requested by a signal: saving a checkpoint at step %d and exiting", done)
             save(done)
             if info.is_main:

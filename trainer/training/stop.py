@@ -11,12 +11,11 @@ from trainer.dist import collective_timeout
 
 class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM's --signal, a scheduler's preemption) ask the run to stop at the next check.
-    Ranks agree over a gloo group on the host, so checking costs no device sync; a check runs every ``EVERY``
-    steps and is asynchronous (its answer is read at the next check), so no step waits on it
-    (docs/architecture.md, "No host syncs in the step")."""
+    Ranks agree over a gloo group on the host, so checking costs no device sync; each step starts a check and
+    reads the answer of the one the previous step started (long done by then), so no step waits on it and a
+    signal stops the run within 2 steps (docs/architecture.md, "No host syncs in the step")."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-    EVERY = 4
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -30,13 +29,11 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
-    def requested(self, step: int) -> bool:
+    def requested(self) -> bool:
         """Whether any rank had a signal when the previous check started (the same answer on every rank: every
-        rank checks at the same steps); starts the next check. False between checks."""
+        rank checks at the same steps); starts the next check."""
         import torch.distributed as dist
 
-        if step % self.EVERY:
-            return False
         answer = False
         if self.pending is not None:
             work, flag = self.pending

@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
     import deepspeed
 
     from trainer.config import load_config
+    from trainer.data import batch_rows
     from trainer.dist import device, init_distributed, shutdown_distributed, world_info_from_env
     from trainer.model.loss import loss_alpha
     from trainer.run_dir import RunDir
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> None:
     batch = fixed_batch(cfg, model, tokenizer, train_urls)
     per_rank = GLOBAL_BATCH // info.world_size
     rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-    micro = {k: (v[rows] if torch.is_tensor(v) else v[rows]) for k, v in batch.items()}
+    micro = batch_rows(batch, rows)
     engine.train()
     train_step(engine, [micro], dev, loss_alpha(cfg.loss.mode, cfg.loss.alpha), info.world_size)
     result["sub_steps_after"] = sub_steps(zero)

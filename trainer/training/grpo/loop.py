@@ -27,7 +27,8 @@ from trainer.training.engine import build_engine, deepspeed_config
 from trainer.training.grpo.rewards import PARTS
 from trainer.training.grpo.rollout import Rollout, rollout_seed, sample_rollout
 from trainer.training.grpo.step import grpo_step
-from trainer.training.loop import StopRequest, training_batches
+from trainer.training.loop import training_batches
+from trainer.training.stop import StopRequest
 
 log = logging.getLogger("ifas.train")
 
@@ -140,7 +141,7 @@ def train_grpo(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], toke
     engine.train()
     done = start_step
     for step in range(start_step, last_step):
-        if stop_request.any_rank():
+        if stop_request.requested():
             log.warning("stop requested by a signal: saving a checkpoint at step %d and exiting", done)
             save(done)
             if info.is_main:
@@ -180,6 +181,7 @@ def train_grpo(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], toke
                 if not saved:
                     save(done)
     bar.close()
+    stop_request.close()
     if keys_log is not None:
         keys_log.close()
     result: dict[str, Any] = {"history": history}
