@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -145,6 +145,20 @@ def unweighted_parts(totals: dict[str, float], alpha: float | None) -> tuple[flo
     if alpha is None:  # plain: each part is sum(CE) / (n_j + n_i) per step
         return (part_j * (n_j + n_i) / n_j if n_j else 0.0), (part_i * (n_j + n_i) / n_i if n_i else 0.0)
     return (part_j / alpha if alpha > 0 else 0.0), (part_i / (1 - alpha) if alpha < 1 else 0.0)
+
+
+def save_then_evaluate(cfg: RunConfig, done: int, last_step: int, save: Callable[[int], None],
+                       evaluator: PeriodicEvaluator | None, engine, checkpointer: Checkpointer) -> None:
+    """After step ``done`` (SFT and GRPO alike): the periodic checkpoint, then the periodic held-out evaluation
+    (collective: every rank runs it), whose best step's checkpoint is saved and kept out of keep_last pruning."""
+    saved = done % cfg.train.save_every == 0 or done == last_step
+    if saved:
+        save(done)
+    if evaluator is not None and done != cfg.train.max_steps and evaluator.maybe_run(engine, done) is not None:
+        if evaluator.last_was_best:
+            checkpointer.protected = {tag_for(done)}
+            if not saved:
+                save(done)
 
 
 def _draws(cfg: RunConfig) -> list[tuple[str, str, float, str | None]]:
@@ -348,16 +362,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             writer.train_window(rec, done)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", judg=f"{rec['loss_judgment']:.3f}")
             window.reset()
-        saved = done % cfg.train.save_every == 0 or done == last_step
-        if saved:
-            save(done)
-        # Periodic held-out evaluation (collective: every rank runs it); its best step's checkpoint
-        # is saved and kept out of keep_last pruning.
-        if evaluator is not None and done != cfg.train.max_steps and evaluator.maybe_run(engine, done) is not None:
-            if evaluator.last_was_best:
-                checkpointer.protected = {tag_for(done)}
-                if not saved:
-                    save(done)
+        save_then_evaluate(cfg, done, last_step, save, evaluator, engine, checkpointer)
     bar.close()
     stop_request.close()
     if keys_log is not None:

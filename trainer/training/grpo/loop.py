@@ -21,13 +21,13 @@ from trainer.eval.periodic import PeriodicEvaluator
 from trainer.logs import MetricsWriter, log_system_scalars, setup_logging
 from trainer.model.build import build_model
 from trainer.process import keep_host_heap_small
-from trainer.run_dir import RunDir, tag_for
+from trainer.run_dir import RunDir
 from trainer.training.checkpoint import Checkpointer
 from trainer.training.engine import build_engine, deepspeed_config
 from trainer.training.grpo.rewards import PARTS
 from trainer.training.grpo.rollout import Rollout, rollout_seed, sample_rollout
 from trainer.training.grpo.step import grpo_step
-from trainer.training.loop import training_batches
+from trainer.training.loop import save_then_evaluate, training_batches
 from trainer.training.stop import StopRequest
 
 log = logging.getLogger("ifas.train")
@@ -172,14 +172,7 @@ def train_grpo(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], toke
                                lrs={g.get("name", "group"): lr for g, lr in zip(optimizer.param_groups, lr_used)})
             writer.train_window(rec, done)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", cue=f"{rec['reward_cue']:.2f}", kl=f"{rec['kl']:.4f}")
-        saved = done % cfg.train.save_every == 0 or done == last_step
-        if saved:
-            save(done)
-        if evaluator is not None and done != cfg.train.max_steps and evaluator.maybe_run(engine, done) is not None:
-            if evaluator.last_was_best:
-                checkpointer.protected = {tag_for(done)}
-                if not saved:
-                    save(done)
+        save_then_evaluate(cfg, done, last_step, save, evaluator, engine, checkpointer)
     bar.close()
     stop_request.close()
     if keys_log is not None:
