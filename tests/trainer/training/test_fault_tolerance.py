@@ -36,7 +36,12 @@ def start(cmd: list[str], env_extra: dict[str, str] | None = None) -> subprocess
 
 
 def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung run: stop every process of it and show where it was
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"the run did not finish in {timeout:.0f} s:\n{out[-6000:]}") from None
     return proc.returncode, out
 
 
