@@ -14,8 +14,12 @@ process group, build_engine, Checkpointer.load), then records what the tests com
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path[0] = str(ROOT)  # launched as a script: this checkout's trainer and tests, not this script's folder
 
 GLOBAL_BATCH = 4
 

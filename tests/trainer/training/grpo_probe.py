@@ -7,8 +7,12 @@ and rank 0 saves the full fp32 weights after the update (so 1 and 2 ranks compar
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path[0] = str(ROOT)  # launched as a script: this checkout's trainer and tests, not this script's folder
 
 GROUP = 2  # answers per image
 ANSWER_TOKENS = 6
