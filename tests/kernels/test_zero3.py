@@ -217,4 +217,8 @@ def test_fused_loss_under_zero3_matches_reference(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    from trainer.dist import finish_process, shutdown_distributed
+
     worker(Path(sys.argv[2]))
+    shutdown_distributed()
+    sys.exit(finish_process(0))  # past gloo's teardown abort at interpreter exit (trainer/dist.py)

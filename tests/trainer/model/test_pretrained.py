@@ -149,7 +149,7 @@ import json, sys, torch
 from pathlib import Path
 import deepspeed
 from trainer.config import ModelConfig
-from trainer.dist import init_distributed
+from trainer.dist import finish_process, init_distributed, shutdown_distributed
 from trainer.model.build import build_model
 
 info = init_distributed(600)
@@ -170,6 +170,8 @@ tied = model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
 if info.rank == 0:
     torch.save(state, out / "state.pt")
 (out / f"rank{info.rank}.json").write_text(json.dumps({"local": local, "full": full, "tied": tied}))
+shutdown_distributed()
+sys.exit(finish_process(0))  # past gloo's teardown abort at interpreter exit (trainer/dist.py)
 """
 
 

@@ -104,4 +104,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from trainer.dist import finish_process
+
     main(sys.argv[1:])
+    sys.exit(finish_process(0))  # past gloo's teardown abort at interpreter exit (trainer/dist.py)
