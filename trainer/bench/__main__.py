@@ -29,17 +29,35 @@ def _ensure_data(data_dir: Path) -> Path:
     return data_dir
 
 
+def _worker_runs(args: argparse.Namespace):
+    """(world size, output dir) -> (the worker's config and overrides, OMP_NUM_THREADS) for ``--model``."""
+    if args.model == "rehearsal":
+        from trainer.bench import scale
+
+        checkpoint, shards, _ = scale.rehearsal_inputs(ROOT / "runs" / "scale")
+        return lambda ws, out: (scale.rehearsal_run_args(checkpoint, shards, out), str(scale.threads_per_rank(ws)))
+    domains = f"[{_ensure_data(Path(args.data))}/domain_a,{args.data}/domain_b,{args.data}/domain_c]"
+    threads = os.environ.get("OMP_NUM_THREADS", "1")  # one rank per core
+    return lambda ws, out: (["--config", args.config, f"data.train_shards={domains}", f"eval.dev_shards={domains}",
+                             f"train.output_dir={out}"], threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trainer.bench", description=PACKAGE_DOC.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=str(ROOT / "launch" / "configs" / "demo.yaml"))
+    parser.add_argument("--model", choices=("demo", "rehearsal"), default="demo",
+                        help="demo: --config's model on the benchmark's shards, one rank per core (section 'Trainer'); "
+                             "rehearsal: the scale rehearsal's 0.6B checkpoint as a real run trains it, the cores "
+                             "shared by the ranks (section 'Trainer at a real width')")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--world-sizes", default="1,2")
     parser.add_argument("--data", default=str(ROOT / "runs" / "bench" / "data"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "trainer_bench.json"))
+    parser.add_argument("--out", help="results JSON (default runs/bench/trainer_bench[_rehearsal].json)")
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"), help="file to update")
     parser.add_argument("--no-markdown", action="store_true", help="do not update the markdown file")
     parser.add_argument("overrides", nargs="*")
@@ -59,34 +77,45 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutdown_distributed()
         return finish_process(0)
-    data = _ensure_data(Path(args.data))
+    if args.bare:
+        from trainer.bench.throughput import bare
+
+        bare(args)
+        return 0
+    runs = _worker_runs(args)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for ws in [int(w) for w in args.world_sizes.split(",")]:
             result = Path(tmp) / f"ws{ws}.json"
-            domains = f"[{data}/domain_a,{data}/domain_b,{data}/domain_c]"
-            overrides = [f"data.train_shards={domains}", f"eval.dev_shards={domains}",
-                         f"train.output_dir={tmp}/run{ws}", *args.overrides]
+            run_args, threads = runs(ws, Path(tmp) / f"run{ws}")
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ws),
                    "--master_port", str(free_port()), "--module", "trainer.bench", "--worker",
-                   "--result", str(result), "--config", args.config,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+                   "--result", str(result), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   *run_args, *args.overrides]
+            env = dict(os.environ, OMP_NUM_THREADS=threads)
             log.info("world size %d: %s", ws, " ".join(cmd))
             proc = subprocess.run(cmd, cwd=ROOT, env=env)
+            if proc.returncode == 0 and result.is_file():  # then the bare step on rank 0's batches
+                proc = subprocess.run([sys.executable, "-m", "trainer.bench", "--bare", "--result", str(result),
+                                       "--warmup", str(args.warmup), *run_args, *args.overrides], cwd=ROOT, env=env)
             if proc.returncode != 0 or not result.is_file():
                 log.error("the world-size-%d run failed (exit %d)", ws, proc.returncode)
                 return 1
             results.append(json.loads(result.read_text()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    rehearsal = args.model == "rehearsal"
+    out = Path(args.out or ROOT / "runs" / "bench" / f"trainer_bench{'_rehearsal' if rehearsal else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     command = "python -m trainer.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(results, command.strip(), os.path.relpath(args.config, ROOT))
+    model = "the scale rehearsal's checkpoint (trainer/bench/scale.py)" if rehearsal else \
+        f"`{os.path.relpath(args.config, ROOT)}`"
+    text = section(results, command.strip(), model, paper=not rehearsal)
     print(text)
-    if not args.no_markdown:  # GPU figures get their own section: a GPU run never replaces the CPU one
-        on_gpu = results[0]["device"] != "cpu"
-        update_section(Path(args.markdown), "trainer-gpu" if on_gpu else "trainer",
-                       "Trainer on GPU" if on_gpu else "Trainer", text)
+    if not args.no_markdown:  # GPU figures get their own sections: a GPU run never replaces the CPU one
+        name, heading = ("trainer-rehearsal", "Trainer at a real width") if rehearsal else ("trainer", "Trainer")
+        if results[0]["device"] != "cpu":
+            name, heading = name + "-gpu", heading + " on GPU"
+        update_section(Path(args.markdown), name, heading, text)
     return 0
 
 

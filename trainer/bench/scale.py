@@ -47,20 +47,26 @@ def rehearsal_configs(vocab_size: int = 151936):
 
 
 def save_checkpoint(out: Path, shards: Path) -> dict[str, Any]:
-    """Save the rehearsal checkpoint (llava-hf layout, bf16, its tokenizer with a chat template) to ``out``."""
+    """Save the rehearsal checkpoint (llava-hf layout, bf16, its tokenizer with a chat template and CLIP's image
+    processor, as llava-1.5 ships them) to ``out``."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     from trainer.data import resolve_shards
     from trainer.model.arch import default_dtype
     from trainer.sample.tokenizer import build_demo_tokenizer, ensure_image_token
     from trainer.training.inputs import read_captions
 
+    vision, text = rehearsal_configs()
+    if not (out / "preprocessor_config.json").is_file():  # (also for a checkpoint saved before it was written)
+        size = vision.image_size
+        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                           resample=Image.BICUBIC).save_pretrained(str(out))
     if (out / "config.json").is_file():
         return json.loads((out / "rehearsal.json").read_text())
     tokenizer = build_demo_tokenizer(read_captions(resolve_shards([str(shards)])))
     image_token = ensure_image_token(tokenizer)
-    vision, text = rehearsal_configs()
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -85,18 +91,41 @@ def _read_events(logdir: Path) -> tuple[dict[str, float], float]:
     return scalars, min(e.wall_time for e in events.Scalars("train/loss") if e.step == 1)
 
 
+def rehearsal_inputs(work: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(checkpoint, shards, checkpoint info) under ``work``, made on first use: 24 synthetic samples and the
+    rehearsal checkpoint, whose tokenizer is built from those samples' captions."""
+    shards = work / "data" / "domain_a"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "shards.cli", "synth", "--out", str(work / "data"),
+                        "--samples-per-domain", "24", "--domains", "domain_a", "--overwrite", "--workers", "1"],
+                       cwd=ROOT, check=True)
+    checkpoint = work / "checkpoint"
+    return checkpoint, shards, save_checkpoint(checkpoint, shards)
+
+
+def rehearsal_run_args(checkpoint: Path, shards: Path, out: Path) -> list[str]:
+    """The config and overrides that train the rehearsal checkpoint as a real run (a protocol config, bf16,
+    gradient checkpointing) at micro-batch 1; the throughput benchmark's 0.6B row uses the same."""
+    return ["--config", str(ROOT / "launch" / "configs" / "ocim_cim_to_o.yaml"),
+            f"model.path={checkpoint}", f"data.train_shards=[{shards}]", "data.eval_shards=[]",
+            "data.num_workers=0", "data.max_length=768", "train.micro_batch_size=1",
+            "train.deepspeed_config=launch/ds_zero3.json", f"train.output_dir={out}", f"train.precision={PRECISION}"]
+
+
+def threads_per_rank(ws: int) -> int:
+    """The machine's cores shared by the ranks (one rank: all of them)."""
+    return max(1, (os.cpu_count() or 2) // ws)
+
+
 def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
     """Train 3 steps at world size ``ws`` with the real launcher; returns what was measured."""
     out = work / f"run_ws{ws}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ws), "--master_port",
-           str(free_port()), "--module", "trainer.cli.train", "--config",
-           str(ROOT / "launch" / "configs" / "ocim_cim_to_o.yaml"),
-           f"model.path={checkpoint}", f"data.train_shards=[{shards}]", "data.eval_shards=[]",
-           "data.num_workers=0", "data.max_length=768", f"train.max_steps={STEPS}", "train.micro_batch_size=1",
-           "train.log_every=1", "train.save_every=1000000", "train.deepspeed_config=launch/ds_zero3.json",
-           "optim.warmup_steps=1", f"train.output_dir={out}", f"train.precision={PRECISION}", *overrides]
-    threads = max(1, (os.cpu_count() or 2) // ws)
+           str(free_port()), "--module", "trainer.cli.train", *rehearsal_run_args(checkpoint, shards, out),
+           f"train.max_steps={STEPS}", "train.log_every=1", "train.save_every=1000000", "optim.warmup_steps=1",
+           *overrides]
+    threads = threads_per_rank(ws)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     log.info("world size %d: %s", ws, " ".join(cmd))
     start = time.time()
@@ -118,13 +147,7 @@ def run_world_size(ws: int, checkpoint: Path, shards: Path, work: Path, override
 
 
 def run(work: Path, world_sizes: list[int], overrides: list[str]) -> dict[str, Any]:
-    shards = work / "data" / "domain_a"
-    if not (shards / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "shards.cli", "synth", "--out", str(work / "data"),
-                        "--samples-per-domain", "24", "--domains", "domain_a", "--overwrite", "--workers", "1"],
-                       cwd=ROOT, check=True)
-    checkpoint = work / "checkpoint"
-    info = save_checkpoint(checkpoint, shards)
+    checkpoint, shards, info = rehearsal_inputs(work)
     results = [run_world_size(ws, checkpoint, shards, work, overrides) for ws in world_sizes]
     return {"checkpoint": info, "runs": results}
 

@@ -56,3 +56,15 @@ def test_scale_rehearsal_section_judges_the_ratio_and_shows_a_run_that_died():
     # the states predicted in the dtypes each run's ranks held
     assert "(16 bytes per parameter: bf16 parameters, bf16 gradients; halved)" in text
     assert "(18 bytes per parameter: bf16 parameters, fp32 gradients; halved)" in text
+
+
+def test_a_real_width_section_names_its_model_and_dtype_without_the_demo_notes():
+    big = [{**fake_result(ws, 20.0, 18.5, 100 / ws), "params": 590_000_000, "dtype": "bfloat16",
+            "threads_per_rank": 2 // ws} for ws in (1, 2)]
+    text = section(big, "python -m trainer.bench --model rehearsal", "the rehearsal", paper=False)
+    assert "Model: I-FAS of the rehearsal (590.00M parameters)" in text
+    assert "world size 1: 2 thread(s) per rank, world size 2: 1 thread(s) per rank" in text
+    assert "fp32 master weights" in text  # the bf16 bare step's recipe
+    assert "| trainer step <= 1.10x bare | 1 | 1.08x | pass |" in text
+    assert "Why the trainer/bare target fails here" not in text  # the tiny model's explanation
+    assert "Scaling on paper" not in text
