@@ -36,7 +36,8 @@ def _worker_runs(args: argparse.Namespace):
 
         checkpoint, shards, _ = scale.rehearsal_inputs(ROOT / "runs" / "scale")
         return lambda ws, out: (scale.rehearsal_run_args(checkpoint, shards, out), str(scale.threads_per_rank(ws)))
-    domains = f"[{_ensure_data(Path(args.data))}/domain_a,{args.data}/domain_b,{args.data}/domain_c]"
+    data = _ensure_data(Path(args.data))
+    domains = f"[{data}/domain_a,{data}/domain_b,{data}/domain_c]"
     threads = os.environ.get("OMP_NUM_THREADS", "1")  # one rank per core
     return lambda ws, out: (["--config", args.config, f"data.train_shards={domains}", f"eval.dev_shards={domains}",
                              f"train.output_dir={out}"], threads)

@@ -160,7 +160,6 @@ def worker(args: argparse.Namespace) -> None:
     flops_per_sample = ifas_sample_flops(model, round(seq), round(supervised)).train
     peak = _matmul_peak(dev)
 
-    zero3_bytes = engine_state_bytes(engine)
     if info.is_main:  # the bare step runs after this process, on rank 0's batches (``bare`` below)
         torch.save({"batches": kept, "alpha": alpha, "fused": engine.module.head_loss is not None,
                     "dtype": "bfloat16" if engine.bfloat16_enabled() else "float32"}, bare_inputs(args.result))
@@ -169,7 +168,7 @@ def worker(args: argparse.Namespace) -> None:
         "step_s": step_s, "data_wait_frac": wait / step_time,
         "phases_s": {k: v / args.steps for k, v in timer.seconds.items()},
         "phased_step_s": phased_time / args.steps, "loader_samples_per_s": delivered,
-        "consumed_samples_per_s": gas * mbs / step_s, "zero3_bytes": zero3_bytes,
+        "consumed_samples_per_s": gas * mbs / step_s, "zero3_bytes": engine_state_bytes(engine),
         "flops_per_sample": flops_per_sample, "matmul_peak_flops": peak, "seq_len": seq,
     }
     results = gather_objects(rank_result, info)
