@@ -104,16 +104,23 @@ def _chunked_ce(
     if need_h:
         alloc = torch.empty if idx is None else torch.zeros  # unselected rows get a zero gradient
         dh = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    if need_w:
-        dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    if need_w:  # the first chunk's matmul writes it (no zero fill and no extra pass over [V, H])
+        dw = (torch.empty if n_rows else torch.zeros)(weight.shape, dtype=weight.dtype, device=weight.device)
     if need_b:
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     w_t = weight.t()
+    # One logits buffer for every chunk, written through ``out=``: no allocation (on CPU, fresh pages
+    # to fault in) per chunk, and never two chunks alive at once.
+    chunk_buffer = torch.empty((min(chunk_size, n_rows), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
     for start in range(0, n_rows, chunk_size):
         end = min(n_rows, start + chunk_size)
         rows = None if idx is None else idx[start:end]
         h_c = hidden[start:end] if rows is None else hidden.index_select(0, rows)
-        logits = torch.mm(h_c, w_t) if bias is None else torch.addmm(bias, h_c, w_t)
+        logits = chunk_buffer[: end - start]
+        if bias is None:
+            torch.mm(h_c, w_t, out=logits)
+        else:
+            torch.addmm(bias, h_c, w_t, out=logits)
         ce[start:end] = chunk_op(logits, targets[start:end], None if coef is None else coef[start:end])
         if dh is not None:  # logits now hold dlogits
             if rows is None:
@@ -121,10 +128,12 @@ def _chunked_ce(
             else:
                 dh.index_copy_(0, rows, torch.mm(logits, weight))
         if dw is not None:
-            dw.addmm_(logits.t(), h_c)
+            if start == 0:
+                torch.mm(logits.t(), h_c, out=dw)
+            else:
+                dw.addmm_(logits.t(), h_c)
         if db is not None:
             db += logits.sum(dim=0, dtype=torch.float32)
-        del logits, h_c  # free the chunk before the next one is allocated: one chunk alive, not two
     return ce, dh, dw, db
 
 
