@@ -26,6 +26,7 @@ from pathlib import Path
 CONFIG_NAME = "ifas_config.json"  # architecture of a model directory (exported, or a run's model_config/)
 CALIBRATION = "calibration.json"  # a decision threshold fixed on held-out training data
 EVAL_METRICS = "eval_metrics.json"
+EVAL_EXPLANATIONS = "eval_explanations.json"  # explanation metrics per test set (trainer/eval/explain.py)
 TRAINING_DATA = "training_data.json"  # in model_config/ and every export: what the model was trained on
 
 # Inside a checkpoint directory.

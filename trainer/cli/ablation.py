@@ -33,7 +33,7 @@ from trainer.config import ConfigError, load_config
 from trainer.dist import free_port
 from trainer.eval.paper_tables import ONE_TO_ELEVEN
 from trainer.logs import setup_logging
-from trainer.run_dir import EVAL_METRICS
+from trainer.run_dir import EVAL_EXPLANATIONS, EVAL_METRICS
 
 log = logging.getLogger("ifas.ablation")
 
@@ -174,8 +174,17 @@ def train_command(protocol: Path, out: Path, overrides: list[str], ranks: int) -
 
 
 def read_metrics(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """eval_metrics.json's entry per test set, with the greedy explanation metrics of that set under
+    ``"explain"`` where the run explained samples (``eval.explain_samples``; the GRPO row does)."""
     path = run_dir / EVAL_METRICS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    explained = run_dir / EVAL_EXPLANATIONS
+    if metrics and explained.is_file():
+        for name, entry in json.loads(explained.read_text()).items():
+            greedy = entry.get("metrics", {}).get("greedy")
+            if name in metrics and greedy:
+                metrics[name]["explain"] = greedy
+    return metrics
 
 
 def run_grid(
@@ -238,6 +247,22 @@ def run_grid(
     return outcomes
 
 
+# (column label, metric) of the optional table columns; metric "explain.X" is explanation metric X.
+OPTIONAL_COLUMNS = [
+    ("HTER@fixed %", "hter_fixed"),
+    ("true-attack cue %", "explain.cue_hit_rate"),
+    ("contradictions %", "explain.contradiction_rate"),
+]
+
+
+def _optional_value(entry: dict[str, Any] | None, key: str) -> float | None:
+    """100 x the metric ``key`` of one run's test-set entry, or None where the run did not report it."""
+    value: Any = entry or {}
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return None if value is None else 100 * float(value)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
@@ -262,6 +287,15 @@ def ablation_table(
     cols = [f"{s} HTER %" for s in sets] + [f"{s} AUC %" for s in sets]
     if len(sets) > 1:
         cols += ["avg HTER %", "avg AUC %"]
+    # Columns only where some run reports them: the HTER at the dev-fixed threshold (the deployment
+    # figure) and the explanation metrics of runs that explained samples.
+    optional = [
+        (f"{s} {label}", s, key)
+        for s in sets
+        for label, key in OPTIONAL_COLUMNS
+        if any(_optional_value(o.metrics.get(s), key) is not None for o in outcomes)
+    ]
+    cols += [label for label, _, _ in optional]
     header = (
         "| variant | GAC | L-LM | captions | " + " | ".join(cols) + " | paper HTER/AUC (One to Eleven avg) | note |"
     )
@@ -287,6 +321,11 @@ def ablation_table(
         cells = [_cell(per_seed[s][0]) for s in sets] + [_cell(per_seed[s][1]) for s in sets]
         if len(sets) > 1:
             cells += [_cell(avg_h), _cell(avg_a)]
+        extra = {
+            label: [v for v in (_optional_value(o.metrics.get(s), key) for o in ok) if v is not None]
+            for label, s, key in optional
+        }
+        cells += [_cell(values) for values in extra.values()]
         captions = CAPTION_LABELS[v.captions] or shards_caption
         note = "; ".join(sorted({o.reason for o in runs if o.reason})) or (f"{len(ok)} seed(s)" if ok else "")
         paper = f"{paper_full[0]:.2f}/{paper_full[1]:.2f}" if v.name == "full" else "-"
@@ -304,6 +343,7 @@ def ablation_table(
             "auc": {s: per_seed[s][1] for s in sets},
             "avg_hter": avg_h,
             "avg_auc": avg_a,
+            **({"more": extra} if extra else {}),
             "seconds": [o.seconds for o in runs if o.seconds],
             "paper": {"hter": paper_full[0], "auc": paper_full[1]} if v.name == "full" else None,
         }

@@ -14,7 +14,7 @@ from trainer.eval.paper_tables import paper_tables
 from trainer.eval.plots import plot_sets
 from trainer.eval.scoring import ScoredSet
 from trainer.logs import MetricsWriter
-from trainer.run_dir import CALIBRATION, EVAL_METRICS
+from trainer.run_dir import CALIBRATION, EVAL_EXPLANATIONS, EVAL_METRICS
 
 
 def report(
@@ -90,9 +90,9 @@ def merge_results(paths: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def report_explanations(explained: dict[str, dict[str, Any]], out_dir: Path) -> str:
-    """Print the explanation table, append it to eval_metrics.md and write eval_explanations.json."""
+    """Print the explanation table, append it to eval_metrics.md and write EVAL_EXPLANATIONS."""
     table = format_explanation_table(explained)
-    (out_dir / "eval_explanations.json").write_text(json.dumps(jsonable(explained), indent=2))
+    (out_dir / EVAL_EXPLANATIONS).write_text(json.dumps(jsonable(explained), indent=2))
     print("\n" + table, flush=True)
     with open(out_dir / "eval_metrics.md", "a") as f:
         f.write("\n" + table + "\n")

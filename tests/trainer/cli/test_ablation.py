@@ -115,6 +115,33 @@ def test_table_averages_several_test_sets():
     assert data["rows"]["full"]["avg_hter"] == pytest.approx([20.0])
 
 
+def test_fixed_threshold_and_explanation_columns_where_runs_report_them(tmp_path):
+    from trainer.cli.ablation import read_metrics
+    from trainer.eval.report import report_explanations
+
+    sft, grpo = tmp_path / "full" / "seed0", tmp_path / "grpo" / "seed0"
+    for run_dir, hter_fixed in ((sft, 0.12), (grpo, 0.13)):
+        run_dir.mkdir(parents=True)
+        metrics = {"held-out": {"hter": 0.1, "auc": 0.9, "hter_fixed": hter_fixed}}
+        (run_dir / "eval_metrics.json").write_text(json.dumps(metrics))
+    greedy = {"samples": 240, "cue_hit_rate": 0.9, "wrong_cue_rate": 0.0, "live_cue_rate": 1.0,
+              "contradiction_rate": 0.01, "mean_words": 12.0, "empty_rate": 0.0}
+    report_explanations({"held-out": {"threshold": 0.5, "metrics": {"greedy": greedy}}}, grpo)  # the eval's writer
+
+    variants = [Variant("full", True, True, "shards"), Variant("grpo", True, True, "shards", after="full")]
+    outcomes = [RunOutcome("full", 0, "reused", metrics=read_metrics(sft)),
+                RunOutcome("grpo", 0, "reused", metrics=read_metrics(grpo))]
+    md, data = ablation_table(variants, outcomes, "template")
+    lines = md.splitlines()
+    assert lines[0] == (
+        "| variant | GAC | L-LM | captions | held-out HTER % | held-out AUC % | held-out HTER@fixed % | "
+        "held-out true-attack cue % | held-out contradictions % | paper HTER/AUC (One to Eleven avg) | note |"
+    )
+    assert lines[2] == "| full | ✓ | ✓ | template | 10.00 | 90.00 | 12.00 | - | - | 11.30/93.71 | 1 seed(s) |"
+    assert lines[3] == "| grpo | ✓ | ✓ | template | 10.00 | 90.00 | 13.00 | 90.00 | 1.00 | - | 1 seed(s) |"
+    assert data["rows"]["grpo"]["more"]["held-out true-attack cue %"] == pytest.approx([90.0])
+
+
 def test_plain_loss_is_mean_ce_over_all_answer_tokens():
     from trainer.config import ConfigError, load_config
     from trainer.model.loss import lopsided_lm_loss, loss_alpha
