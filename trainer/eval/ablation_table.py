@@ -127,7 +127,7 @@ def ablation_table(
         if len(sets) > 1:
             cells += [_cell(avg_h), _cell(avg_a)]
         extra = {
-            label: [v for v in (_optional_value(o.metrics.get(s), key) for o in ok) if v is not None]
+            label: [x for x in (_optional_value(o.metrics.get(s), key) for o in ok) if x is not None]
             for label, s, key in optional
         }
         cells += [_cell(values) for values in extra.values()]
