@@ -39,7 +39,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: the ranks 
 
 from trainer.cli.train import main  # noqa: E402
 
-args = sys.argv[1:]
-if not any(a == "--config" or a.startswith("--config=") for a in args):
-    args = ["--config", str(ROOT / "launch" / "configs" / "demo.yaml")] + args
-sys.exit(main(args))
+if __name__ == "__main__":  # the loader workers' fork server imports this file too (trainer/data/batching.py)
+    args = sys.argv[1:]
+    if not any(a == "--config" or a.startswith("--config=") for a in args):
+        args = ["--config", str(ROOT / "launch" / "configs" / "demo.yaml")] + args
+    sys.exit(main(args))

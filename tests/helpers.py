@@ -25,6 +25,46 @@ def launch_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra)
 
 
+def dump_stacks(proc: subprocess.Popen, pause_s: float = 1.0) -> None:
+    """Make every process of a launched run that dumps stacks on SIGUSR2 (ranks and loader workers:
+    ``trainer.process.dump_stacks_on_signal``) print the Python stack of each of its threads to its output, one
+    process every ``pause_s`` (they share the output: dumps at once would mix their lines); the others (launcher,
+    fork server) would die of the signal and are left alone."""
+    import time
+
+    import psutil
+
+    from trainer.process import STACK_DUMP_SIGNAL
+
+    def dumps_stacks(pid: int) -> bool:
+        try:
+            caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return False
+        return bool(int(caught.split()[1], 16) >> (STACK_DUMP_SIGNAL - 1) & 1)
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            if dumps_stacks(child.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, STACK_DUMP_SIGNAL)
+                time.sleep(pause_s)
+
+
+def kill_hung_run(proc: subprocess.Popen, settle_s: float = 5.0) -> str:
+    """Stop a launched run that hangs (started with ``start_new_session=True``) and return its output, which ends
+    with the stacks ``dump_stacks`` had its processes print."""
+    import signal
+    import time
+
+    dump_stacks(proc)
+    time.sleep(settle_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    return out
+
+
 def tensorboard_events(logdir: Path):
     """TensorBoard's own event reader over ``logdir``, loaded (every scalar, image and tensor kept)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

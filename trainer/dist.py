@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from trainer.config import TrainConfig
-from trainer.process import skip_deepspeed_jit_ops
+from trainer.process import dump_stacks_on_signal, skip_deepspeed_jit_ops
 
 log = logging.getLogger("ifas.dist")
 
@@ -193,6 +193,7 @@ def init_distributed(timeout_s: float | None = None) -> WorldInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     _timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S if timeout_s is None else timeout_s)
+    dump_stacks_on_signal()
     if torch.cuda.is_available():
         torch.cuda.set_device(_cuda_index(info.local_rank))
         backend = "nccl"

@@ -3,6 +3,9 @@
 - ``keep_host_heap_small``: glibc's malloc hands large freed blocks back to the OS (here, at training start);
 - ``skip_deepspeed_jit_ops``: DeepSpeed's shared-memory communication op is marked unusable on CPU, so it is not
   JIT-compiled (here, called by ``trainer.dist.init_distributed``);
+- ``dump_stacks_on_signal``: ``kill -USR2 <pid>`` prints every thread's Python stack (here, by every rank in
+  ``trainer.dist.init_distributed`` and by every loader worker as it starts);
+- loader workers start from a fork server, never as a fork of a rank (``trainer.data.batching``);
 - torch's default dtype is only changed inside ``trainer.model.arch.default_dtype`` (a context manager: restored);
 - a rank of a multi-rank run installs an excepthook that names the failing rank and ends the process at once, and
   a console script ends a process that held a process group with ``os._exit`` (``trainer.dist``, both documented
@@ -10,8 +13,12 @@
 """
 from __future__ import annotations
 
+import faulthandler
+import signal
+
 HOST_MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+STACK_DUMP_SIGNAL = signal.SIGUSR2
 
 
 def keep_host_heap_small() -> None:
@@ -31,6 +38,12 @@ def keep_host_heap_small() -> None:
         return
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
+
+
+def dump_stacks_on_signal() -> None:
+    """``kill -USR2 <pid>`` prints every thread's Python stack to the process's stderr and the process goes on: a
+    rank or loader worker that hangs shows where it waits (SIGTERM and SIGUSR1 stay the stop signals)."""
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
 
 
 def skip_deepspeed_jit_ops() -> None:

@@ -3,12 +3,17 @@ from the stream's reader workers to the training process."""
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
+from shards.io import setup_logging
 from trainer.data.samples import Sample
+from trainer.process import dump_stacks_on_signal
 from trainer.sample import IGNORE_INDEX, UNSUPERVISED
 from trainer.sample.positions import supervised_rows
 
@@ -79,19 +84,63 @@ def _unpack(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+# Loader workers are forked from a fork server, never from the rank (worker_start_method); "fork" remains for the
+# loader benchmark's before/after comparison. The server imports WORKER_PRELOAD once and each worker is forked from it.
+WORKER_START_METHOD = "forkserver"
+WORKER_PRELOAD = ["__main__", "trainer.data", "trainer.sample.prompt"]
+
+
+def worker_start_method(name: str = WORKER_START_METHOD) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context loader workers start from. The fork server is one per rank, started with the
+    first loader (about 2 s on CPU). A rank runs gloo/NCCL and DeepSpeed threads, and a fork of it taken while one
+    of them holds a lock leaves that lock held for ever in the worker, which hangs the first time it needs it (the
+    hazard Python 3.12 warns of and 3.14 avoids by default; docs/architecture.md, "Known traps"). As with any
+    non-fork start, a script that starts training keeps its top level under ``if __name__ == "__main__":``."""
+    context = multiprocessing.get_context(name)
+    if name == "forkserver":
+        context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
+
+
+def _start_worker(rank: int, worker_id: int) -> None:
+    """A worker is a fresh process: the rank's logging format, the stack dump on SIGUSR2, and an end when the rank
+    ends. torch's worker loop watches its parent process, which for a fork server's worker is the server, and the
+    server lives on while its workers do: a worker of a killed rank would wait for ever."""
+    setup_logging(rank=rank)
+    dump_stacks_on_signal()
+    requester = multiprocessing.parent_process()  # the rank that asked for this worker
+    if requester is not None and requester.pid != os.getppid():
+        threading.Thread(target=_end_with, args=(requester,), name="end-with-rank", daemon=True).start()
+
+
+def _end_with(process: multiprocessing.process.BaseProcess) -> None:
+    process.join()  # returns when the process has ended (multiprocessing's sentinel pipe is closed)
+    os._exit(1)
+
+
 class BatchLoader:
     """The stream's DataLoader, yielding ``collate``'s batches (unpacked after the transfer)."""
 
-    def __init__(self, stream: ShardStream, pad_id: int) -> None:
+    def __init__(self, stream: ShardStream, pad_id: int, start_method: str = WORKER_START_METHOD) -> None:
+        workers = stream.layout.num_workers
         # Pinned host memory lets the copy to the GPU overlap compute (model_inputs uses non_blocking).
-        self.loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=stream.layout.num_workers,
+        self.loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=workers,
                                  collate_fn=functools.partial(_collate_packed, pad_id=pad_id), drop_last=stream.train,
-                                 pin_memory=torch.cuda.is_available(),
-                                 prefetch_factor=4 if stream.layout.num_workers > 0 else None)
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
+                                 multiprocessing_context=worker_start_method(start_method) if workers > 0 else None,
+                                 worker_init_fn=functools.partial(_start_worker, stream.layout.rank))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return map(_unpack, self.loader)
+        """The batches. Closing the generator stops the workers at once, not when the cyclic GC meets torch's
+        iterator: the console scripts end with os._exit (trainer.dist.finish_process), which skips the GC."""
+        iterator = iter(self.loader)
+        try:
+            yield from map(_unpack, iterator)
+        finally:
+            stop = getattr(iterator, "_shutdown_workers", None)  # torch's own teardown; none without workers
+            if stop is not None:
+                stop()
 
 
-def make_loader(stream: ShardStream, pad_id: int) -> BatchLoader:
-    return BatchLoader(stream, pad_id)
+def make_loader(stream: ShardStream, pad_id: int, start_method: str = WORKER_START_METHOD) -> BatchLoader:
+    return BatchLoader(stream, pad_id, start_method)

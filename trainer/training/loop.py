@@ -30,6 +30,7 @@ from trainer.data import (
     make_loader,
     resolve_shards,
 )
+from trainer.data.batching import WORKER_START_METHOD
 from trainer.dist import (
     WorldInfo,
     all_reduce_sum,
@@ -195,9 +196,11 @@ def skipped_counts(state: StreamState) -> dict[str, int]:
 
 
 def training_batches(
-    cfg: RunConfig, train_urls: list[str], model: IFASModel, tokenizer, info: WorldInfo, state: StreamState
+    cfg: RunConfig, train_urls: list[str], model: IFASModel, tokenizer, info: WorldInfo, state: StreamState,
+    start_method: str = WORKER_START_METHOD,
 ):
-    """(prompt builder, image transform, iterator of this rank's training batches from ``state``)."""
+    """(prompt builder, image transform, generator of this rank's training batches from ``state``: its ``close()``
+    ends the loader workers); ``start_method``: how the workers start (trainer.data.batching)."""
     arch = model.arch
     caption_prompt = None
     if cfg.data.task == "caption":  # the prompt the exported captioner will be given (shards/scf.py)
@@ -225,7 +228,7 @@ def training_batches(
         if info.is_main:
             log.info("new layout: the samples the old ranks had not reached in their epoch come first, per rank and "
                      "loader worker: %s", json.dumps(left))
-    return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id))
+    return builder, transform, iter(make_loader(stream, tokenizer.pad_token_id, start_method))
 
 
 def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer) -> dict[str, Any]:
@@ -307,6 +310,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
             save(done)
             if info.is_main:
                 run.preempted.write_text(f"{done}\n")
+            batches.close()
             return {"history": history, "preempted": True}
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(gas)]
@@ -365,6 +369,7 @@ def train(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], tokenizer
         save_then_evaluate(cfg, done, last_step, save, evaluator, engine, checkpointer)
     bar.close()
     stop_request.close()
+    batches.close()  # the loader workers end here, not at the process's end
     if keys_log is not None:
         keys_log.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import DEEPSPEED, ROOT, launch_env, tensorboard_events
+from tests.helpers import DEEPSPEED, ROOT, dump_stacks, kill_hung_run, launch_env, tensorboard_events
 from tests.helpers import train_history as losses
 from trainer.dist import free_port
 
@@ -38,10 +39,8 @@ def start(cmd: list[str], env_extra: dict[str, str] | None = None) -> subprocess
 def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # a hung run: stop every process of it and show where it was
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"the run did not finish in {timeout:.0f} s:\n{out[-6000:]}") from None
+    except subprocess.TimeoutExpired:  # a hung run: where each of its processes waits, then stop them all
+        raise AssertionError(f"the run did not finish in {timeout:.0f} s:\n{kill_hung_run(proc)[-20000:]}") from None
     return proc.returncode, out
 
 
@@ -115,6 +114,46 @@ def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
     assert code == 0, log[-3000:]
     assert min(losses(out)) == stopped_at + 1 and max(losses(out)) == 25
     assert not (out / "preempted").exists()
+
+
+def test_loader_workers_are_not_forks_of_a_rank_show_their_stacks_and_end_with_it(small_shards, tmp_path):
+    """A rank runs gloo and DeepSpeed threads: its loader workers come from a fork server, never from a fork of
+    the rank (a lock one of those threads held at the fork would stay held in the worker). SIGUSR2 makes ranks and
+    workers print their stacks (what a test shows of a run that hangs). A rank killed with SIGKILL takes its
+    workers and fork server with it (torch's worker watches its parent, here the server, which outlives the rank)."""
+    shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
+    out = tmp_path / "run"
+    proc = start(command(shards, small_shards["domain_d"], out, "train.max_steps=400", "data.num_workers=1"))
+    keys = out / "sample_keys" / "rank0.jsonl"
+    wait_for(lambda: keys.is_file() and len(keys.read_text().splitlines()) >= 2, proc)
+    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in p.cmdline())
+    ranks = launcher.children()
+    assert len(ranks) == 2
+    helpers = []  # fork servers, their workers, resource trackers
+    for rank in ranks:
+        started = rank.children()
+        assert not [c for c in started if c.cmdline() == rank.cmdline()]  # a fork keeps its parent's command
+        servers = [c for c in started if "multiprocessing.forkserver" in " ".join(c.cmdline())]
+        assert len(servers) == 1 and len(servers[0].children()) == 1  # the one loader worker, forked by the server
+        helpers += started + servers[0].children()
+
+    dump_stacks(proc)
+    time.sleep(5)
+    ranks[0].kill()  # SIGKILL: the rank cleans up nothing; the launcher then stops the other rank
+    try:
+        log, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the launcher did not end after a rank was killed:\n{kill_hung_run(proc)[-6000:]}")
+    assert len(re.findall(r'loop\.py", line \d+ in train\b', log)) == 2, log[-6000:]  # each rank's main thread
+    assert log.count(" in _worker_loop") == 2, log[-6000:]  # each rank's loader worker
+
+    def left() -> list[psutil.Process]:
+        return [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    deadline = time.time() + 30
+    while left() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left(), [p.cmdline()[:4] for p in left()]
 
 
 def records(out: Path, rank: int) -> list[dict]:

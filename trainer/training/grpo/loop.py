@@ -146,6 +146,7 @@ def train_grpo(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], toke
             save(done)
             if info.is_main:
                 run.preempted.write_text(f"{done}\n")
+            batches.close()
             return {"history": history, "preempted": True}
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
@@ -175,6 +176,7 @@ def train_grpo(cfg: RunConfig, train_urls: list[str], eval_urls: list[str], toke
         save_then_evaluate(cfg, done, last_step, save, evaluator, engine, checkpointer)
     bar.close()
     stop_request.close()
+    batches.close()  # the loader workers end here, not at the process's end
     if keys_log is not None:
         keys_log.close()
     result: dict[str, Any] = {"history": history}
