@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: the ranks share the cores
 
-from trainer.cli.train import main  # noqa: E402
-
 if __name__ == "__main__":  # the loader workers' fork server imports this file too (trainer/data/batching.py)
+    from trainer.cli.train import main
+
     args = sys.argv[1:]
     if not any(a == "--config" or a.startswith("--config=") for a in args):
         args = ["--config", str(ROOT / "launch" / "configs" / "demo.yaml")] + args

@@ -19,6 +19,8 @@ import signal
 HOST_MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 STACK_DUMP_SIGNAL = signal.SIGUSR2
+# Stop at the next step boundary (trainer.training.stop): SLURM's --signal=USR1@T, a preempting scheduler's SIGTERM.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def keep_host_heap_small() -> None:

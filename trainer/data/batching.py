@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import signal
 import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from shards.io import setup_logging
 from trainer.data.samples import Sample
-from trainer.process import dump_stacks_on_signal
+from trainer.process import STOP_SIGNALS, dump_stacks_on_signal
 from trainer.sample import IGNORE_INDEX, UNSUPERVISED
 from trainer.sample.positions import supervised_rows
 
@@ -99,7 +100,22 @@ def worker_start_method(name: str = WORKER_START_METHOD) -> multiprocessing.cont
     context = multiprocessing.get_context(name)
     if name == "forkserver":
         context.set_forkserver_preload(WORKER_PRELOAD)
+        _start_fork_server()
     return context
+
+
+def _start_fork_server() -> None:
+    """SLURM's --signal and a preemption's SIGTERM reach every process of the job step, and a process that does not
+    handle them dies of them; the rank stops at a step boundary and needs its workers until then. So the server
+    starts with the stop signals blocked, which exec and fork pass on to it and its workers; the rank's own mask
+    comes back at once (a signal that arrived meanwhile is delivered then). No-op while the server runs."""
+    from multiprocessing import forkserver
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _start_worker(rank: int, worker_id: int) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from trainer.dist import collective_timeout
+from trainer.process import STOP_SIGNALS
 
 
 class StopRequest:
@@ -15,7 +16,7 @@ class StopRequest:
     reads the answer of the one the previous step started (long done by then), so no step waits on it and a
     signal stops the run within 2 steps (docs/architecture.md, "No host syncs in the step")."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         import torch.distributed as dist

@@ -95,16 +95,20 @@ def test_kill_9_then_restart_equals_unbroken_run(small_shards, tmp_path):
 
 def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
     shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
-    steps = ["train.max_steps=25", "train.save_every=100", "data.num_workers=0"]
+    steps = ["train.max_steps=25", "train.save_every=100", "data.num_workers=1"]
     out = tmp_path / "run"
     proc = start(command(shards, small_shards["domain_d"], out, *steps))
     keys = out / "sample_keys" / "rank0.jsonl"
     wait_for(lambda: keys.is_file() and len(keys.read_text().splitlines()) >= 3, proc)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if any(a.startswith("--local_rank=") for a in p.cmdline())]
+    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in p.cmdline())
+    ranks = launcher.children()
     assert len(ranks) == 2
-    for rank in ranks:  # as SLURM's --signal=USR1@T does: every task gets it
-        rank.send_signal(signal.SIGUSR1)
+    # as SLURM's --signal=USR1@T does: every process of the step gets it, the loader workers, their fork server
+    # and multiprocessing's resource tracker too (which must not die of it: the ranks need their workers)
+    step = ranks + [p for rank in ranks for p in rank.children(recursive=True)]
+    assert len(step) >= 2 + 2 * 2, [p.cmdline()[:3] for p in step]
+    for p in step:
+        p.send_signal(signal.SIGUSR1)
     code, log = finish(proc)
     assert code == 0, log[-3000:]
     stopped_at = int((out / "preempted").read_text())
@@ -119,8 +123,9 @@ def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
 def test_loader_workers_are_not_forks_of_a_rank_show_their_stacks_and_end_with_it(small_shards, tmp_path):
     """A rank runs gloo and DeepSpeed threads: its loader workers come from a fork server, never from a fork of
     the rank (a lock one of those threads held at the fork would stay held in the worker). SIGUSR2 makes ranks and
-    workers print their stacks (what a test shows of a run that hangs). A rank killed with SIGKILL takes its
-    workers and fork server with it (torch's worker watches its parent, here the server, which outlives the rank)."""
+    workers print their stacks (what a test shows of a run that hangs). Rank 0 killed with SIGKILL takes its workers
+    and fork server with it (torch's worker watches its parent, here the server, which outlives the rank); rank 1's
+    are stopped by the launcher, which ends the other rank's process tree."""
     shards = [small_shards[d] for d in ("domain_a", "domain_b", "domain_c")]
     out = tmp_path / "run"
     proc = start(command(shards, small_shards["domain_d"], out, "train.max_steps=400", "data.num_workers=1"))
@@ -147,13 +152,18 @@ def test_loader_workers_are_not_forks_of_a_rank_show_their_stacks_and_end_with_i
     assert len(re.findall(r'loop\.py", line \d+ in train\b', log)) == 2, log[-6000:]  # each rank's main thread
     assert log.count(" in _worker_loop") == 2, log[-6000:]  # each rank's loader worker
 
-    def left() -> list[psutil.Process]:
-        return [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
     deadline = time.time() + 30
-    while left() and time.time() < deadline:
+    while [p for p in helpers if running(p)] and time.time() < deadline:
         time.sleep(0.5)
-    assert not left(), [p.cmdline()[:4] for p in left()]
+    assert not [p for p in helpers if running(p)], [p.pid for p in helpers if running(p)]
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps it here)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def records(out: Path, rank: int) -> list[dict]:
