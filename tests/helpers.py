@@ -5,8 +5,10 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,6 @@ def dump_stacks(proc: subprocess.Popen, pause_s: float = 1.0) -> None:
     ``trainer.process.dump_stacks_on_signal``) print the Python stack of each of its threads to its output, one
     process every ``pause_s`` (they share the output: dumps at once would mix their lines); the others (launcher,
     fork server) would die of the signal and are left alone."""
-    import time
-
     import psutil
 
     from trainer.process import STACK_DUMP_SIGNAL
@@ -55,9 +55,6 @@ def dump_stacks(proc: subprocess.Popen, pause_s: float = 1.0) -> None:
 def kill_hung_run(proc: subprocess.Popen, settle_s: float = 5.0) -> str:
     """Stop a launched run that hangs (started with ``start_new_session=True``) and return its output, which ends
     with the stacks ``dump_stacks`` had its processes print."""
-    import signal
-    import time
-
     dump_stacks(proc)
     time.sleep(settle_s)
     os.killpg(proc.pid, signal.SIGKILL)

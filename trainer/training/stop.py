@@ -16,7 +16,6 @@ class StopRequest:
     reads the answer of the one the previous step started (long done by then), so no step waits on it and a
     signal stops the run within 2 steps (docs/architecture.md, "No host syncs in the step")."""
 
-    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -24,7 +23,7 @@ class StopRequest:
         self.received: int | None = None
         self.group = dist.new_group(backend="gloo", timeout=collective_timeout())
         self.pending: tuple[Any, torch.Tensor] | None = None  # the check in flight: (work, flag)
-        for sig in self.SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -100,8 +100,7 @@ def test_sigusr1_saves_exits_0_and_resumes(small_shards, tmp_path):
     proc = start(command(shards, small_shards["domain_d"], out, *steps))
     keys = out / "sample_keys" / "rank0.jsonl"
     wait_for(lambda: keys.is_file() and len(keys.read_text().splitlines()) >= 3, proc)
-    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in p.cmdline())
-    ranks = launcher.children()
+    ranks = ranks_of(proc)
     assert len(ranks) == 2
     # as SLURM's --signal=USR1@T does: every process of the step gets it, the loader workers, their fork server
     # and multiprocessing's resource tracker too (which must not die of it: the ranks need their workers)
@@ -131,8 +130,7 @@ def test_loader_workers_are_not_forks_of_a_rank_show_their_stacks_and_end_with_i
     proc = start(command(shards, small_shards["domain_d"], out, "train.max_steps=400", "data.num_workers=1"))
     keys = out / "sample_keys" / "rank0.jsonl"
     wait_for(lambda: keys.is_file() and len(keys.read_text().splitlines()) >= 2, proc)
-    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in p.cmdline())
-    ranks = launcher.children()
+    ranks = ranks_of(proc)
     assert len(ranks) == 2
     helpers = []  # fork servers, their workers, resource trackers
     for rank in ranks:
@@ -153,9 +151,19 @@ def test_loader_workers_are_not_forks_of_a_rank_show_their_stacks_and_end_with_i
     assert log.count(" in _worker_loop") == 2, log[-6000:]  # each rank's loader worker
 
     deadline = time.time() + 30
-    while [p for p in helpers if running(p)] and time.time() < deadline:
+    while left_running(helpers) and time.time() < deadline:
         time.sleep(0.5)
-    assert not [p for p in helpers if running(p)], [p.pid for p in helpers if running(p)]
+    assert not left_running(helpers), [p.pid for p in left_running(helpers)]
+
+
+def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The rank processes of a launched run: the children of DeepSpeed's per-node launcher."""
+    launcher = next(p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in p.cmdline())
+    return launcher.children()
+
+
+def left_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if running(p)]
 
 
 def running(process: psutil.Process) -> bool:
